@@ -1,0 +1,80 @@
+/* block.bpf.c: block request latency by device, issue -> complete.
+ *
+ * Stable tracepoints block:block_rq_issue and block:block_rq_complete, keyed
+ * by (dev, sector). The issuing task is recorded at issue time; for writeback
+ * that is a kworker, which is why block stalls are blamed through the VFS op
+ * that waited on them (fsync) rather than by pid alone. Requests shorter than
+ * the threshold only feed the per-op histogram.
+ */
+#include "common.bpf.h"
+
+struct blk_key { u32 dev; u32 pad; u64 sector; };
+struct blk_start { u64 ts; u32 pid; u32 tid; u32 bytes; u8 op; char comm[SS_COMM_LEN]; };
+BPF_HASH(blk_start, struct blk_key, struct blk_start, 16384);
+
+static __always_inline u8 rwbs_op(const char *rwbs)
+{
+	char c0 = rwbs[0];
+	char c1 = rwbs[1];
+	if (c0 == 'F' || c1 == 'F')
+		return SS_OP_BLK_FLUSH;
+	if (c0 == 'R')
+		return SS_OP_BLK_READ;
+	if (c0 == 'W')
+		return SS_OP_BLK_WRITE;
+	if (c0 == 'D')
+		return SS_OP_BLK_DISCARD;
+	return SS_OP_BLK_OTHER;
+}
+
+TRACEPOINT_PROBE(block, block_rq_issue)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!ss_wanted(id))
+		return 0;
+	struct blk_key k = {.dev = args->dev, .sector = args->sector};
+	struct blk_start s = {};
+	s.ts = bpf_ktime_get_ns();
+	s.pid = id >> 32;
+	s.tid = (u32)id;
+	s.bytes = args->bytes;
+	char rwbs[4] = {};
+	bpf_probe_read_kernel(rwbs, sizeof(rwbs), args->rwbs);
+	s.op = rwbs_op(rwbs);
+	bpf_get_current_comm(s.comm, sizeof(s.comm));
+	blk_start.update(&k, &s);
+	return 0;
+}
+
+TRACEPOINT_PROBE(block, block_rq_complete)
+{
+	struct blk_key k = {.dev = args->dev, .sector = args->sector};
+	struct blk_start *s = blk_start.lookup(&k);
+	if (!s)
+		return 0;
+	u64 dur = bpf_ktime_get_ns() - s->ts;
+	if (dur < SS_MIN_NS) {
+		ss_hist_add(s->op, dur);
+		ss_count(SS_C_BELOW);
+		blk_start.delete(&k);
+		return 0;
+	}
+	struct ss_event *e = ss_reserve();
+	if (e) {
+		__builtin_memset(e, 0, sizeof(*e));
+		e->ts_ns = s->ts;
+		e->dur_ns = dur;
+		e->ret = args->error;
+		e->key = args->sector;
+		e->pid = s->pid;
+		e->tid = s->tid;
+		e->dev = args->dev;
+		e->type = SS_T_BLOCK;
+		e->op = s->op;
+		e->aux = s->bytes;
+		__builtin_memcpy(e->comm, s->comm, SS_COMM_LEN);
+		ss_submit(e);
+	}
+	blk_start.delete(&k);
+	return 0;
+}

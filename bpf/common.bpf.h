@@ -1,0 +1,174 @@
+/* common.bpf.h: maps and helpers shared by every probe family (BCC).
+ *
+ * Each family is compiled as its own BPF object with:
+ *   events    ring buffer of struct ss_event, submitted with BPF_RB_NO_WAKEUP
+ *             (user space drains it on a timer; no wakeup per event)
+ *   counters  per-CPU counters (lost, emitted, below threshold, ...)
+ *   hist      per-CPU log2(us) latency histograms of ops below the threshold
+ * Configuration arrives as -D flags (tracer/probes.py):
+ *   SS_MIN_NS          latency threshold; shorter ops only feed hist
+ *   SS_FILTER_PID      only this tgid (0: all)
+ *   SS_FILTER_CGROUP   only this cgroup v2 id (0: all)
+ *   SS_RINGBUF_PAGES   ring size in pages
+ *   OFF_*              struct member offsets from the running kernel's BTF
+ */
+#ifndef SS_COMMON_BPF_H
+#define SS_COMMON_BPF_H
+
+#include <linux/sched.h>
+#include "stallscope.h"
+
+#ifndef SS_MIN_NS
+#define SS_MIN_NS 10000000ULL
+#endif
+#ifndef SS_FILTER_PID
+#define SS_FILTER_PID 0
+#endif
+#ifndef SS_FILTER_CGROUP
+#define SS_FILTER_CGROUP 0
+#endif
+#ifndef SS_RINGBUF_PAGES
+#define SS_RINGBUF_PAGES 4096
+#endif
+
+#define SS_MAX_DEPTH 16
+
+BPF_RINGBUF_OUTPUT(events, SS_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(counters, u64, SS_NCOUNTERS);
+BPF_PERCPU_ARRAY(hist, u64, SS_NOPS * SS_HIST_SLOTS);
+/* scratch for the path walk: twice SS_PATH_LEN so a bounded write at any
+ * offset below SS_PATH_LEN stays inside the buffer (keeps the verifier happy) */
+struct ss_scratch { char buf[2 * SS_PATH_LEN]; };
+BPF_PERCPU_ARRAY(scratch, struct ss_scratch, 1);
+
+#define ss_read(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(src))
+
+static __always_inline void ss_count(int idx)
+{
+	u64 *c = counters.lookup(&idx);
+	if (c)
+		(*c)++;
+}
+
+/* true when the current task passes the pid and cgroup filters */
+static __always_inline int ss_wanted(u64 pid_tgid)
+{
+#if SS_FILTER_PID
+	if ((pid_tgid >> 32) != SS_FILTER_PID)
+		return 0;
+#endif
+#if SS_FILTER_CGROUP
+	if (bpf_get_current_cgroup_id() != SS_FILTER_CGROUP)
+		return 0;
+#endif
+	return 1;
+}
+
+static __always_inline u32 ss_log2(u64 v)
+{
+	u32 r = 0;
+#pragma unroll
+	for (int i = 5; i >= 0; i--) {
+		u32 shift = 1 << i;
+		if (v >= (1ULL << shift)) {
+			v >>= shift;
+			r += shift;
+		}
+	}
+	return r;
+}
+
+static __always_inline void ss_hist_add(u32 op, u64 dur_ns)
+{
+	u32 slot = ss_log2(dur_ns / 1000 + 1);
+	if (slot >= SS_HIST_SLOTS)
+		slot = SS_HIST_SLOTS - 1;
+	int idx = (op & (SS_NOPS - 1)) * SS_HIST_SLOTS + slot;
+	u64 *c = hist.lookup(&idx);
+	if (c)
+		(*c)++;
+}
+
+static __always_inline struct ss_event *ss_reserve(void)
+{
+	struct ss_event *e = events.ringbuf_reserve(sizeof(struct ss_event));
+	if (!e) {
+		ss_count(SS_C_LOST_RINGBUF);
+		return 0;
+	}
+	return e;
+}
+
+static __always_inline void ss_submit(struct ss_event *e)
+{
+	ss_count(SS_C_EMITTED);
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+/* Fill inode/fs fields and the path (leaf first, NUL separated) of a struct file.
+ * Returns the inode mode (0 when the file could not be read). */
+#ifdef OFF_FILE_PATH_DENTRY
+static __always_inline u32 ss_fill_file(struct ss_event *e, void *file)
+{
+	void *inode = 0, *sb = 0, *dentry = 0, *vfsmnt = 0;
+	u16 mode = 0;
+	ss_read(inode, file + OFF_FILE_INODE);
+	ss_read(dentry, file + OFF_FILE_PATH_DENTRY);
+	ss_read(vfsmnt, file + OFF_FILE_PATH_MNT);
+	if (!inode)
+		return 0;
+	ss_read(mode, inode + OFF_INODE_MODE);
+	ss_read(e->ino, inode + OFF_INODE_INO);
+	ss_read(sb, inode + OFF_INODE_SB);
+	if (sb) {
+		unsigned long magic = 0;
+		ss_read(magic, sb + OFF_SB_MAGIC);
+		e->fs_magic = magic;
+		ss_read(e->dev, sb + OFF_SB_DEV);
+	}
+	int zero = 0;
+	struct ss_scratch *s = scratch.lookup(&zero);
+	if (!s)
+		return mode;
+	void *mnt = vfsmnt - OFF_MOUNT_MNT;   /* container_of(vfsmnt, struct mount, mnt) */
+	u32 off = 0;
+	int complete = 0;
+#pragma unroll
+	for (int i = 0; i < SS_MAX_DEPTH; i++) {
+		void *parent = 0, *mnt_root = 0;
+		ss_read(parent, dentry + OFF_DENTRY_PARENT);
+		ss_read(mnt_root, vfsmnt + OFF_VFSMOUNT_ROOT);
+		if (dentry == mnt_root || dentry == parent) {
+			void *mnt_parent = 0;
+			ss_read(mnt_parent, mnt + OFF_MOUNT_PARENT);
+			if (mnt_parent == mnt || !mnt_parent) {
+				complete = 1;           /* the root of the mount tree */
+				break;
+			}
+			ss_read(dentry, mnt + OFF_MOUNT_MOUNTPOINT);
+			mnt = mnt_parent;
+			vfsmnt = mnt + OFF_MOUNT_MNT;
+			continue;
+		}
+		const char *name = 0;
+		ss_read(name, dentry + OFF_DENTRY_NAME);
+		if (off >= SS_PATH_LEN) {
+			e->flags |= SS_F_PATH_TRUNC;
+			break;
+		}
+		int n = bpf_probe_read_kernel_str(&s->buf[off & (SS_PATH_LEN - 1)], SS_PATH_LEN, name);
+		if (n <= 0)
+			break;
+		off += n;
+		dentry = parent;
+	}
+	if (!complete || off > SS_PATH_LEN)
+		e->flags |= SS_F_PATH_TRUNC;
+	if (off < SS_PATH_LEN)
+		s->buf[off & (SS_PATH_LEN - 1)] = 0;   /* empty component ends the list */
+	bpf_probe_read_kernel(e->path, SS_PATH_LEN, s->buf);
+	return mode;
+}
+#endif
+
+#endif

@@ -1,0 +1,82 @@
+/* stallscope.h: the kernel/user contract.
+ *
+ * Every probe family (vfs, tcp, block, nfs, rdma) emits the same fixed-size
+ * record into one BPF ring buffer, so user space can view a whole drained
+ * span of the ring as one numpy array (tracer/ring.py) instead of taking a
+ * callback per event.  tracer/schema.py derives its decoder from the struct
+ * below by parsing this file: change a field here and the decoder follows.
+ * Bump SS_ABI_VERSION on any layout change.
+ */
+#ifndef STALLSCOPE_H
+#define STALLSCOPE_H
+
+#define SS_ABI_VERSION 1
+
+#define SS_PATH_LEN 128        /* NUL-separated path components, leaf first */
+#define SS_COMM_LEN 16
+#define SS_HIST_SLOTS 32       /* log2(us) buckets per op */
+#define SS_NOPS 64             /* op codes, see enum ss_op */
+#define SS_INFLIGHT_SLOTS 65536 /* in-flight syscalls, indexed by tid */
+
+enum ss_type {
+	SS_T_VFS = 1,          /* read/write/fsync syscalls or vfs_* functions */
+	SS_T_TCP_RETRANS = 2,  /* one TCP retransmission */
+	SS_T_BLOCK = 3,        /* one block request, issue -> complete */
+	SS_T_NFS = 4,          /* NFS client file operation */
+	SS_T_NFS_RPC = 5,      /* one sunrpc task (RPC-level latency, retransmits) */
+	SS_T_RDMA = 6,         /* verbs/CM wait or completion */
+	SS_T_RDMA_COUNTER = 7, /* reserved: hardware counters come from sysfs */
+};
+
+enum ss_op {
+	SS_OP_READ = 1, SS_OP_WRITE = 2, SS_OP_PREAD = 3, SS_OP_PWRITE = 4,
+	SS_OP_READV = 5, SS_OP_WRITEV = 6, SS_OP_FSYNC = 7, SS_OP_FDATASYNC = 8,
+	SS_OP_RETRANS = 16, SS_OP_RETRANS_SYNACK = 17,
+	SS_OP_BLK_READ = 20, SS_OP_BLK_WRITE = 21, SS_OP_BLK_FLUSH = 22,
+	SS_OP_BLK_DISCARD = 23, SS_OP_BLK_OTHER = 24,
+	SS_OP_NFS_READ = 32, SS_OP_NFS_WRITE = 33, SS_OP_NFS_COMMIT = 34,
+	SS_OP_NFS_OPEN = 35, SS_OP_NFS_GETATTR = 36, SS_OP_NFS_FSYNC = 37,
+	SS_OP_NFS_RPC = 38,
+	SS_OP_RDMA_POLL_CQ = 48, SS_OP_RDMA_POST_SEND = 49, SS_OP_RDMA_POST_RECV = 50,
+	SS_OP_RDMA_CM = 51, SS_OP_RDMA_GET_CQ_EVENT = 52, SS_OP_RDMA_REQ = 53,
+};
+
+/* flags */
+#define SS_F_PATH_TRUNC 0x01   /* path walk hit SS_PATH_LEN or the depth limit */
+#define SS_F_KERNEL_OWNER 0x02 /* pid was taken in process context */
+
+/* counters[] indexes (per-CPU array "counters") */
+#define SS_C_LOST_RINGBUF 0    /* ring buffer full: record dropped */
+#define SS_C_INFLIGHT_COLLISION 1 /* in-flight slot held by another tid */
+#define SS_C_EMITTED 2
+#define SS_C_BELOW 3           /* ops below threshold (histogram only) */
+#define SS_C_NO_START 4        /* exit without a matching enter */
+#define SS_NCOUNTERS 8
+
+struct ss_event {
+	__u64 ts_ns;       /* start, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 dur_ns;
+	__u64 cgroup_id;
+	__s64 ret;         /* bytes transferred, or -errno */
+	__u64 ino;         /* file inode, or socket inode for TCP */
+	__u64 key;         /* type-specific: block sector, rpc xid, qp number */
+	__u32 pid;         /* tgid */
+	__u32 tid;
+	__u32 dev;         /* s_dev (VFS/NFS) or block dev_t */
+	__u32 fs_magic;    /* super_block.s_magic */
+	__u8 type;         /* enum ss_type */
+	__u8 op;           /* enum ss_op */
+	__u8 state;        /* TCP state */
+	__u8 flags;
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u16 pad;
+	__u32 aux;         /* type-specific: rpc retransmits, block bytes, error */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	char comm[SS_COMM_LEN];
+	char path[SS_PATH_LEN];
+};
+
+#endif

@@ -1,0 +1,102 @@
+/* tcp.bpf.c: TCP retransmissions, one record each.
+ *
+ * Hooks the stable tracepoints tcp:tcp_retransmit_skb and
+ * tcp:tcp_retransmit_synack (both count toward TcpRetransSegs). They fire
+ * mostly in softirq/timer context, where the current task is whoever was
+ * interrupted, so the record carries the socket's inode number instead
+ * (sk->sk_socket -> socket_alloc.vfs_inode.i_ino, offsets from BTF); user
+ * space maps it to the owning process through /proc/<pid>/fd. The RTO
+ * (icsk_rto, jiffies) rides in `aux` so user space can close loss episodes.
+ * Retransmits are rare: every one is emitted, the threshold does not apply.
+ * Filters: --pid/--cgroup cannot apply in softirq context and are applied in
+ * user space after the owner is known.
+ */
+#include "common.bpf.h"
+
+static __always_inline u64 sock_ino(const void *sk)
+{
+	void *sock = 0;
+	unsigned long ino = 0;
+	if (!sk)
+		return 0;
+	ss_read(sock, sk + OFF_SOCK_SOCKET);
+	if (!sock)
+		return 0;
+	void *inode = sock - OFF_SOCKALLOC_SOCKET + OFF_SOCKALLOC_INODE;
+	ss_read(ino, inode + OFF_INODE_INO);
+	return ino;
+}
+
+static __always_inline struct ss_event *retrans_common(const void *sk, u8 op, u16 sport, u16 dport,
+						      u16 family)
+{
+	struct ss_event *e = ss_reserve();
+	if (!e)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	u32 rto = 0;
+	if (sk)
+		ss_read(rto, sk + OFF_ICSK_RTO);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->dur_ns = 0;
+	e->cgroup_id = 0;
+	e->ret = 0;
+	e->ino = sock_ino(sk);
+	e->key = (u64)sk;
+	e->pid = 0;               /* resolved from the socket inode in user space */
+	e->tid = 0;
+	e->dev = 0;
+	e->fs_magic = 0;
+	e->type = SS_T_TCP_RETRANS;
+	e->op = op;
+	e->state = 0;
+	e->flags = 0;
+	e->sport = sport;
+	e->dport = dport;
+	e->family = family;
+	e->pad = 0;
+	e->aux = rto;
+	__builtin_memset(e->path, 0, sizeof(e->path));
+	bpf_get_current_comm(e->comm, sizeof(e->comm));   /* the interrupted task: informational */
+	return e;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+	struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS, args->sport, args->dport,
+					    args->family);
+	if (!e)
+		return 0;
+	e->state = args->state;
+	if (args->family == 10) {
+		bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);
+	} else {
+		__builtin_memset(e->saddr, 0, 16);
+		__builtin_memset(e->daddr, 0, 16);
+		bpf_probe_read_kernel(e->saddr, 4, args->saddr);
+		bpf_probe_read_kernel(e->daddr, 4, args->daddr);
+	}
+	ss_submit(e);
+	return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+{
+	struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS_SYNACK, args->sport,
+					    args->dport, args->family);
+	if (!e)
+		return 0;
+	e->state = 12;            /* TCP_NEW_SYN_RECV */
+	if (args->family == 10) {
+		bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);
+	} else {
+		__builtin_memset(e->saddr, 0, 16);
+		__builtin_memset(e->daddr, 0, 16);
+		bpf_probe_read_kernel(e->saddr, 4, args->saddr);
+		bpf_probe_read_kernel(e->daddr, 4, args->daddr);
+	}
+	ss_submit(e);
+	return 0;
+}

@@ -1,0 +1,1 @@
+"""stallscope collector: receives tracer batches, stores them, blames GPU idle time."""

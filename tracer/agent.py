@@ -1,0 +1,230 @@
+"""The node agent loop: drain probes, sample NVML, stamp clocks, hand batches to sinks.
+
+Start-up errors (no root, no BCC, no tracefs, no probe at all) are fatal and
+one line; everything after start-up survives: a failing tick is counted and
+logged once, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from . import decode, kernel, probes
+from .net import EpisodeBuilder
+from .procinfo import ProcCache, SocketOwners
+from .schema import (ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, T_NFS, T_NFS_RPC, T_RDMA, T_VFS,
+                     Batch, concat_tables)
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    probe: probes.ProbeConfig = dataclasses.field(default_factory=probes.ProbeConfig)
+    node: str = dataclasses.field(default_factory=socket.gethostname)
+    poll_ms: int = 10
+    batch_ms: int = 250
+    gpu: str = "auto"               # auto | on | off
+    nvml_lib: str | None = None
+    gpu_poll_ms: int = 200
+    proc_root: str = "/proc"
+    net_gap_ms: int = 1000
+
+
+def clock_mapping():
+    """(wall - monotonic offset in ns, uncertainty ns): the tightest of a few brackets."""
+    best = None
+    for _ in range(5):
+        a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        w = time.time_ns()
+        b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        if best is None or b - a < best[1]:
+            best = (w - (a + b) // 2, b - a)
+    return best
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, sinks: list, log=None):
+        self.cfg = cfg
+        self.sinks = sinks
+        self.log = log or (lambda m: print(f"stallscope: {m}", file=sys.stderr, flush=True))
+        self.loaded = []
+        self.failed = {}
+        self.gpu = None
+        self.gpu_reason = ""
+        self.seq = 0
+        self.pending = []
+        self.tick_errors = 0
+        self._last_tick_error = ""
+        self.procs = ProcCache(cfg.proc_root)
+        self.owners = SocketOwners(cfg.proc_root)
+        self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000)
+        self.headers = ""
+        self.events_out = 0
+        self._hist_cache = {}
+        self.last_counters = {}
+
+    # ------------------------------------------------------------ start-up
+    def start(self):
+        kernel.require_root()
+        kernel.import_bcc()
+        kernel.tracefs_root()
+        self.headers = kernel.ensure_headers()
+        self.log(self.headers)
+        self.loaded, self.failed = probes.load(self.cfg.probe, self.log)
+        if not self.loaded:
+            raise kernel.Unavailable("no probe could be loaded: " +
+                                     "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
+        self.methods = {}
+        for p in self.loaded:
+            if p.family == "vfs":
+                self.methods[T_VFS] = p.method
+            elif p.family == "nfs":
+                self.methods[T_NFS] = self.methods[T_NFS_RPC] = p.method
+            elif p.family == "rdma":
+                self.methods[T_RDMA] = p.method
+        if self.cfg.gpu != "off":
+            self._open_gpu()
+        self.started_ns = time.time_ns()
+
+    def _open_gpu(self):
+        try:
+            from .nvml import GpuSampler, NvmlUnavailable
+        except ImportError as e:
+            self.gpu_reason = f"GPU sampling unavailable: {e}"
+            self.log(self.gpu_reason)
+            return
+        try:
+            self.gpu = GpuSampler.open(self.cfg.nvml_lib or os.environ.get("STALLSCOPE_NVML_LIB"))
+            names = ", ".join(f"{g['index']}:{g['name']}" for g in self.gpu.gpus)
+            self.log(f"GPUs: {names or 'none'}")
+        except NvmlUnavailable as e:
+            self.gpu_reason = str(e)
+            if self.cfg.gpu == "on":
+                raise kernel.Unavailable(str(e)) from e
+            self.log(f"{e}; tracing IO and network only")
+
+    # ------------------------------------------------------------ loop
+    def run(self, duration: float | None = None, stop=lambda: False):
+        deadline = None if duration is None else time.monotonic() + duration
+        next_batch = time.monotonic() + self.cfg.batch_ms / 1000
+        next_gpu = time.monotonic()
+        try:
+            while not stop():
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                self._guard(self._drain)
+                if self.gpu is not None and now >= next_gpu:
+                    self._guard(self._sample_gpu)
+                    next_gpu = now + self.cfg.gpu_poll_ms / 1000
+                if now >= next_batch:
+                    self._guard(self.flush)
+                    next_batch = now + self.cfg.batch_ms / 1000
+                time.sleep(self.cfg.poll_ms / 1000)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._guard(self._drain)
+            if self.gpu is not None:
+                self._guard(self._sample_gpu)
+            self._guard(lambda: self.flush(final=True))
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except Exception as e:  # a failing tick is counted and skipped
+            self.tick_errors += 1
+            msg = f"{type(e).__name__}: {e}"
+            if msg != self._last_tick_error:
+                self._last_tick_error = msg
+                self.log(f"tick failed (counted, continuing): {msg}")
+
+    def _drain(self):
+        off, _unc = clock_mapping()
+        for p in self.loaded:
+            recs = p.drain()
+            if len(recs):
+                self.pending.append(decode.split(recs, off, self.methods))
+
+    def _sample_gpu(self):
+        got = self.gpu.poll()
+        if got:
+            self.pending.append(got)
+
+    def build_batch(self, final: bool = False) -> Batch:
+        tables = {}
+        parts = self.pending
+        self.pending = []
+        kinds = {k for p in parts for k in p}
+        for kind in kinds:
+            if kind == "_retrans":
+                for p in parts:
+                    if "_retrans" in p:
+                        self.episodes.add(p["_retrans"])
+                continue
+            tables[kind] = concat_tables(kind, [p[kind] for p in parts if kind in p])
+        net = self.episodes.flush(time.time_ns(), force=final,
+                                  proc_comm=lambda pid: (self.procs.lookup(pid) or (0, ""))[1])
+        if net:
+            if self.cfg.probe.pid:
+                keep = net["pid"] == self.cfg.probe.pid
+                net = {k: v[keep] for k, v in net.items()}
+            tables["net"] = net
+        pids = set()
+        for kind in STALL_TABLES:
+            if kind in tables:
+                pids.update(int(x) for x in np.unique(tables[kind]["pid"]))
+        if "gpu_proc" in tables:
+            pids.update(int(x) for x in np.unique(tables["gpu_proc"]["pid"]))
+        proc = self.procs.table_for(pids)
+        if proc:
+            tables["proc"] = proc
+        off, unc = clock_mapping()
+        counters = {}
+        for p in self.loaded:
+            for k, v in p.counters().items():
+                counters[f"{p.family}.{k}"] = v
+        for s in self.sinks:
+            for attr in ("dropped_batches", "dropped_events"):
+                if hasattr(s, attr):
+                    counters[f"{type(s).__name__.lower()}.{attr}"] = int(getattr(s, attr))
+        counters["tick_errors"] = self.tick_errors
+        self.last_counters = counters
+        counters["tcp.retransmits"] = self.episodes.total_retransmits
+        meta = {"clock": {"wall_minus_mono_ns": off, "uncertainty_ns": unc, "sent_ns": time.time_ns()},
+                "abi": ABI_VERSION, "schema": SCHEMA_VERSION,
+                "min_latency_ns": self.cfg.probe.min_latency_ns,
+                "attach": {p.family: p.detail for p in self.loaded},
+                "not_loaded": self.failed, "final": final}
+        if self.seq == 0 or final or self.seq % 4 == 0:
+            self._hist_cache = {p.family: p.hist() for p in self.loaded}
+        if self.gpu is not None:
+            meta["gpu"] = self.gpu.meta()
+        elif self.gpu_reason:
+            meta["gpu"] = {"unavailable": self.gpu_reason}
+        batch = Batch(self.cfg.node, self.seq, tables, counters, self._hist_cache, meta)
+        self.seq += 1
+        return batch
+
+    def flush(self, final: bool = False):
+        batch = self.build_batch(final)
+        self.events_out += batch.n_events()
+        for s in self.sinks:
+            s(batch)
+
+    def close(self):
+        for p in self.loaded:
+            p.close()
+        if self.gpu is not None:
+            try:
+                self.gpu.close()
+            except Exception:
+                pass
+        for s in self.sinks:
+            if hasattr(s, "close"):
+                s.close()

@@ -1,0 +1,142 @@
+"""Struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+
+BCC compiles against whatever kernel headers it finds; when they do not match
+the running kernel (Debian's 6.1 headers on a 6.18 kernel, a vendor kernel on a
+GPU node) every struct dereference reads garbage. The probes therefore take the
+offsets of the few fields they walk as ``-D`` flags computed here from BTF,
+which always describes the running kernel. Only the type and string sections
+are read; no dependency beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import struct
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+_MAGIC = 0xEB9F
+# kind -> bytes that follow the 12-byte btf_type, as (fixed, per vlen item)
+_TRAILER = {1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 7: (0, 0),
+            8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0),
+            15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12)}
+_STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
+
+
+class BtfError(RuntimeError):
+    """BTF is missing or does not describe a field the probes need."""
+
+
+class Btf:
+    """Index of struct/union types by name, with member lookup through anonymous members."""
+
+    def __init__(self, path: str = BTF_PATH):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise BtfError(f"cannot read kernel BTF at {path}: {e.strerror} "
+                           "(kernel built without CONFIG_DEBUG_INFO_BTF?)") from e
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data, 0)
+        if magic != _MAGIC:
+            raise BtfError(f"{path}: not BTF (magic {magic:#x})")
+        self._strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self.types = [None]          # id 0 is void
+        self.by_name: dict = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.unpack_from
+        while pos < end:
+            name_off, info, size_or_type = unpack("<III", data, pos)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            pos += 12
+            fixed, per = _TRAILER.get(kind, (0, 0))
+            members = None
+            if kind in (_STRUCT, _UNION):
+                kflag = info >> 31
+                members = []
+                for i in range(vlen):
+                    m_name, m_type, m_off = unpack("<III", data, pos + 12 * i)
+                    bit_off = m_off & 0xFFFFFF if kflag else m_off
+                    members.append((m_name, m_type, bit_off))
+            self.types.append((kind, name_off, size_or_type, members))
+            if kind in (_STRUCT, _UNION) and name_off:
+                self.by_name.setdefault(self._str(name_off), len(self.types) - 1)
+            pos += fixed + per * vlen
+
+    def _str(self, off: int) -> str:
+        return self._strs[off: self._strs.index(b"\0", off)].decode()
+
+    def _resolve(self, tid: int) -> int:
+        while tid and self.types[tid][0] in (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG):
+            tid = self.types[tid][2]
+        return tid
+
+    def _find(self, tid: int, member: str):
+        kind, _n, _s, members = self.types[tid]
+        for m_name, m_type, bit_off in members or ():
+            if m_name and self._str(m_name) == member:
+                return bit_off, self._resolve(m_type)
+            if not m_name:      # anonymous struct/union: search inside
+                inner = self._resolve(m_type)
+                if self.types[inner][0] in (_STRUCT, _UNION):
+                    r = self._find(inner, member)
+                    if r:
+                        return bit_off + r[0], r[1]
+        return None
+
+    def offset(self, struct_name: str, path: str) -> int:
+        """Byte offset of ``path`` (e.g. ``"f_path.dentry"``) inside ``struct struct_name``."""
+        tid = self.by_name.get(struct_name)
+        if tid is None:
+            raise BtfError(f"kernel BTF has no struct {struct_name}")
+        total = 0
+        for part in path.split("."):
+            r = self._find(tid, part)
+            if r is None:
+                raise BtfError(f"kernel BTF: struct {struct_name} has no member {path}")
+            total += r[0]
+            tid = r[1]
+        if total % 8:
+            raise BtfError(f"{struct_name}.{path} is a bitfield")
+        return total // 8
+
+    def has(self, struct_name: str) -> bool:
+        return struct_name in self.by_name
+
+
+#: The fields the probes walk, as -D macro -> (struct, member path).
+FIELDS = {
+    "OFF_TASK_FILES": ("task_struct", "files"),
+    "OFF_FILES_FDT": ("files_struct", "fdt"),
+    "OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
+    "OFF_FDT_FD": ("fdtable", "fd"),
+    "OFF_FILE_PATH_MNT": ("file", "f_path.mnt"),
+    "OFF_FILE_PATH_DENTRY": ("file", "f_path.dentry"),
+    "OFF_FILE_INODE": ("file", "f_inode"),
+    "OFF_INODE_SB": ("inode", "i_sb"),
+    "OFF_INODE_INO": ("inode", "i_ino"),
+    "OFF_INODE_MODE": ("inode", "i_mode"),
+    "OFF_SB_MAGIC": ("super_block", "s_magic"),
+    "OFF_SB_DEV": ("super_block", "s_dev"),
+    "OFF_DENTRY_NAME": ("dentry", "d_name.name"),
+    "OFF_DENTRY_PARENT": ("dentry", "d_parent"),
+    "OFF_MOUNT_MNT": ("mount", "mnt"),
+    "OFF_MOUNT_PARENT": ("mount", "mnt_parent"),
+    "OFF_MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+    "OFF_VFSMOUNT_ROOT": ("vfsmount", "mnt_root"),
+    "OFF_SOCK_SOCKET": ("sock", "sk_socket"),
+    "OFF_SOCKALLOC_SOCKET": ("socket_alloc", "socket"),
+    "OFF_SOCKALLOC_INODE": ("socket_alloc", "vfs_inode"),
+    "OFF_ICSK_RTO": ("inet_connection_sock", "icsk_rto"),
+}
+
+_cache: dict = {}
+
+
+def offset_cflags(path: str = BTF_PATH, fields: dict = FIELDS) -> list:
+    """``-DOFF_...=N`` flags for every field in ``fields``, from the running kernel's BTF."""
+    key = (path, tuple(sorted(fields)))
+    if key not in _cache:
+        btf = Btf(path)
+        _cache[key] = [f"-D{macro}={btf.offset(s, m)}" for macro, (s, m) in fields.items()]
+    return list(_cache[key])

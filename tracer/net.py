@@ -1,0 +1,108 @@
+"""TCP loss episodes: retransmits of one flow close together become one stall.
+
+An episode runs from its first retransmit to its last plus the retransmission
+timeout then in force (the time the flow sat waiting before the last one was
+sent again and, presumably, delivered). A retransmit joins the open episode of
+its flow when it comes within ``max(gap_ns, 2 * RTO)`` of the previous one.
+Episodes are emitted once closed, so a ``net`` event appears at most
+``gap_ns`` after the flow recovers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+
+import numpy as np
+
+from .decode import TCP_STATES
+
+
+def kernel_hz(release: str | None = None) -> int:
+    """CONFIG_HZ of the running kernel (icsk_rto is in jiffies); 250 if unknown."""
+    release = release or platform.release()
+    for path in (f"/boot/config-{release}", "/proc/config.gz"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=")[1])
+        except OSError:
+            continue
+    return 250
+
+
+class EpisodeBuilder:
+    def __init__(self, owners, gap_ns: int = 1_000_000_000, hz: int | None = None):
+        self.owners = owners          # SocketOwners
+        self.gap_ns = gap_ns
+        self.hz = hz or kernel_hz()
+        self.open = {}                # flow key -> episode dict
+        self.total_retransmits = 0
+        self._closed = []
+
+    def add(self, r: dict):
+        """Feed the ``_retrans`` table from decode.split()."""
+        n = len(r["ts_ns"])
+        self.total_retransmits += n
+        order = np.argsort(r["ts_ns"], kind="stable")
+        for i in order:
+            key = (int(r["sk"][i]), r["saddr"][i], int(r["sport"][i]), r["daddr"][i], int(r["dport"][i]))
+            ts = int(r["ts_ns"][i])
+            rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
+            ep = self.open.get(key)
+            if ep and ts - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
+                self._close(key)
+                ep = None
+            if ep is None:
+                ino = int(r["sock_ino"][i])
+                ep = self.open[key] = {"first": ts, "last": ts, "n": 0, "rto_ns": rto_ns, "ino": ino,
+                                       "pid": self.owners.owner(ino),
+                                       "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i]))),
+                                       "done": False}
+            ep["last"] = ts
+            ep["n"] += 1
+            ep["rto_ns"] = rto_ns or ep["rto_ns"]
+            if not ep["pid"] and ep["ino"]:
+                ep["pid"] = self.owners.owner(ep["ino"])
+        return self
+
+    def _close(self, key):
+        ep = self.open.pop(key)
+        ep["key"] = key
+        self._closed.append(ep)
+
+    def flush(self, now_ns: int, force: bool = False, proc_comm=lambda pid: "") -> dict:
+        """Close episodes idle for longer than the gap (all if force); return a ``net`` table."""
+        for key, ep in list(self.open.items()):
+            if force or now_ns - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
+                self._close(key)
+        closed, self._closed = self._closed, []
+        if not closed:
+            return {}
+        cols = {c: [] for c in ("ts_ns", "dur_ns", "pid", "tid", "comm", "op", "saddr", "sport",
+                                "daddr", "dport", "state", "retransmits", "sock_ino")}
+        for ep in closed:
+            _sk, saddr, sport, daddr, dport = ep["key"]
+            cols["ts_ns"].append(ep["first"])
+            cols["dur_ns"].append(ep["last"] - ep["first"] + ep["rto_ns"])
+            cols["pid"].append(ep["pid"])
+            cols["tid"].append(0)
+            cols["comm"].append(proc_comm(ep["pid"]) if ep["pid"] else "")
+            cols["op"].append("retransmit")
+            cols["saddr"].append(saddr)
+            cols["sport"].append(sport)
+            cols["daddr"].append(daddr)
+            cols["dport"].append(dport)
+            cols["state"].append(ep["state"])
+            cols["retransmits"].append(ep["n"])
+            cols["sock_ino"].append(ep["ino"])
+        out = {}
+        for c, v in cols.items():
+            if c in ("comm", "op", "saddr", "daddr", "state"):
+                out[c] = np.array(v, dtype=object)
+            else:
+                out[c] = np.array(v, dtype=np.uint64)
+        return out

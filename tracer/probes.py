@@ -1,0 +1,221 @@
+"""Load the probe families in bpf/ with BCC, choosing the best attach method.
+
+Each family (vfs, tcp, block, nfs, rdma) is its own BPF object with its own
+ring buffer, so a kernel without one probe point loses that family only, with
+a one-line reason, and the rest keep running. For every family the methods are
+tried best first (fentry, then kprobe, then tracepoints); which one was used is
+reported in ``LoadedProbe.method`` and shipped in every batch's meta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from . import btf, kernel
+from .ring import RingReader
+from .schema import BPF_DIR, COUNTER_NAMES, HIST_SLOTS, NOPS, OP_NAMES
+
+ALL_FAMILIES = ("vfs", "tcp", "block", "nfs", "rdma")
+ATTACH_CHOICES = ("auto", "fentry", "kprobe", "tracepoint")
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    min_latency_ns: int = 10_000_000
+    pid: int = 0
+    cgroup_id: int = 0
+    families: tuple = ALL_FAMILIES
+    attach: str = "auto"
+    ringbuf_pages: int = 4096          # 16 MiB per family
+    extra_cflags: tuple = ()
+
+
+class ProbeError(RuntimeError):
+    """A probe family could not be loaded; the message is one line."""
+
+
+def _source_text(family: str) -> str:
+    parts = []
+    for name in ("common.bpf.h", f"{family}.bpf.c"):
+        path = os.path.join(BPF_DIR, name)
+        with open(path) as f:
+            parts.append(f'#line 1 "{path}"\n{f.read()}')
+    # BCC rewrites map calls (events.ringbuf_reserve(...)) only in the main
+    # file, so the shared header is placed into the text rather than #included.
+    return "\n".join(parts)
+
+
+def base_cflags(cfg: ProbeConfig) -> list:
+    return [f"-I{BPF_DIR}", f"-DSS_MIN_NS={int(cfg.min_latency_ns)}ULL",
+            f"-DSS_FILTER_PID={int(cfg.pid)}", f"-DSS_FILTER_CGROUP={int(cfg.cgroup_id)}ULL",
+            f"-DSS_RINGBUF_PAGES={int(cfg.ringbuf_pages)}",
+            *btf.offset_cflags(), *cfg.extra_cflags]
+
+
+class LoadedProbe:
+    """One loaded family: its BPF object, ring reader and counters."""
+
+    def __init__(self, family: str, method: str, bpf, detail: str = ""):
+        self.family = family
+        self.method = method
+        self.detail = detail
+        self.bpf = bpf
+        ring = bpf["events"]
+        size = int(ring.max_entries) if hasattr(ring, "max_entries") else 0
+        self.ring = RingReader(ring.map_fd, size)
+
+    def drain(self) -> np.ndarray:
+        return self.ring.drain()
+
+    def counters(self) -> dict:
+        out = {}
+        table = self.bpf["counters"]
+        for idx, name in COUNTER_NAMES.items():
+            v = table[table.Key(idx)]
+            out[name] = int(sum(v))
+        out["odd_records"] = self.ring.odd_records
+        return out
+
+    def hist(self) -> dict:
+        """Cumulative log2(us) histograms of ops below the threshold: {op: [counts]}."""
+        table = self.bpf["hist"]
+        vals = np.zeros(NOPS * HIST_SLOTS, dtype=np.uint64)
+        for k, v in table.items():
+            vals[k.value] = sum(v)
+        vals = vals.reshape(NOPS, HIST_SLOTS)
+        return {OP_NAMES.get(op, str(op)): [int(x) for x in vals[op]]
+                for op in np.flatnonzero(vals.sum(axis=1))}
+
+    def close(self):
+        self.ring.close()
+        try:
+            self.bpf.cleanup()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------ families
+def _load(family, cflags, text=None):
+    from bcc import BPF
+    return BPF(text=(text or _source_text(family)).encode(), cflags=cflags)
+
+
+_FENTRY_OK = None
+
+
+def fentry_works() -> tuple:
+    """Try a trivial fentry program once: (ok, reason). BCC's support_kfunc()
+    only checks BTF; hosts that block ftrace trampolines fail at attach."""
+    global _FENTRY_OK
+    if _FENTRY_OK is None:
+        try:
+            from bcc import BPF
+            if not BPF.support_kfunc():
+                _FENTRY_OK = (False, "kernel lacks BTF trampolines (fentry)")
+            else:
+                b = BPF(text=b"KFUNC_PROBE(vfs_read) { return 0; }")
+                b.cleanup()
+                _FENTRY_OK = (True, "")
+        except Exception as e:
+            _FENTRY_OK = (False, f"fentry attach failed: {str(e).splitlines()[-1] if str(e) else e}")
+    return _FENTRY_OK
+
+
+_VFS_KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
+                ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"),
+                ("vfs_fsync_range", "ss_kp_fsync"))
+
+
+def _vfs_methods(cfg, tracefs):
+    def fentry():
+        ok, why = fentry_works()
+        if not ok:
+            raise ProbeError(why)
+        return _load("vfs", base_cflags(cfg) + ["-DSS_VFS_FENTRY"]), \
+            "fentry/fexit vfs_read vfs_write vfs_fsync_range"
+
+    def kprobe():
+        if not kernel.has_kprobes(tracefs):
+            raise ProbeError("kernel has no kprobes (CONFIG_KPROBES off)")
+        b = _load("vfs", base_cflags(cfg) + ["-DSS_VFS_KPROBE"])
+        attached = []
+        for sym, fn in _VFS_KPROBES:
+            if not kernel.kernel_has_symbol(sym):
+                continue
+            b.attach_kprobe(event=sym, fn_name=fn)
+            b.attach_kretprobe(event=sym, fn_name="ss_kret")
+            attached.append(sym)
+        if "vfs_read" not in attached:
+            raise ProbeError("vfs_read is not a kprobe-able symbol on this kernel")
+        return b, "kprobe/kretprobe " + " ".join(attached)
+
+    def tracepoint():
+        if not os.path.isdir(os.path.join(tracefs, "events/syscalls/sys_enter_read")):
+            raise ProbeError("no syscall tracepoints (CONFIG_FTRACE_SYSCALLS off)")
+        return _load("vfs", base_cflags(cfg)), "syscall tracepoints read write pread64 pwrite64 " \
+            "readv writev fsync fdatasync"
+    return [("fentry", fentry), ("kprobe", kprobe), ("tracepoint", tracepoint)]
+
+
+def _tp_family(family, needed):
+    def methods(cfg, tracefs):
+        def tracepoint():
+            missing = [tp for tp in needed if not os.path.isdir(os.path.join(tracefs, "events", tp))]
+            if missing:
+                raise ProbeError(f"tracepoint {missing[0]} not found")
+            return _load(family, base_cflags(cfg)), "tracepoints " + " ".join(needed)
+        return [("tracepoint", tracepoint)]
+    return methods
+
+
+def _plugin_methods(family):
+    """nfs and rdma describe their own methods in tracer/probes_<family>.py."""
+    def methods(cfg, tracefs):
+        import importlib
+        try:
+            mod = importlib.import_module(f"tracer.probes_{family}")
+        except ImportError:
+            return []
+        return mod.methods(cfg, tracefs, _load, base_cflags)
+    return methods
+
+
+FAMILY_METHODS = {
+    "vfs": _vfs_methods,
+    "tcp": _tp_family("tcp", ["tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack"]),
+    "block": _tp_family("block", ["block/block_rq_issue", "block/block_rq_complete"]),
+    "nfs": _plugin_methods("nfs"),
+    "rdma": _plugin_methods("rdma"),
+}
+
+
+def load(cfg: ProbeConfig, log=lambda msg: None):
+    """Load every requested family. Returns (loaded probes, {family: reason not loaded})."""
+    tracefs = kernel.tracefs_root()
+    loaded, failed = [], {}
+    for fam in cfg.families:
+        methods = FAMILY_METHODS[fam](cfg, tracefs)
+        if cfg.attach != "auto":
+            methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
+        reasons = []
+        for name, fn in methods:
+            try:
+                b, detail = fn()
+                loaded.append(LoadedProbe(fam, name, b, detail))
+                log(f"{fam}: {detail}" + (f" (not {'; not '.join(reasons)})" if reasons else ""))
+                break
+            except Exception as e:
+                msg = str(e).strip().splitlines()
+                reasons.append(f"{name}: {msg[-1] if msg else type(e).__name__}")
+        else:
+            failed[fam] = "; ".join(reasons) or "no probe source for this kernel"
+            log(f"{fam}: not loaded ({failed[fam]})")
+    return loaded, failed
+
+
+def dump(cfg: ProbeConfig, family: str) -> str:
+    """The final program text and flags for one family (like BCC's --ebpf)."""
+    return "// cflags: " + " ".join(base_cflags(cfg)) + "\n" + _source_text(family)

@@ -1,0 +1,217 @@
+#!/bin/bash
+# Build, or reuse, the offline stallscope kernel-probe test VM image.
+#
+# usage: vagrant/build-image.sh [--print-dir]
+#
+# Produces, in $STALLSCOPE_VM_CACHE (default /var/cache/stallscope-vm)/<key>/:
+#   rootfs.img      raw ext4 root filesystem (4 GiB, sparse), booted with snapshot=on
+#   vmlinuz, initrd.img, kernel-release
+#   build.log       full mmdebstrap/provision output
+#   image.env       facts about the build (KERNEL_RELEASE=, BUILD_SECONDS=, ...)
+# where <key> is the sha256 of this script and vagrant/provision.sh together: an
+# edit to either rebuilds the image, anything else reuses it. The build happens in
+# a temporary directory beside the final one and is renamed into place, so an
+# interrupted build never leaves a half image; a lock serialises concurrent builds.
+# Progress goes to stderr; the last line on stdout is the image directory.
+# --print-dir prints that directory without building (it may not exist yet).
+#
+# Recipe: mmdebstrap --variant=minbase bookworm (+ -updates, -security) with only
+# the boot essentials, provision.sh run in the chroot (the same script Vagrant
+# runs), then the pieces that drive the VM headless:
+#   stallscope-vm-run.service  at boot mounts the 9p share with mount_tag=host at
+#       /stallscope-share (and, if the host offers it, the read-only repo share
+#       mount_tag=repo at /stallscope), runs /stallscope-share/run.sh, writes
+#       stdout, stderr and exit-code into the share, then powers the VM off.
+#       Without a run.sh it leaves the VM up (serial console, root autologin).
+# and finally `mkfs.ext4 -d` of the tree into rootfs.img (no loop device or mount).
+# Needs root, mmdebstrap, e2fsprogs and access to a Debian mirror
+# ($STALLSCOPE_DEBIAN_MIRROR, default http://deb.debian.org).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+provision=$here/provision.sh
+cache_root=${STALLSCOPE_VM_CACHE:-/var/cache/stallscope-vm}
+mirror=${STALLSCOPE_DEBIAN_MIRROR:-http://deb.debian.org}
+suite=bookworm
+image_size=4G
+
+key=$(cat "$here/build-image.sh" "$provision" | sha256sum | cut -d' ' -f1)
+final=$cache_root/$key
+
+if [[ ${1:-} == --print-dir ]]; then
+    echo "$final"
+    exit 0
+elif [[ $# -gt 0 ]]; then
+    echo "usage: $0 [--print-dir]" >&2
+    exit 2
+fi
+
+t0=$SECONDS
+progress() { printf '[build-image %4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+die() { echo "build-image: error: $*" >&2; exit 1; }
+
+if [[ -f $final/image.env ]]; then
+    progress "reusing $final"
+    echo "$final"
+    exit 0
+fi
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (mmdebstrap in root mode, $cache_root)"
+for tool in mmdebstrap mkfs.ext4 sha256sum flock; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install mmdebstrap e2fsprogs util-linux coreutils)"
+done
+
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock-$key"
+if ! flock -n 9; then
+    progress "another build of $key is running; waiting for it"
+    flock 9
+fi
+if [[ -f $final/image.env ]]; then
+    progress "reusing $final (built while waiting)"
+    echo "$final"
+    exit 0
+fi
+
+work=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
+cleanup() { rm -rf "$work"; }
+trap cleanup EXIT
+root=$work/root
+log=$work/build.log
+
+# ------------------------------------------------------------------ bootstrap
+progress "mmdebstrap $suite (minbase + kernel) and provision.sh in the chroot -> $log"
+sources=(
+    "deb $mirror/debian $suite main"
+    "deb $mirror/debian $suite-updates main"
+    "deb $mirror/debian-security $suite-security main"
+)
+if ! mmdebstrap --variant=minbase --mode=root --components=main \
+        --include=linux-image-amd64,systemd-sysv,udev,kmod,netbase \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --customize-hook="upload $provision /root/provision.sh" \
+        --customize-hook='chroot "$1" env STALLSCOPE_PROVISION_CHROOT=1 sh /root/provision.sh' \
+        --customize-hook='rm -f "$1/root/provision.sh"' \
+        "$suite" "$root" "${sources[@]}" >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    cp "$log" "$cache_root/failed-build.log"
+    die "mmdebstrap failed (full log: $cache_root/failed-build.log)"
+fi
+progress "bootstrap done"
+
+# ------------------------------------------------------------------ headless driver
+echo stallscope-vm >"$root/etc/hostname"
+cat >"$root/etc/hosts" <<'EOF'
+127.0.0.1	localhost
+127.0.1.1	stallscope-vm
+::1		localhost ip6-localhost ip6-loopback
+EOF
+# The kernel mounts the root read-write (root=/dev/vda rw): nothing to fsck, no fstab.
+: >"$root/etc/fstab"
+chroot "$root" systemd-machine-id-setup >/dev/null
+chroot "$root" passwd --delete root >/dev/null
+
+cat >"$root/usr/local/sbin/stallscope-vm-run" <<'EOF'
+#!/bin/bash
+# Run the host's script once per boot (stallscope-vm-run.service, see vagrant/build-image.sh).
+# Share layout (host side, all written by this script except run.sh):
+#   run.sh     the script to run (bash), working directory /stallscope if shared, else the share
+#   started    written first: guest uptime when this service started (boot-to-shell time)
+#   stdout, stderr, exit-code (written last: its presence means run.sh finished)
+share=/stallscope-share
+repo=/stallscope
+say() { echo "stallscope-vm-run: $*" >/dev/console; }
+
+mkdir -p "$share" "$repo"
+modprobe -a 9pnet_virtio 9p
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host "$share"; then
+    say "cannot mount the 9p share 'host' (qemu -virtfs ...,mount_tag=host); powering off"
+    systemctl poweroff --force
+    exit 1
+fi
+tags=$(cat /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag 2>/dev/null | tr '\0' '\n')
+if grep -qx repo <<<"$tags"; then
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro repo "$repo" \
+        || say "cannot mount the repo share (mount_tag=repo) at $repo"
+fi
+
+if [[ ! -f $share/run.sh ]]; then
+    say "no run.sh in the share: leaving the VM up (root autologin on the serial console)"
+    exit 0
+fi
+
+cut -d' ' -f1 /proc/uptime >"$share/started"
+workdir=$share
+mountpoint -q "$repo" && workdir=$repo
+say "running run.sh in $workdir"
+(cd "$workdir" && exec bash "$share/run.sh") >"$share/stdout" 2>"$share/stderr" </dev/null
+rc=$?
+echo "$rc" >"$share/exit-code.tmp" && mv "$share/exit-code.tmp" "$share/exit-code"
+say "run.sh exited $rc; powering off"
+sync
+umount "$repo" 2>/dev/null
+umount "$share"
+# The root disk is a throwaway snapshot and the results are on the host: no need
+# for an orderly shutdown (saves seconds under software emulation).
+systemctl poweroff --force --force
+EOF
+chmod 0755 "$root/usr/local/sbin/stallscope-vm-run"
+
+cat >"$root/etc/systemd/system/stallscope-vm-run.service" <<'EOF'
+[Unit]
+Description=stallscope: run the host's /stallscope-share/run.sh, then power off
+After=basic.target systemd-modules-load.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/stallscope-vm-run
+Environment=HOME=/root LANG=C.UTF-8 STALLSCOPE_VM_GUEST=1 PYTHONDONTWRITEBYTECODE=1
+TimeoutStartSec=infinity
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+EOF
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+ln -sf /etc/systemd/system/stallscope-vm-run.service \
+    "$root/etc/systemd/system/multi-user.target.wants/stallscope-vm-run.service"
+
+mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
+cat >"$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
+EOF
+# Nothing in the test VM needs these at boot; each costs time under emulation.
+for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+        fstrim.timer getty@tty1.service; do
+    ln -sf /dev/null "$root/etc/systemd/system/$unit"
+done
+
+# ------------------------------------------------------------------ boot files, disk
+release=$(basename "$(ls -d "$root"/lib/modules/*)")
+[[ -f $root/boot/vmlinuz-$release && -f $root/boot/initrd.img-$release ]] \
+    || die "kernel $release or its initrd missing in $root/boot"
+cp "$root/boot/vmlinuz-$release" "$work/vmlinuz"
+cp "$root/boot/initrd.img-$release" "$work/initrd.img"
+echo "$release" >"$work/kernel-release"
+progress "kernel $release; mkfs.ext4 -d into a $image_size raw image"
+mkfs.ext4 -q -F -L stallscope-root -d "$root" "$work/rootfs.img" "$image_size" >>"$log" 2>&1 \
+    || { tail -n 20 "$log" >&2; die "mkfs.ext4 -d failed"; }
+rm -rf "$root"
+
+cat >"$work/image.env" <<EOF
+KEY=$key
+SUITE=$suite
+KERNEL_RELEASE=$release
+BUILT_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+BUILD_SECONDS=$((SECONDS - t0))
+EOF
+mv -T "$work" "$final"
+trap - EXIT
+progress "image ready in $((SECONDS - t0)) s: $final"
+echo "$final"
