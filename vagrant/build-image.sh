@@ -80,7 +80,12 @@ root=$work/root
 log=$work/build.log
 
 # ------------------------------------------------------------------ bootstrap
-progress "mmdebstrap $suite (minbase + kernel) and provision.sh in the chroot -> $log"
+progress "mmdebstrap $suite (minbase + kernel), then provision.sh in the chroot (log: $log)"
+# A small initramfs (only what mounts a virtio-blk ext4 root) unpacks and boots
+# several seconds faster under emulation than Debian's MODULES=most one.
+mkdir -p "$work/files"
+echo MODULES=list >"$work/files/initramfs.conf"
+printf '%s\n' virtio_pci virtio_blk ext4 crc32c_generic crc32c_intel >"$work/files/initramfs-modules"
 sources=(
     "deb $mirror/debian $suite main"
     "deb $mirror/debian $suite-updates main"
@@ -95,6 +100,9 @@ if ! mmdebstrap --variant=minbase --mode=root --components=main \
         --customize-hook="upload $provision /root/provision.sh" \
         --customize-hook='chroot "$1" env STALLSCOPE_PROVISION_CHROOT=1 sh /root/provision.sh' \
         --customize-hook='rm -f "$1/root/provision.sh"' \
+        --customize-hook="upload $work/files/initramfs.conf /etc/initramfs-tools/conf.d/stallscope.conf" \
+        --customize-hook="upload $work/files/initramfs-modules /etc/initramfs-tools/modules" \
+        --customize-hook='chroot "$1" update-initramfs -u -k all' \
         "$suite" "$root" "${sources[@]}" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     cp "$log" "$cache_root/failed-build.log"
@@ -111,7 +119,7 @@ cat >"$root/etc/hosts" <<'EOF'
 EOF
 # The kernel mounts the root read-write (root=/dev/vda rw): nothing to fsck, no fstab.
 : >"$root/etc/fstab"
-chroot "$root" systemd-machine-id-setup >/dev/null
+chroot "$root" systemd-machine-id-setup >/dev/null 2>&1
 chroot "$root" passwd --delete root >/dev/null
 
 cat >"$root/usr/local/sbin/stallscope-vm-run" <<'EOF'
@@ -187,8 +195,8 @@ ExecStart=
 ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
 EOF
 # Nothing in the test VM needs these at boot; each costs time under emulation.
-for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
-        fstrim.timer getty@tty1.service; do
+for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
+        e2scrub_reap.service fstrim.timer getty@tty1.service getty-static.service nfs-blkmap.service; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 
@@ -211,6 +219,7 @@ KERNEL_RELEASE=$release
 BUILT_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 BUILD_SECONDS=$((SECONDS - t0))
 EOF
+chmod 0755 "$work"
 mv -T "$work" "$final"
 trap - EXIT
 progress "image ready in $((SECONDS - t0)) s: $final"

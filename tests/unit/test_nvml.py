@@ -98,7 +98,8 @@ def test_busy_span_gives_full_util_at_the_right_times(state, open_sampler):
     span = (t0, t0 + 7 * P_NS)
     nvmlsim.SimGpu(1, path).mark(*span)
     sleep_until(span[1] + 4 * P_NS)
-    got = rows(s.poll(), 1)
+    batch = s.poll()
+    got = rows(batch, 1)
     assert len(got) >= 12
     for ts, util, synth in got:
         assert synth == 0
@@ -108,7 +109,8 @@ def test_busy_span_gives_full_util_at_the_right_times(state, open_sampler):
     # the busy samples sit inside the span, give or take one period
     busy_ts = [ts for ts, u, _ in got if u == 100]
     assert span[0] <= min(busy_ts) - P_NS and max(busy_ts) <= span[1]
-    assert rows(s.poll(), 0) == [] or all(u == 0 for _, u, _ in rows(s.poll(), 0))
+    idle = rows(batch, 0)                                  # the other GPU did nothing
+    assert len(idle) >= 12 and all(u == 0 and sy == 0 for _, u, sy in idle)
 
 
 def test_live_busy_context_follows_the_workload(state, open_sampler):
@@ -144,14 +146,16 @@ def test_paging_returns_each_sample_once(state, open_sampler):
         t = time.time_ns()
         gpu.mark(t, t + P_NS // 2)
         time.sleep(1.5 * P_NS / 1e9)
+        last_poll = time.time_ns()
         ts_all += [ts for ts, _, _ in rows(s.poll(), 0)]
     ts = np.array(ts_all)
     assert len(ts) == len(set(ts_all)), "a sample came back twice"
     assert np.all(np.diff(ts) == P_NS), "a sample was lost or misplaced"
-    elapsed = time.time_ns() - start
-    assert abs(len(ts) - elapsed / P_NS) <= 2
+    assert ts[0] <= start + P_NS and ts[-1] > last_poll - P_NS   # nothing left behind
     assert s.meta()["sample_period_ns"][0] == P_NS
-    assert rows(s.poll(), 0) == [] or rows(s.poll(), 0)[0][0] > ts[-1]
+    sleep_until(time.time_ns() + 2 * P_NS)
+    later = rows(s.poll(), 0)
+    assert later and later[0][0] == ts[-1] + P_NS
 
 
 def test_compute_processes_listed(state, open_sampler):
@@ -205,14 +209,15 @@ def test_rates_fallback_when_driver_has_no_samples(state, open_sampler):
     with gpu.busy():
         time.sleep(3 * P_NS / 1e9)
         t1 = time.time_ns()
-        busy = rows(s.poll(), 0)
+        batch = s.poll()
         t2 = time.time_ns()
+    busy = rows(batch, 0)
     sleep_until(time.time_ns() + 3 * P_NS)
     idle = rows(s.poll(), 0)
     assert len(busy) == 1 and t1 <= busy[0][0] <= t2 and busy[0][1:] == (100, 0)
     assert len(idle) == 1 and idle[0][1] == 0
     assert s.meta()["source"] == "rates"
-    assert rows(s.poll(), 1) != [] or True  # GPU 1 still pages real samples
+    assert len(rows(batch, 1)) >= 3                     # GPU 1 still pages its own samples
     assert s.meta()["errors"] == 0
 
 

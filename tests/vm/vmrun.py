@@ -246,7 +246,7 @@ def qemu_command(image: Image, share: Path, repo: Optional[Path], accel: str, me
     cmd = [
         QEMU, "-name", "stallscope-vm", *accel_args,
         "-smp", str(cpus), "-m", str(memory_mb),
-        "-nographic", "-no-reboot", "-nic", "none",
+        "-nodefaults", "-nographic", "-serial", "mon:stdio", "-no-reboot", "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_CMDLINE,
         "-drive", f"file={image.rootfs},format=raw,if=virtio,snapshot=on",
         "-device", "virtio-rng-pci",
