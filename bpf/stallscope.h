@@ -57,7 +57,7 @@ struct ss_event {
 	__u64 ts_ns;       /* start, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 dur_ns;
 	__u64 cgroup_id;
-	__s64 ret;         /* bytes transferred, or -errno */
+	__s64 ret;         /* bytes transferred, or -errno (TCP: the retransmit's error) */
 	__u64 ino;         /* file inode, or socket inode for TCP */
 	__u64 key;         /* type-specific: block sector, rpc xid, qp number */
 	__u32 pid;         /* tgid */
@@ -71,7 +71,7 @@ struct ss_event {
 	__u16 sport;
 	__u16 dport;
 	__u16 family;
-	__u16 pad;
+	__u16 segs;        /* TCP: segments in the retransmitted skb (pcount) */
 	__u32 aux;         /* type-specific: rpc retransmits, block bytes, error */
 	__u8 saddr[16];
 	__u8 daddr[16];

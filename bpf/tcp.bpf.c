@@ -7,6 +7,10 @@
  * (sk->sk_socket -> socket_alloc.vfs_inode.i_ino, offsets from BTF); user
  * space maps it to the owning process through /proc/<pid>/fd. The RTO
  * (icsk_rto, jiffies) rides in `aux` so user space can close loss episodes.
+ * TcpRetransSegs counts segments, so the skb's pcount (tcp_skb_cb.tcp_gso_segs)
+ * rides in `segs`. Since Linux 6.10 the tracepoint also fires for failed
+ * retransmits (err != 0, not counted by TcpRetransSegs): `ret` carries err
+ * where the kernel has it (SS_TCP_HAS_ERR, from the tracepoint format).
  * Retransmits are rare: every one is emitted, the threshold does not apply.
  * Filters: --pid/--cgroup cannot apply in softirq context and are applied in
  * user space after the owner is known.
@@ -54,7 +58,7 @@ static __always_inline struct ss_event *retrans_common(const void *sk, u8 op, u1
 	e->sport = sport;
 	e->dport = dport;
 	e->family = family;
-	e->pad = 0;
+	e->segs = 1;
 	e->aux = rto;
 	__builtin_memset(e->path, 0, sizeof(e->path));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));   /* the interrupted task: informational */
@@ -68,6 +72,14 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	if (!e)
 		return 0;
 	e->state = args->state;
+	if (args->skbaddr) {
+		u16 segs = 0;
+		ss_read(segs, (void *)args->skbaddr + OFF_SKB_CB + OFF_TCB_GSO_SEGS);
+		e->segs = segs ? segs : 1;
+	}
+#ifdef SS_TCP_HAS_ERR
+	e->ret = args->err;
+#endif
 	if (args->family == 10) {
 		bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
 		bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);

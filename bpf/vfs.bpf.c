@@ -118,7 +118,7 @@ static __always_inline int vfs_exit(long ret, int is_file)
 	e->type = SS_T_VFS;
 	e->op = op;
 	e->state = 0;
-	e->sport = e->dport = e->family = e->pad = 0;
+	e->sport = e->dport = e->family = e->segs = 0;
 	e->aux = 0;
 	__builtin_memset(e->saddr, 0, 16);
 	__builtin_memset(e->daddr, 0, 16);

@@ -128,6 +128,8 @@ FIELDS = {
     "OFF_SOCKALLOC_SOCKET": ("socket_alloc", "socket"),
     "OFF_SOCKALLOC_INODE": ("socket_alloc", "vfs_inode"),
     "OFF_ICSK_RTO": ("inet_connection_sock", "icsk_rto"),
+    "OFF_SKB_CB": ("sk_buff", "cb"),
+    "OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
 }
 
 _cache: dict = {}

@@ -84,7 +84,10 @@ def run_agent(cfg: AgentConfig, sinks: list, duration, quiet=False) -> Agent:
 
     def on_term(signum, frame):
         stop["flag"] = True
+    # Ctrl-C and SIGTERM only set a flag: the loop finishes its tick, drains the
+    # rings and flushes a final batch, so nothing already captured is lost.
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     try:
         agent.start()
     except (kernel.Unavailable, probes.ProbeError) as e:

@@ -133,6 +133,7 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
                 "saddr": np.array([addr_str(int(f), a) for f, a in zip(r["family"], r["saddr"])], dtype=object),
                 "daddr": np.array([addr_str(int(f), a) for f, a in zip(r["family"], r["daddr"])], dtype=object),
                 "rto_jiffies": r["aux"].astype(np.uint64),
+                "segs": r["segs"].astype(np.uint64), "err": r["ret"].astype(np.int64),
             }
         elif t == T_RDMA:
             out["rdma"] = {**base, "op": _ops(r["op"]),

@@ -42,13 +42,17 @@ class EpisodeBuilder:
         self.open = {}                # flow key -> episode dict
         self.total_retransmits = 0
         self._closed = []
+        self.failed = 0
 
     def add(self, r: dict):
         """Feed the ``_retrans`` table from decode.split()."""
-        n = len(r["ts_ns"])
-        self.total_retransmits += n
         order = np.argsort(r["ts_ns"], kind="stable")
         for i in order:
+            if int(r["err"][i]) != 0:       # the kernel failed to send it: not a retransmit
+                self.failed += 1
+                continue
+            segs = int(r["segs"][i]) or 1
+            self.total_retransmits += segs
             key = (int(r["sk"][i]), r["saddr"][i], int(r["sport"][i]), r["daddr"][i], int(r["dport"][i]))
             ts = int(r["ts_ns"][i])
             rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
@@ -63,7 +67,7 @@ class EpisodeBuilder:
                                        "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i]))),
                                        "done": False}
             ep["last"] = ts
-            ep["n"] += 1
+            ep["n"] += segs
             ep["rto_ns"] = rto_ns or ep["rto_ns"]
             if not ep["pid"] and ep["ino"]:
                 ep["pid"] = self.owners.owner(ep["ino"])

@@ -250,7 +250,8 @@ class GpuSampler:
 
     def _synthesize_idle(self, g: _Gpu, now: int, emit) -> None:
         """Empty ring while processes hold the GPU: idle.  Emit util=0 at the observed period,
-        leaving the newest period to the driver in case its sample is merely late."""
+        leaving the newest period to the driver in case its sample is merely late; before any
+        period has been observed, emit one sample stamped with the poll time."""
         period = g.period_ns()
         start = max(g.last_ns, self._opened_ns)
         if not period:

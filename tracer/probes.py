@@ -160,13 +160,24 @@ def _vfs_methods(cfg, tracefs):
     return [("fentry", fentry), ("kprobe", kprobe), ("tracepoint", tracepoint)]
 
 
+def _tp_has_field(tracefs, tp, field):
+    try:
+        with open(os.path.join(tracefs, "events", tp, "format")) as f:
+            return f" {field};" in f.read()
+    except OSError:
+        return False
+
+
 def _tp_family(family, needed):
     def methods(cfg, tracefs):
         def tracepoint():
             missing = [tp for tp in needed if not os.path.isdir(os.path.join(tracefs, "events", tp))]
             if missing:
                 raise ProbeError(f"tracepoint {missing[0]} not found")
-            return _load(family, base_cflags(cfg)), "tracepoints " + " ".join(needed)
+            extra = []
+            if family == "tcp" and _tp_has_field(tracefs, "tcp/tcp_retransmit_skb", "err"):
+                extra.append("-DSS_TCP_HAS_ERR")
+            return _load(family, base_cflags(cfg) + extra), "tracepoints " + " ".join(needed)
         return [("tracepoint", tracepoint)]
     return methods
 

@@ -94,7 +94,7 @@ def test_identity_and_meta(state, open_sampler):
 def test_busy_span_gives_full_util_at_the_right_times(state, open_sampler):
     path = state()
     s = open_sampler()
-    t0 = time.time_ns() + 3 * P_NS + 17_000_000           # not on a period boundary
+    t0 = (time.time_ns() // P_NS + 4) * P_NS + 17_000_000  # 17 ms into a period: partial edges
     span = (t0, t0 + 7 * P_NS)
     nvmlsim.SimGpu(1, path).mark(*span)
     sleep_until(span[1] + 4 * P_NS)
@@ -175,6 +175,50 @@ def test_compute_processes_listed(state, open_sampler):
     finally:
         child.kill()
         child.wait()
+
+
+def test_workload_in_another_process(state, open_sampler):
+    """The control channel is the state file: a separate workload process drives GPU 0."""
+    path = state()
+    s = open_sampler()
+    code = ("import sys, time\n"
+            "from tracer import nvmlsim\n"
+            "gpu = nvmlsim.SimGpu(0, sys.argv[1])\n"
+            "gpu.register()\n"
+            "print(time.time_ns(), flush=True)\n"
+            "with gpu.busy():\n"
+            "    t = time.time_ns(); print(t, flush=True); time.sleep(0.3)\n"
+            "    print(time.time_ns(), flush=True)\n"
+            "sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, path], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        before, inside, inside_end = (int(child.stdout.readline()) for _ in range(3))
+        sleep_until(inside_end + 3 * P_NS)
+        batch = s.poll()
+        procs = batch["gpu_proc"]
+        assert (0, child.pid) in zip(procs["gpu"].tolist(), procs["pid"].tolist())
+    finally:
+        child.communicate("", timeout=30)
+    got = rows(batch, 0)
+    full = [u for ts, u, _ in got if ts - P_NS >= inside and ts <= inside_end]
+    assert len(full) >= 4 and set(full) == {100}
+    assert all(u == 0 for ts, u, _ in got if ts <= before)
+    assert all(u == 0 for ts, u, _ in rows(batch, 1))
+
+
+def test_process_list_falls_back_to_v2(state, open_sampler, monkeypatch):
+    import pynvml
+
+    def no_v3(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses_v3", no_v3)
+    path = state()
+    nvmlsim.SimGpu(1, path).register()
+    s = open_sampler()
+    p = s.poll()["gpu_proc"]
+    assert list(zip(p["gpu"].tolist(), p["pid"].tolist())) == [(1, os.getpid())]
+    assert s.meta()["errors"] == 0
 
 
 def test_empty_buffer_on_gpu_with_process_is_idle(state, open_sampler):

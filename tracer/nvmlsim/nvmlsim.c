@@ -265,9 +265,11 @@ static void unlock_state(void)
 /* Resolves a handle under the lock.  On success the lock is held. */
 static nvmlReturn_t enter_device(nvmlDevice_t dev, struct nvmlsim_gpu **g)
 {
+	uintptr_t a = (uintptr_t)dev, lo = (uintptr_t)devices;
+
 	if (lock_state())
 		return NVML_ERROR_UNINITIALIZED;
-	if (dev < devices || dev >= devices + NVMLSIM_MAX_GPUS ||
+	if (a < lo || a >= lo + sizeof(devices) || (a - lo) % sizeof(devices[0]) ||
 	    dev->index >= hdr->n_gpus) {
 		unlock_state();
 		return NVML_ERROR_INVALID_ARGUMENT;

@@ -1,0 +1,56 @@
+"""TCP retransmits provoked in a private network namespace, counted against nstat."""
+
+import subprocess
+import time
+
+import pytest
+
+from tests.bpf.tracerun import Trace
+from tests.fixtures.netfault import LossyNetns
+
+pytestmark = pytest.mark.bpf
+PORT = 47011
+
+
+def _settled_retrans(ns, quiet_s=1.5, timeout_s=30):
+    """TcpRetransSegs of the (fresh) namespace once its sockets are closed and the
+    counter has stopped moving: FIN retransmits can trail the exchange."""
+    deadline = time.monotonic() + timeout_s
+    last, since = ns.nstat_retrans(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        cur = ns.nstat_retrans()
+        live = subprocess.run(ns.exec_argv(["ss", "-tanH", "exclude", "time-wait"]),
+                              capture_output=True, text=True).stdout.strip()
+        if cur != last:
+            last, since = cur, time.monotonic()
+        elif not live and time.monotonic() - since >= quiet_s:
+            return cur
+    raise AssertionError("namespace TCP activity did not settle")
+
+
+def test_retransmits_match_nstat_with_ports_and_owner():
+    with LossyNetns(port=PORT, drop_percent=20) as ns:
+        with Trace("--families", "tcp", families="tcp") as t:
+            ex = ns.run_exchange(n_messages=300, size=512)
+            truth = _settled_retrans(ns)
+        t.stop(timeout_s=60)
+    assert t.rc == 0, t.stderr
+    assert ex.retrans_segs >= 5, "the lossy namespace produced too few retransmits to test"
+    flows = [e for e in t.events if e["type"] == "net" and PORT in (e["sport"], e["dport"])
+             and e["saddr"] == "127.0.0.1" and e["daddr"] == "127.0.0.1"]
+    assert sum(e["retransmits"] for e in flows) == truth, flows
+    # teardown retransmits (FIN in LAST_ACK) come after the sockets are gone:
+    # the owner is only required while the exchange ran
+    for e in [e for e in flows if e["ts_ns"] <= ex.end_wall_ns]:
+        assert e["op"] == "retransmit"
+        # the client's port on one side, the server's on the other
+        assert {e["sport"], e["dport"]} == {PORT, ex.client_port}
+        # owner from the socket, even though the tracepoint fires in softirq
+        if e["sport"] == PORT:
+            assert e["pid"] == ex.server_pid, e
+        else:
+            assert e["pid"] == ex.client_pid, e
+        assert e["dur_ns"] > 0 and e["state"]
+        for k in ("ts_ns", "dur_ns", "pid", "tid", "comm", "node", "saddr", "sport", "daddr", "dport"):
+            assert k in e

@@ -1,0 +1,19 @@
+"""Helpers shared by the guest tests and their fixtures (importable: this directory is on sys.path)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+
+def run(*cmd: str, timeout: float = 120) -> str:
+    """Run a command, return its stdout; fail the test with its stderr if it fails."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}",
+                    pytrace=False)
+    return proc.stdout
