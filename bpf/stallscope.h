@@ -31,7 +31,7 @@ enum ss_type {
 enum ss_op {
 	SS_OP_READ = 1, SS_OP_WRITE = 2, SS_OP_PREAD = 3, SS_OP_PWRITE = 4,
 	SS_OP_READV = 5, SS_OP_WRITEV = 6, SS_OP_FSYNC = 7, SS_OP_FDATASYNC = 8,
-	SS_OP_RETRANS = 16, SS_OP_RETRANS_SYNACK = 17,
+	SS_OP_RETRANS = 16, SS_OP_RETRANS_SYNACK = 17, SS_OP_RETRANS_CLOSE = 18,
 	SS_OP_BLK_READ = 20, SS_OP_BLK_WRITE = 21, SS_OP_BLK_FLUSH = 22,
 	SS_OP_BLK_DISCARD = 23, SS_OP_BLK_OTHER = 24,
 	SS_OP_NFS_READ = 32, SS_OP_NFS_WRITE = 33, SS_OP_NFS_COMMIT = 34,
@@ -62,7 +62,7 @@ struct ss_event {
 	__u64 key;         /* type-specific: block sector, rpc xid, qp number */
 	__u32 pid;         /* tgid */
 	__u32 tid;
-	__u32 dev;         /* s_dev (VFS/NFS) or block dev_t */
+	__u32 dev;         /* s_dev (VFS/NFS), block dev_t; TCP: tcp_sock.total_retrans */
 	__u32 fs_magic;    /* super_block.s_magic */
 	__u8 type;         /* enum ss_type */
 	__u8 op;           /* enum ss_op */

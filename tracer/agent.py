@@ -197,6 +197,7 @@ class Agent:
         self.last_counters = counters
         counters["tcp.retransmits"] = self.episodes.total_retransmits
         counters["tcp.retransmit_failed"] = self.episodes.failed
+        counters["tcp.retransmits_untraced"] = self.episodes.untraced
         meta = {"clock": {"wall_minus_mono_ns": off, "uncertainty_ns": unc, "sent_ns": time.time_ns()},
                 "abi": ABI_VERSION, "schema": SCHEMA_VERSION,
                 "min_latency_ns": self.cfg.probe.min_latency_ns,

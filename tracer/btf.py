@@ -129,6 +129,7 @@ FIELDS = {
     "OFF_SOCKALLOC_INODE": ("socket_alloc", "vfs_inode"),
     "OFF_ICSK_RTO": ("inet_connection_sock", "icsk_rto"),
     "OFF_SKB_CB": ("sk_buff", "cb"),
+    "OFF_TP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
     "OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
 }
 

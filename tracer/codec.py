@@ -13,6 +13,8 @@ Envelope (a msgpack map)::
 
 ``code`` is a numpy dtype string ("u1", "u2", "u4", "u8", "i1", ...), prefixed
 with "z" for zigzag deltas from ``base`` or "s" for an index into ``strings``.
+An integer column with few distinct values (inode, device, cgroup) may instead
+be dictionary-coded: ``["d" + index code, 0, index bin, value code, values bin]``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def _enc_int(name: str, arr: np.ndarray, signed: bool):
     else:
         a = arr.astype(np.uint64)
         code = _min_uint(int(a.max()))
+    size = np.dtype(_CODES[code]).itemsize
+    if size >= 4 and n >= 16:
+        uniq, inv = np.unique(a, return_inverse=True)
+        icode = _min_uint(len(uniq) - 1)
+        isize = np.dtype(_CODES[icode]).itemsize
+        if n * isize + len(uniq) * size < n * size:
+            return ["d" + icode, 0, inv.reshape(-1).astype(_CODES[icode]).tobytes(), code,
+                    uniq.astype(_CODES[code]).tobytes()]
     return [code, 0, a.astype(_CODES[code]).tobytes()]
 
 
@@ -142,14 +152,16 @@ def decode_obj(env) -> Batch:
         out = {}
         for name, k in TABLES[kind].items():
             c = cols_in.get(name)
-            if not (isinstance(c, list) and len(c) == 3 and isinstance(c[0], str)
+            if not (isinstance(c, list) and len(c) in (3, 5) and isinstance(c[0], str)
                     and isinstance(c[1], int) and isinstance(c[2], bytes)):
                 raise CodecError(f"malformed batch: tables.{kind}.cols.{name} missing or not "
                                  "[code, base, bytes]")
-            code, base, raw = c
+            code, base, raw = c[:3]
             mode = ""
-            if code[:1] in ("z", "s"):
+            if code[:1] in ("z", "s", "d"):
                 mode, code = code[0], code[1:]
+            if (mode == "d") != (len(c) == 5):
+                raise CodecError(f"malformed batch: tables.{kind}.cols.{name} dictionary form wrong")
             dt = _CODES.get(code)
             if dt is None:
                 raise CodecError(f"malformed batch: tables.{kind}.cols.{name} has unknown type {code!r}")
@@ -163,6 +175,16 @@ def decode_obj(env) -> Batch:
                     raise CodecError(f"malformed batch: tables.{kind}.cols.{name} indexes past "
                                      "the string table")
                 out[name] = strarr[a.astype(np.intp)]
+            elif mode == "d":
+                vdt = _CODES.get(c[3]) if isinstance(c[3], str) else None
+                if vdt is None or not isinstance(c[4], bytes) or len(c[4]) % _DTYPES[vdt].itemsize:
+                    raise CodecError(f"malformed batch: tables.{kind}.cols.{name} bad dictionary")
+                vals = np.frombuffer(c[4], dtype=_DTYPES[vdt])
+                if n and int(a.max()) >= len(vals):
+                    raise CodecError(f"malformed batch: tables.{kind}.cols.{name} indexes past "
+                                     "its dictionary")
+                v = vals[a.astype(np.intp)]
+                out[name] = v.astype(np.int64) if k == "i" else v.astype(np.uint64)
             elif mode == "z":
                 z = a.astype(np.uint64)
                 d = (z >> np.uint64(1)).astype(np.int64) ^ -(z & np.uint64(1)).astype(np.int64)

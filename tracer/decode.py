@@ -134,6 +134,7 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
                 "daddr": np.array([addr_str(int(f), a) for f, a in zip(r["family"], r["daddr"])], dtype=object),
                 "rto_jiffies": r["aux"].astype(np.uint64),
                 "segs": r["segs"].astype(np.uint64), "err": r["ret"].astype(np.int64),
+                "total": r["dev"].astype(np.uint64),
             }
         elif t == T_RDMA:
             out["rdma"] = {**base, "op": _ops(r["op"]),

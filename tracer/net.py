@@ -42,36 +42,70 @@ class EpisodeBuilder:
         self.open = {}                # flow key -> episode dict
         self.total_retransmits = 0
         self._closed = []
-        self.failed = 0
+        self.failed = 0          # sends that failed (still counted by the kernel)
+        self.untraced = 0        # counted from total_retrans without a tracepoint hit
+        self.last_total = {}     # socket -> its total_retrans at the last record
 
     def add(self, r: dict):
-        """Feed the ``_retrans`` table from decode.split()."""
+        """Feed the ``_retrans`` table from decode.split().
+
+        A flow's count is the growth of the socket's own total_retrans counter
+        (what TcpRetransSegs also counts), so an increment the tracepoint did
+        not show is still counted by the next record of that socket, or by its
+        close record.
+        """
         order = np.argsort(r["ts_ns"], kind="stable")
         for i in order:
-            if int(r["err"][i]) != 0:       # the kernel failed to send it: not a retransmit
-                self.failed += 1
-                continue
-            segs = int(r["segs"][i]) or 1
-            self.total_retransmits += segs
-            key = (int(r["sk"][i]), r["saddr"][i], int(r["sport"][i]), r["daddr"][i], int(r["dport"][i]))
+            op = r["op"][i]
+            sk = int(r["sk"][i])
+            total = int(r["total"][i])
+            key = (sk, r["saddr"][i], int(r["sport"][i]), r["daddr"][i], int(r["dport"][i]))
             ts = int(r["ts_ns"][i])
+            if op == "retransmit_close":
+                prev = self.last_total.pop(sk, None)
+                delta = total - prev if prev is not None and total > prev else 0
+                if delta:
+                    self.untraced += delta
+                    ep = self.open.get(key)
+                    if ep is None:       # after the flow's last episode: a short one of its own
+                        ep = self._new(key, r, i, ts)
+                    ep["n"] += delta
+                continue
+            if op == "retransmit_synack":
+                count = 1
+            else:
+                prev = self.last_total.get(sk)
+                segs = int(r["segs"][i]) or 1
+                count = total - prev if prev is not None and total >= prev else segs
+                self.last_total[sk] = total
+                if count > segs:
+                    self.untraced += count - segs
+                if int(r["err"][i]) != 0:
+                    self.failed += 1
+                if count == 0:
+                    continue
+            self.total_retransmits += count
             rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
             ep = self.open.get(key)
             if ep and ts - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
                 self._close(key)
                 ep = None
             if ep is None:
-                ino = int(r["sock_ino"][i])
-                ep = self.open[key] = {"first": ts, "last": ts, "n": 0, "rto_ns": rto_ns, "ino": ino,
-                                       "pid": self.owners.owner(ino),
-                                       "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i]))),
-                                       "done": False}
+                ep = self._new(key, r, i, ts)
             ep["last"] = ts
-            ep["n"] += segs
+            ep["n"] += count
             ep["rto_ns"] = rto_ns or ep["rto_ns"]
             if not ep["pid"] and ep["ino"]:
                 ep["pid"] = self.owners.owner(ep["ino"])
         return self
+
+    def _new(self, key, r, i, ts):
+        ino = int(r["sock_ino"][i])
+        rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
+        ep = self.open[key] = {"first": ts, "last": ts, "n": 0, "rto_ns": rto_ns, "ino": ino,
+                               "pid": self.owners.owner(ino),
+                               "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
+        return ep
 
     def _close(self, key):
         ep = self.open.pop(key)

@@ -196,7 +196,8 @@ def _plugin_methods(family):
 
 FAMILY_METHODS = {
     "vfs": _vfs_methods,
-    "tcp": _tp_family("tcp", ["tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack"]),
+    "tcp": _tp_family("tcp", ["tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack",
+                              "sock/inet_sock_set_state"]),
     "block": _tp_family("block", ["block/block_rq_issue", "block/block_rq_complete"]),
     "nfs": _plugin_methods("nfs"),
     "rdma": _plugin_methods("rdma"),

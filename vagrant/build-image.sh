@@ -9,7 +9,8 @@
 #   build.log       full mmdebstrap/provision output
 #   image.env       facts about the build (KERNEL_RELEASE=, BUILD_SECONDS=, ...)
 # where <key> is the sha256 of this script and vagrant/provision.sh together: an
-# edit to either rebuilds the image, anything else reuses it. The build happens in
+# edit to either rebuilds the image, anything else reuses it (the three newest
+# images are kept, older ones pruned). The build happens in
 # a temporary directory beside the final one and is renamed into place, so an
 # interrupted build never leaves a half image; a lock serialises concurrent builds.
 # Progress goes to stderr; the last line on stdout is the image directory.
@@ -62,9 +63,9 @@ for tool in mmdebstrap mkfs.ext4 sha256sum flock; do
 done
 
 mkdir -p "$cache_root"
-exec 9>"$cache_root/.lock-$key"
+exec 9>"$cache_root/.build.lock"
 if ! flock -n 9; then
-    progress "another build of $key is running; waiting for it"
+    progress "another image build is running; waiting for it"
     flock 9
 fi
 if [[ -f $final/image.env ]]; then
@@ -81,28 +82,30 @@ log=$work/build.log
 
 # ------------------------------------------------------------------ bootstrap
 progress "mmdebstrap $suite (minbase + kernel), then provision.sh in the chroot (log: $log)"
-# A small initramfs (only what mounts a virtio-blk ext4 root) unpacks and boots
-# several seconds faster under emulation than Debian's MODULES=most one.
-mkdir -p "$work/files"
-echo MODULES=list >"$work/files/initramfs.conf"
-printf '%s\n' virtio_pci virtio_blk ext4 crc32c_generic crc32c_intel >"$work/files/initramfs-modules"
+# A small initramfs (only what mounts a virtio-blk ext4 root: 7 MB instead of 36)
+# unpacks and boots seconds faster under emulation than Debian's MODULES=most one.
+# Configured before the kernel package is installed, so its initramfs is built once.
+# shellcheck disable=SC2016  # $1 is expanded by mmdebstrap's hook shell
+initramfs_hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"
+echo MODULES=list >"$1/etc/initramfs-tools/conf.d/stallscope.conf"
+printf "%s\n" virtio_pci virtio_blk ext4 crc32c_generic crc32c_intel \
+    >"$1/usr/share/initramfs-tools/modules.d/stallscope"'
 sources=(
     "deb $mirror/debian $suite main"
     "deb $mirror/debian $suite-updates main"
     "deb $mirror/debian-security $suite-security main"
 )
+# shellcheck disable=SC2016  # the hooks' $1 is the chroot, expanded by mmdebstrap's shell
 if ! mmdebstrap --variant=minbase --mode=root --components=main \
         --include=linux-image-amd64,systemd-sysv,udev,kmod,netbase \
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-include=/usr/share/doc/*/copyright' \
         --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --essential-hook="$initramfs_hook" \
         --customize-hook="upload $provision /root/provision.sh" \
         --customize-hook='chroot "$1" env STALLSCOPE_PROVISION_CHROOT=1 sh /root/provision.sh' \
         --customize-hook='rm -f "$1/root/provision.sh"' \
-        --customize-hook="upload $work/files/initramfs.conf /etc/initramfs-tools/conf.d/stallscope.conf" \
-        --customize-hook="upload $work/files/initramfs-modules /etc/initramfs-tools/modules" \
-        --customize-hook='chroot "$1" update-initramfs -u -k all' \
         "$suite" "$root" "${sources[@]}" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     cp "$log" "$cache_root/failed-build.log"
@@ -222,5 +225,11 @@ EOF
 chmod 0755 "$work"
 mv -T "$work" "$final"
 trap - EXIT
+# Keep the three newest images (other checkouts or branches may still want theirs).
+# shellcheck disable=SC2012  # the names are hex digests
+for old in $(ls -dt "$cache_root"/[0-9a-f]*/ | tail -n +4); do
+    progress "pruning old image $old"
+    rm -rf "$old"
+done
 progress "image ready in $((SECONDS - t0)) s: $final"
 echo "$final"

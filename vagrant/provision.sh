@@ -45,7 +45,9 @@ fi
 # booted box: the running one, when the archive still carries its ABI), plus
 # the metapackages, so that the kernel booted next always has matching headers.
 kernel_pkgs="linux-image-$arch linux-headers-$arch"
-for v in $(ls /lib/modules 2>/dev/null); do
+for dir in /lib/modules/*/; do
+    [ -d "$dir" ] || continue
+    v=$(basename "$dir")
     if apt-cache show "linux-headers-$v" >/dev/null 2>&1; then
         kernel_pkgs="$kernel_pkgs linux-headers-$v"
     fi

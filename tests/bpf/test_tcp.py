@@ -37,7 +37,8 @@ def test_retransmits_match_nstat_with_ports_and_owner():
         t.stop(timeout_s=60)
     assert t.rc == 0, t.stderr
     assert ex.retrans_segs >= 5, "the lossy namespace produced too few retransmits to test"
-    flows = [e for e in t.events if e["type"] == "net" and PORT in (e["sport"], e["dport"])
+    # the tracer sees every namespace: keep this exchange's flow (both directions)
+    flows = [e for e in t.events if e["type"] == "net" and {e["sport"], e["dport"]} == {PORT, ex.client_port}
              and e["saddr"] == "127.0.0.1" and e["daddr"] == "127.0.0.1"]
     assert sum(e["retransmits"] for e in flows) == truth, flows
     # teardown retransmits (FIN in LAST_ACK) come after the sockets are gone:

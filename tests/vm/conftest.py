@@ -47,7 +47,7 @@ GUEST_JUNIT = "junit.xml"
 GUEST_SCRIPT = f"""\
 echo "stallscope-guest: kernel $(uname -r)"
 export PYTHONPATH=/stallscope${{PYTHONPATH:+:$PYTHONPATH}}
-exec python3 -m pytest -p no:cacheprovider -v -rA \\
+exec python3 -m pytest -p no:cacheprovider -v -rA --continue-on-collection-errors \\
     --junitxml=/stallscope-share/{GUEST_JUNIT} tests/vm/guest
 """
 

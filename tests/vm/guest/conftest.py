@@ -25,7 +25,7 @@ from guestutil import run
 GUEST_MARKER = Path("/etc/stallscope-vm-guest")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _only_in_the_guest():
     if not GUEST_MARKER.exists():
         pytest.skip("runs only inside the stallscope test VM (the vm tier boots it: pytest -m vm tests/vm)")

@@ -37,9 +37,9 @@ def test_bcc_kprobe_counts_reads_of_a_file_by_a_child(tmp_path):
 
     data = tmp_path / "data"
     data.write_bytes(b"x" * 64)
-    bpf = BPF(src_file=str(HERE / "count_vfs_read.bpf.c"), cflags=[f"-DTARGET_INO={data.stat().st_ino}ULL"])
+    bpf = BPF(src_file=str(HERE / "count_vfs_read.bpf.c").encode(), cflags=[f"-DTARGET_INO={data.stat().st_ino}ULL"])
     try:
-        bpf.attach_kprobe(event="vfs_read", fn_name="count_vfs_read")
+        bpf.attach_kprobe(event=b"vfs_read", fn_name=b"count_vfs_read")
         go_read, go_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: wait for the go, then read the file READS times, one byte each
@@ -54,12 +54,12 @@ def test_bcc_kprobe_counts_reads_of_a_file_by_a_child(tmp_path):
             finally:
                 os._exit(status)
         os.close(go_read)
-        bpf["target_tgid"][ct.c_int(0)] = ct.c_uint(pid)
+        bpf[b"target_tgid"][ct.c_int(0)] = ct.c_uint(pid)
         os.write(go_write, b"g")
         os.close(go_write)
         _, wait_status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(wait_status) == 0, "the reading child failed"
-        count = bpf["reads"][ct.c_int(0)].value
+        count = bpf[b"reads"][ct.c_int(0)].value
     finally:
         bpf.cleanup()
     assert count == READS, f"kprobe on vfs_read counted {count} reads of the file by pid {pid}, expected {READS}"
