@@ -78,9 +78,10 @@ static __always_inline u32 ss_log2(u64 v)
 	return r;
 }
 
+/* slot k counts ops of [2^(k-1), 2^k) * 1.024 us (ns >> 10: a shift, not a division) */
 static __always_inline void ss_hist_add(u32 op, u64 dur_ns)
 {
-	u32 slot = ss_log2(dur_ns / 1000 + 1);
+	u32 slot = ss_log2((dur_ns >> 10) + 1);
 	if (slot >= SS_HIST_SLOTS)
 		slot = SS_HIST_SLOTS - 1;
 	int idx = (op & (SS_NOPS - 1)) * SS_HIST_SLOTS + slot;

@@ -49,7 +49,7 @@ enum ss_op {
 #define SS_C_LOST_RINGBUF 0    /* ring buffer full: record dropped */
 #define SS_C_INFLIGHT_COLLISION 1 /* in-flight slot held by another tid */
 #define SS_C_EMITTED 2
-#define SS_C_BELOW 3           /* ops below threshold (histogram only) */
+#define SS_C_BELOW 3           /* ops below threshold (block; vfs: sum of hist) */
 #define SS_C_NO_START 4        /* exit without a matching enter */
 #define SS_NCOUNTERS 8
 

@@ -90,24 +90,29 @@ static __always_inline int vfs_exit(long ret, int is_file)
 	u64 h = f->fd_or_file;
 	f->tid = 0;
 	if (dur < SS_MIN_NS) {
-		ss_hist_add(op, dur);
-		ss_count(SS_C_BELOW);
+		ss_hist_add(op, dur);     /* the histogram's sum is the below-threshold count */
 		return 0;
 	}
 	void *file = is_file ? (void *)h : fd_to_file(h);
 	if (!file)
 		return 0;
+	/* only regular files and block devices, decided before reserving so a full
+	 * ring never counts a pipe or socket op as a lost stall */
+	void *inode = 0;
+	u16 mode = 0;
+	ss_read(inode, file + OFF_FILE_INODE);
+	if (inode)
+		ss_read(mode, inode + OFF_INODE_MODE);
+	u32 fmt = mode & 0170000;
+	if (fmt != 0100000 && fmt != 0060000) {   /* S_IFREG, S_IFBLK */
+		ss_hist_add(op, dur);
+		return 0;
+	}
 	struct ss_event *e = ss_reserve();
 	if (!e)
 		return 0;
 	e->flags = 0;
-	u32 mode = ss_fill_file(e, file);
-	u32 fmt = mode & 0170000;
-	if (fmt != 0100000 && fmt != 0060000) {   /* S_IFREG, S_IFBLK */
-		events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-		ss_hist_add(op, dur);
-		return 0;
-	}
+	ss_fill_file(e, file);
 	e->ts_ns = ts;
 	e->dur_ns = dur;
 	e->cgroup_id = bpf_get_current_cgroup_id();

@@ -19,6 +19,9 @@ be dictionary-coded: ``["d" + index code, 0, index bin, value code, values bin]`
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import msgpack
 import numpy as np
 
@@ -86,7 +89,9 @@ def _enc_int(name: str, arr: np.ndarray, signed: bool):
 
 def encode(batch: Batch) -> list:
     """Encode a batch into ZeroMQ frames (a list with one bytes object)."""
-    strings: dict = {}
+    # string -> index, assigning the next index on first sight; map() over the
+    # dict's C-level __getitem__ keeps interning out of the Python loop
+    strings = collections.defaultdict(itertools.count().__next__)
     tables = {}
     for kind, table in batch.tables.items():
         spec = TABLES[kind]
@@ -99,8 +104,7 @@ def encode(batch: Batch) -> list:
             if len(col) != n:
                 raise CodecError(f"table {kind!r}: column {name!r} has {len(col)} rows, expected {n}")
             if k == "s":
-                idx = np.fromiter((strings.setdefault(s, len(strings)) for s in col),
-                                  dtype=np.int64, count=n)
+                idx = np.fromiter(map(strings.__getitem__, col), dtype=np.int64, count=n)
                 code = _min_uint(int(idx.max()))
                 cols[name] = ["s" + code, 0, idx.astype(_CODES[code]).tobytes()]
             else:

@@ -33,14 +33,39 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
               11: "CLOSING", 12: "NEW_SYN_RECV"}
 
 
-def _unique_map(col: np.ndarray, fn) -> np.ndarray:
-    """Apply fn to each distinct value of a bytes column; return an object array."""
+_K = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _key64(col: np.ndarray) -> np.ndarray:
+    """A 64-bit key per value (bytes columns are folded 8 bytes at a time), so
+    distinct values are found by sorting integers instead of long strings."""
+    if col.dtype.kind in "ui":
+        return col.astype(np.uint64)
+    width = col.dtype.itemsize
+    pad = (-width) % 8
+    raw = np.frombuffer(np.ascontiguousarray(col).tobytes() + b"\0" * pad * 0, dtype=np.uint8)
+    if pad:
+        raw = np.concatenate([raw.reshape(len(col), width), np.zeros((len(col), pad), np.uint8)], axis=1)
+    words = raw.reshape(len(col), -1).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.zeros(len(col), dtype=np.uint64)
+        for j in range(words.shape[1]):
+            h = (h ^ words[:, j]) * _K + np.uint64(j + 1)
+    return h
+
+
+def _unique_map(col: np.ndarray, fn, key: np.ndarray | None = None) -> np.ndarray:
+    """Apply fn to each distinct value of a column; return an object array.
+
+    ``key`` (default: a 64-bit fold of the value) decides what counts as
+    distinct; fn is called once per distinct key with the first value seen."""
     if len(col) == 0:
         return np.empty(0, dtype=object)
-    uniq, inv = np.unique(col, return_inverse=True)
-    mapped = np.empty(len(uniq), dtype=object)
-    for i, u in enumerate(uniq):
-        mapped[i] = fn(u)
+    k = _key64(col) if key is None else key
+    _u, first, inv = np.unique(k, return_index=True, return_inverse=True)
+    mapped = np.empty(len(first), dtype=object)
+    for i, j in enumerate(first):
+        mapped[i] = fn(col[j])
     return mapped[inv.reshape(-1)]
 
 

@@ -77,7 +77,15 @@ class LoadedProbe:
             v = table[table.Key(idx)]
             out[name] = int(sum(v))
         out["odd_records"] = self.ring.odd_records
+        if self.family == "vfs":      # the hot path skips the counter: the histogram has it
+            out["below_threshold"] = int(self._hist_total())
         return out
+
+    def _hist_total(self):
+        total = 0
+        for _k, v in self.bpf["hist"].items():
+            total += sum(v)
+        return total
 
     def hist(self) -> dict:
         """Cumulative log2(us) histograms of ops below the threshold: {op: [counts]}."""

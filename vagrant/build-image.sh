@@ -10,9 +10,9 @@
 #   image.env       facts about the build (KERNEL_RELEASE=, BUILD_SECONDS=, ...)
 # where <key> is the sha256 of this script and vagrant/provision.sh together: an
 # edit to either rebuilds the image, anything else reuses it (the three newest
-# images are kept, older ones pruned). The build happens in
-# a temporary directory beside the final one and is renamed into place, so an
-# interrupted build never leaves a half image; a lock serialises concurrent builds.
+# images are kept, older ones pruned). The build happens in a temporary directory
+# beside the final one and is renamed into place, so an interrupted build never
+# leaves a half image; a lock serialises concurrent builds.
 # Progress goes to stderr; the last line on stdout is the image directory.
 # --print-dir prints that directory without building (it may not exist yet).
 #
@@ -74,7 +74,10 @@ if [[ -f $final/image.env ]]; then
     exit 0
 fi
 
+# Holding the lock, any build directory left is from a build that was killed.
+rm -rf "$cache_root"/.build-*
 work=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
+chmod 0755 "$work"  # apt's _apt user downloads into it; readers of the image need it too
 cleanup() { rm -rf "$work"; }
 trap cleanup EXIT
 root=$work/root
@@ -87,13 +90,16 @@ progress "mmdebstrap $suite (minbase + kernel), then provision.sh in the chroot 
 # Configured before the kernel package is installed, so its initramfs is built once.
 # shellcheck disable=SC2016  # $1 is expanded by mmdebstrap's hook shell
 initramfs_hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"
-echo MODULES=list >"$1/etc/initramfs-tools/conf.d/stallscope.conf"
+printf "MODULES=list\nCOMPRESS=gzip\n" >"$1/etc/initramfs-tools/conf.d/stallscope.conf"
 printf "%s\n" virtio_pci virtio_blk ext4 crc32c_generic crc32c_intel \
     >"$1/usr/share/initramfs-tools/modules.d/stallscope"'
+# The archive key is named, not inferred (mmdebstrap would need gpg for that).
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+[[ -f $keyring ]] || die "$keyring not found (apt-get install debian-archive-keyring)"
 sources=(
-    "deb $mirror/debian $suite main"
-    "deb $mirror/debian $suite-updates main"
-    "deb $mirror/debian-security $suite-security main"
+    "deb [signed-by=$keyring] $mirror/debian $suite main"
+    "deb [signed-by=$keyring] $mirror/debian $suite-updates main"
+    "deb [signed-by=$keyring] $mirror/debian-security $suite-security main"
 )
 # shellcheck disable=SC2016  # the hooks' $1 is the chroot, expanded by mmdebstrap's shell
 if ! mmdebstrap --variant=minbase --mode=root --components=main \
@@ -222,7 +228,6 @@ KERNEL_RELEASE=$release
 BUILT_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 BUILD_SECONDS=$((SECONDS - t0))
 EOF
-chmod 0755 "$work"
 mv -T "$work" "$final"
 trap - EXIT
 # Keep the three newest images (other checkouts or branches may still want theirs).

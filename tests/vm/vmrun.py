@@ -351,8 +351,6 @@ def run(
     uptime = None
     with contextlib.suppress(OSError, ValueError):
         uptime = float((share / "started").read_text())
-    if boot_s is None:  # the script was shorter than one poll interval
-        boot_s = None if uptime is None else wall_s
     return Result(
         exit_code=int(exit_file.read_text().strip()),
         stdout=(share / "stdout").read_text(errors="replace") if (share / "stdout").exists() else "",

@@ -1,0 +1,45 @@
+/* readloop: N reads of `size` bytes from a file, as fast as possible; prints ns per call.
+ * Used by the benchmarks as the traced workload (a C loop, so the probe cost
+ * is not hidden behind interpreter overhead). */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: readloop FILE COUNT [SIZE] [--wait]\n");
+		return 2;
+	}
+	long n = atol(argv[2]);
+	size_t size = argc > 3 ? (size_t)atol(argv[3]) : 8;
+	int fd = open(argv[1], O_RDONLY);
+	if (fd < 0) {
+		perror(argv[1]);
+		return 1;
+	}
+	char buf[65536];
+	if (size > sizeof(buf))
+		size = sizeof(buf);
+	if (argc > 4) {            /* --wait: let the caller attach before starting */
+		printf("ready %d\n", getpid());
+		fflush(stdout);
+		char c;
+		if (read(0, &c, 1) != 1)
+			return 1;
+	}
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (long i = 0; i < n; i++) {
+		if (pread(fd, buf, size, 0) < 0) {
+			perror("pread");
+			return 1;
+		}
+	}
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	double ns = (b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec);
+	printf("%.1f\n", ns / n);
+	return 0;
+}
