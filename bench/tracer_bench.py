@@ -185,11 +185,13 @@ def idle(seconds=20) -> dict:
     time.sleep(seconds)
     c1, t1 = cpu(), time.monotonic()
     with open(f"/proc/{proc.pid}/status") as f:
-        rss = [line for line in f if line.startswith("VmRSS")][0].split()[1]
+        st = {line.split(":")[0]: line.split()[1] for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    rss = st["VmRSS"]
     proc.terminate()
     proc.wait(timeout=30)
     return {"bench": "idle", "seconds": round(t1 - t0, 1), "cpu_percent_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 2),
-            "rss_mib": round(int(rss) / 1024, 1), "goal_cpu_percent": 1.0}
+            "rss_mib": round(int(rss) / 1024, 1), "rss_anon_mib": round(int(st["RssAnon"]) / 1024, 1),
+            "rss_file_mib": round(int(st["RssFile"]) / 1024, 1), "goal_cpu_percent": 1.0}
 
 
 ALL = {"syscall_cost": syscall_cost, "drain": drain, "overflow": overflow, "idle": idle}

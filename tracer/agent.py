@@ -26,7 +26,8 @@ from .schema import (ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, T_NFS, T_NFS_RPC
 class AgentConfig:
     probe: probes.ProbeConfig = dataclasses.field(default_factory=probes.ProbeConfig)
     node: str = dataclasses.field(default_factory=socket.gethostname)
-    poll_ms: int = 10
+    poll_ms: int = 10               # ring poll period while events flow
+    idle_poll_ms: int = 50          # ... and while nothing came (a 16 MiB ring holds ~63k records)
     batch_ms: int = 250
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
@@ -45,6 +46,16 @@ def clock_mapping():
         if best is None or b - a < best[1]:
             best = (w - (a + b) // 2, b - a)
     return best
+
+
+def _release_compiler_memory():
+    """BCC compiles with an in-process LLVM whose heap stays mapped after the
+    programs are loaded; hand the free part back to the OS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Agent:
@@ -67,6 +78,7 @@ class Agent:
         self.events_out = 0
         self._hist_cache = {}
         self.last_counters = {}
+        self._drained = 0
 
     # ------------------------------------------------------------ start-up
     def start(self):
@@ -89,6 +101,7 @@ class Agent:
                 self.methods[T_RDMA] = p.method
         if self.cfg.gpu != "off":
             self._open_gpu()
+        _release_compiler_memory()
         self.started_ns = time.time_ns()
 
     def _open_gpu(self):
@@ -118,6 +131,7 @@ class Agent:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
+                self._drained = 0
                 self._guard(self._drain)
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
@@ -125,7 +139,7 @@ class Agent:
                 if now >= next_batch:
                     self._guard(self.flush)
                     next_batch = now + self.cfg.batch_ms / 1000
-                time.sleep(self.cfg.poll_ms / 1000)
+                time.sleep((self.cfg.poll_ms if self._drained else self.cfg.idle_poll_ms) / 1000)
         except KeyboardInterrupt:
             pass
         finally:
@@ -148,6 +162,7 @@ class Agent:
         off, _unc = clock_mapping()
         for p in self.loaded:
             recs = p.drain()
+            self._drained += len(recs)
             if len(recs):
                 self.pending.append(decode.split(recs, off, self.methods))
 
@@ -203,7 +218,7 @@ class Agent:
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
                 "not_loaded": self.failed, "final": final}
-        if self.seq == 0 or final or self.seq % 4 == 0:
+        if self.seq == 0 or final or self.seq % 8 == 0:    # histograms every ~2 s
             self._hist_cache = {p.family: p.hist() for p in self.loaded}
         if self.gpu is not None:
             meta["gpu"] = self.gpu.meta()

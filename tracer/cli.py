@@ -93,7 +93,7 @@ def run_agent(cfg: AgentConfig, sinks: list, duration, quiet=False) -> Agent:
     except (kernel.Unavailable, probes.ProbeError) as e:
         agent.close()
         raise click.ClickException(str(e)) from None
-    if not quiet:
+    if True:   # one status line even with --quiet: scripts wait for it
         click.echo(f"stallscope: tracing stalls >= {cfg.probe.min_latency_ns / 1e6:g} ms"
                    + (f" of pid {cfg.probe.pid}" if cfg.probe.pid else "")
                    + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)

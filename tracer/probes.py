@@ -10,6 +10,7 @@ reported in ``LoadedProbe.method`` and shipped in every batch's meta.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 
 import numpy as np
@@ -71,29 +72,19 @@ class LoadedProbe:
         return self.ring.drain()
 
     def counters(self) -> dict:
-        out = {}
-        table = self.bpf["counters"]
-        for idx, name in COUNTER_NAMES.items():
-            v = table[table.Key(idx)]
-            out[name] = int(sum(v))
+        sums = percpu_array_sums(self.bpf["counters"], max(COUNTER_NAMES) + 1)
+        out = {name: int(sums[idx]) for idx, name in COUNTER_NAMES.items()}
         out["odd_records"] = self.ring.odd_records
         if self.family == "vfs":      # the hot path skips the counter: the histogram has it
-            out["below_threshold"] = int(self._hist_total())
+            out["below_threshold"] = int(self._hist().sum())
         return out
 
-    def _hist_total(self):
-        total = 0
-        for _k, v in self.bpf["hist"].items():
-            total += sum(v)
-        return total
+    def _hist(self) -> np.ndarray:
+        return percpu_array_sums(self.bpf["hist"], NOPS * HIST_SLOTS)
 
     def hist(self) -> dict:
         """Cumulative log2(us) histograms of ops below the threshold: {op: [counts]}."""
-        table = self.bpf["hist"]
-        vals = np.zeros(NOPS * HIST_SLOTS, dtype=np.uint64)
-        for k, v in table.items():
-            vals[k.value] = sum(v)
-        vals = vals.reshape(NOPS, HIST_SLOTS)
+        vals = self._hist().reshape(NOPS, HIST_SLOTS)
         return {OP_NAMES.get(op, str(op)): [int(x) for x in vals[op]]
                 for op in np.flatnonzero(vals.sum(axis=1))}
 
@@ -105,6 +96,35 @@ class LoadedProbe:
             pass
 
 
+_NCPU = None
+
+
+def percpu_array_sums(table, n: int) -> np.ndarray:
+    """Sum over CPUs of every slot of a BPF_PERCPU_ARRAY, in one batch syscall
+    (BPF_MAP_LOOKUP_BATCH, Linux 5.6+) instead of one lookup per key; falls back
+    to per-key lookups where batching is missing."""
+    global _NCPU
+    import ctypes as ct
+
+    from bcc import libbcc
+    if _NCPU is None:
+        from bcc.utils import get_possible_cpus
+        _NCPU = len(get_possible_cpus())
+    keys = np.zeros(n, dtype=np.uint32)
+    vals = np.zeros((n, _NCPU), dtype=np.uint64)
+    cnt = ct.c_uint32(n)
+    out_batch = ct.c_uint32(0)
+    res = libbcc.lib.bpf_lookup_batch(table.map_fd, None, ct.byref(out_batch),
+                                      keys.ctypes.data_as(ct.c_void_p), vals.ctypes.data_as(ct.c_void_p),
+                                      ct.byref(cnt))
+    if res == 0 or (ct.get_errno() == errno.ENOENT and cnt.value == n):
+        return vals.sum(axis=1)
+    out = np.zeros(n, dtype=np.uint64)
+    for k, v in table.items():
+        out[k.value] = sum(v)
+    return out
+
+
 # ------------------------------------------------------------------ families
 def _load(family, cflags, text=None):
     from bcc import BPF
@@ -112,6 +132,21 @@ def _load(family, cflags, text=None):
 
 
 _FENTRY_OK = None
+
+
+class _quiet_stderr:
+    """Silence fd 2 (C libraries write there directly) for a capability probe."""
+
+    def __enter__(self):
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
 
 
 def fentry_works() -> tuple:
@@ -124,7 +159,8 @@ def fentry_works() -> tuple:
             if not BPF.support_kfunc():
                 _FENTRY_OK = (False, "kernel lacks BTF trampolines (fentry)")
             else:
-                b = BPF(text=b"KFUNC_PROBE(vfs_read) { return 0; }")
+                with _quiet_stderr():      # libbpf prints the expected EPERM itself
+                    b = BPF(text=b"KFUNC_PROBE(vfs_read) { return 0; }")
                 b.cleanup()
                 _FENTRY_OK = (True, "")
         except Exception as e:

@@ -43,6 +43,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -263,6 +264,14 @@ def qemu_command(image: Image, share: Path, repo: Optional[Path], accel: str, me
     return cmd
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGTERM when the process that started it dies (a killed pytest)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _one_vm_at_a_time(progress: Optional[TextIO]) -> Iterator[None]:
     lock_path = Path(tempfile.gettempdir()) / "stallscope-vm.lock"
@@ -315,7 +324,8 @@ def run(
         start = time.monotonic()
         boot_s = None
         with open(console_log, "wb") as console:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent)
             try:
                 while proc.poll() is None:
                     now = time.monotonic()
@@ -329,7 +339,8 @@ def run(
                             f"VM timed out after {timeout_s:.0f} s "
                             f"({'script still running' if boot_s else 'guest never started the script'}); "
                             f"console: {console_log}",
-                            _tail(console_log) + "\n--- guest stdout (tail) ---\n" + _tail(share / "stdout"),
+                            _tail(console_log)
+                            + (f"\n--- guest stdout (tail) ---\n{_tail(share / 'stdout')}" if boot_s else ""),
                         )
                     time.sleep(0.2)
             finally:
@@ -370,7 +381,7 @@ def shell(image: Image, repo: Optional[Path] = REPO, accel: str = "auto", memory
         cmd = qemu_command(image, Path(tmp), repo, choose_accel(image, accel), memory_mb, cpus)
         with _one_vm_at_a_time(sys.stderr):
             print("vmrun: serial console follows; log in is automatic; Ctrl-a x quits QEMU", file=sys.stderr)
-            return subprocess.call(cmd)
+            return subprocess.call(cmd, preexec_fn=_die_with_parent)
 
 
 # ---------------------------------------------------------------------------- cli
