@@ -99,10 +99,10 @@ class Agent:
                 self.methods[T_NFS] = self.methods[T_NFS_RPC] = p.method
             elif p.family == "rdma":
                 self.methods[T_RDMA] = p.method
+        self.started_ns = time.time_ns()
         if self.cfg.gpu != "off":
             self._open_gpu()
         _release_compiler_memory()
-        self.started_ns = time.time_ns()
 
     def _open_gpu(self):
         try:
@@ -168,7 +168,13 @@ class Agent:
 
     def _sample_gpu(self):
         got = self.gpu.poll()
-        if got:
+        g = got.get("gpu") if got else None
+        if g is not None and len(g["ts_ns"]) and int(g["ts_ns"].min()) < self.started_ns:
+            # the driver's buffer reaches back before tracing began; stalls from
+            # then were never traced, so those samples could only read "unexplained"
+            keep = g["ts_ns"] >= self.started_ns
+            got["gpu"] = {k: v[keep] for k, v in g.items()}
+        if got and any(len(t.get("ts_ns", ())) for t in got.values()):
             self.pending.append(got)
 
     def build_batch(self, final: bool = False) -> Batch:

@@ -164,7 +164,10 @@ def fentry_works() -> tuple:
                 b.cleanup()
                 _FENTRY_OK = (True, "")
         except Exception as e:
-            _FENTRY_OK = (False, f"fentry attach failed: {str(e).splitlines()[-1] if str(e) else e}")
+            msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            if "super-user" in msg or "ermission" in msg:      # BCC's words for EPERM
+                msg = "EPERM (BPF trampolines/ftrace blocked on this kernel)"
+            _FENTRY_OK = (False, f"fentry attach failed: {msg}")
     return _FENTRY_OK
 
 

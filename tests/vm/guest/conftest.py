@@ -13,7 +13,6 @@ people at the guest's shell set things up the same way.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
