@@ -381,6 +381,33 @@ def _owned_stalls(st_key, pair_key, pair_group):
     return s.astype(_I64), g
 
 
+def _dense(codes):
+    """Small non-negative ints -> (dense ids 0..k-1 in value order, value of each id)."""
+    present = np.flatnonzero(np.bincount(codes))
+    lut = np.zeros(int(present[-1]) + 1 if len(present) else 1, dtype=_I64)
+    lut[present] = np.arange(len(present))
+    return lut[codes], present
+
+
+def _small_int(a, n):
+    """``a`` (values in [0, n)) in the narrowest dtype, so a stable argsort is a radix sort."""
+    return a.astype(np.int16 if n < (1 << 15) else (np.int32 if n < (1 << 31) else _I64))
+
+
+def _sort_key(major, minor, minor_max):
+    """One int64 key ordering by (major, minor), or None if it would not fit."""
+    b = _bits(minor_max)
+    if _bits(int(major.max()) if len(major) else 0) + b > 62:
+        return None
+    return (major << b) | minor
+
+
+def _order(major, minor, minor_max):
+    """Stable order by (major, minor), minor >= 0."""
+    k = _sort_key(major, minor, minor_max)
+    return np.argsort(k, kind="stable") if k is not None else np.lexsort((minor, major))
+
+
 def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key, pair_group,
           min_explained=MIN_EXPLAINED, max_contributors=MAX_CONTRIBUTORS) -> Alignment:
     """Match stalls to idle intervals.
@@ -394,90 +421,96 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     candidate with the largest overlap, ties to the earliest start, then the lowest stall
     index; it stands only when the union of all candidates covers at least ``min_explained``
     of the interval.  Contributors: the other candidates (all of them when there is no
-    culprit) by overlap, largest first, at most ``max_contributors``.
+    culprit) in that same order, at most ``max_contributors``.
+
+    Fastest when stalls come node by node, each node's roughly in time order (as
+    ``analyze`` concatenates tracer batches); any order is correct.
     """
     iv_start, iv_end, iv_res, iv_group = map(_i64, (iv_start, iv_end, iv_res, iv_group))
     st_start, st_dur, st_key = map(_i64, (st_start, st_dur, st_key))
     n = len(iv_start)
-    res_out = Alignment(np.zeros(n), np.zeros(n, _I64), np.zeros(n, _I64),
-                        np.full(n, -1, _I64), np.zeros(n, _I64), np.full(n, -1, _I64),
-                        np.zeros(n + 1, _I64), np.empty(0, _I64), np.empty(0, _I64))
-    ex_stall, ex_group = _owned_stalls(st_key, _i64(pair_key), _i64(pair_group))
-    pos_dur = st_dur[ex_stall] > 0                    # an empty span overlaps nothing
-    ex_stall, ex_group = ex_stall[pos_dur], ex_group[pos_dur]
+    out = Alignment(np.zeros(n), np.zeros(n, _I64), np.zeros(n, _I64),
+                    np.full(n, -1, _I64), np.zeros(n, _I64), np.full(n, -1, _I64),
+                    np.zeros(n + 1, _I64), np.empty(0, _I64), np.empty(0, _I64))
+    ex, ex_group = _owned_stalls(st_key, _i64(pair_key), _i64(pair_group))
+    t_ex, d_ex = st_start[ex], st_dur[ex]
+    keep = d_ex > 0                                   # an empty span overlaps nothing
+    if not keep.all():
+        ex, ex_group, t_ex, d_ex = ex[keep], ex_group[keep], t_ex[keep], d_ex[keep]
     has_owner = iv_group >= 0
-    if len(ex_stall) == 0 or not np.any(has_owner):
-        return res_out
+    if len(ex) == 0 or not np.any(has_owner):
+        return out
 
-    # owned stalls sorted by start (ties: stall index), then partitioned, stably, into buckets
-    # of one owner group and one duration class (durations within 4x), so that a range search
-    # by start bounded below by the bucket's running max end wastes little
-    t_ex = st_start[ex_stall]
-    o = np.argsort(t_ex, kind="stable")
-    ex_stall, ex_group, t_ex = ex_stall[o], ex_group[o], t_ex[o]
-    trank = np.arange(len(ex_stall), dtype=_I64)      # order by (start, stall index)
-    d_ex = st_dur[ex_stall]
-    _m, e2 = np.frexp(np.maximum(d_ex, 1).astype(np.float64))
-    cls = (e2 // 2).astype(_I64)
-    ucls, cls = np.unique(cls, return_inverse=True)
-    bucket = ex_group * len(ucls) + cls.ravel()
-    ub, bucket = np.unique(bucket, return_inverse=True)
-    bucket = bucket.ravel()
-    bdt = np.int16 if len(ub) < (1 << 15) else (np.int32 if len(ub) < (1 << 31) else _I64)
-    o = np.argsort(bucket.astype(bdt), kind="stable")
-    ex_stall, t_ex, d_ex, trank = ex_stall[o], t_ex[o], d_ex[o], trank[o]
+    # buckets: one owner group x one duration class (durations within 4x of each other), so
+    # that a range search by start, bounded below by the bucket's running max end, wastes
+    # little.  Partition by bucket (radix), then sort each bucket by start (stable: ties stay
+    # in stall-index order); in tracer order a bucket is already nearly sorted.
+    _m, e2 = np.frexp(d_ex.astype(np.float64))
+    cls, _ = _dense((e2 // 2).astype(_I64))
+    ncls = int(cls.max()) + 1
+    bucket, b_code = _dense(ex_group * ncls + cls)
+    nb = len(b_code)
+    b_group = b_code // ncls
+    ob = np.argsort(_small_int(bucket, nb), kind="stable")
+    b_start = np.r_[0, np.cumsum(np.bincount(bucket, minlength=nb))]
     end_ex = t_ex + d_ex
-    b_start = np.searchsorted(bucket[o], np.arange(len(ub)))
-    b_end = np.r_[b_start[1:], len(ex_stall)]
-    b_group = ub // len(ucls)
 
-    # intervals sorted by (group, start); qp = position in that order
+    # intervals with owners sorted by (group, start); qp = position in that order
     ivo = np.flatnonzero(has_owner)
-    ivo = ivo[np.lexsort((iv_start[ivo], iv_group[ivo]))]
-    q_group = iv_group[ivo]
-    q_s = iv_start[ivo]
-    q_hi = np.minimum(iv_start[ivo] + iv_res[ivo], iv_end[ivo] - 1)
+    ivo = ivo[_order(iv_group[ivo], iv_start[ivo] - iv_start[ivo].min(),
+                     int(iv_start[ivo].max() - iv_start[ivo].min()))]
+    q_group, q_s = iv_group[ivo], iv_start[ivo]
+    q_hi = np.minimum(q_s + iv_res[ivo], iv_end[ivo] - 1)
     g_lo = np.searchsorted(q_group, b_group, side="left")
     g_hi = np.searchsorted(q_group, b_group, side="right")
 
+    perm = np.empty(len(ex), dtype=_I64)   # bucket-major, start-sorted order of ex positions
     qs, los, his = [], [], []
-    for bi in range(len(ub)):
-        a, b = b_start[bi], b_end[bi]
+    for bi in range(nb):
+        a, b = b_start[bi], b_start[bi + 1]
+        idx = ob[a:b]
+        tt = t_ex[idx]
+        if np.any(tt[1:] < tt[:-1]):
+            so = np.argsort(tt, kind="stable")
+            idx, tt = idx[so], tt[so]
+        perm[a:b] = idx
         ga, gb = g_lo[bi], g_hi[bi]
         if ga == gb:
             continue
-        cm = np.maximum.accumulate(end_ex[a:b])
+        cm = np.maximum.accumulate(end_ex[idx])
         lo = a + np.searchsorted(cm, q_s[ga:gb], side="right")   # first whose running end > s
-        hi = a + np.searchsorted(t_ex[a:b], q_hi[ga:gb], side="right")
+        hi = a + np.searchsorted(tt, q_hi[ga:gb], side="right")
         m = hi > lo
         if np.any(m):
             qs.append(np.arange(ga, gb, dtype=_I64)[m])
             los.append(lo[m])
             his.append(hi[m])
     if not qs:
-        return res_out
+        return out
     qsel, pos = _expand(np.concatenate(los), np.concatenate(his))
     qp = np.concatenate(qs)[qsel]
-    keep = end_ex[pos] > q_s[qp]
-    qp, pos = qp[keep], pos[keep]
+    pe = perm[pos]                                   # pair -> position in ex
+    s = q_s[qp]
+    pt, pend = t_ex[pe], end_ex[pe]
+    keep = pend > s
+    qp, pe, s, pt, pend = qp[keep], pe[keep], s[keep], pt[keep], pend[keep]
     if len(qp) == 0:
-        return res_out
+        return out
 
-    # pairs by (interval, start): the sweep below needs clipped starts in order
-    tr = trank[pos]
-    if _bits(len(ivo)) + _bits(len(trank)) <= 62:
-        o = np.argsort((qp << _bits(len(trank))) | tr, kind="stable")
-    else:
-        o = np.lexsort((tr, qp))
-    qp, pos, tr = qp[o], pos[o], tr[o]
+    # pairs by (interval, start, stall index): all of one interval's pairs from one bucket
+    # already are; a stable sort merges the buckets (ties across buckets: fixed below)
+    back = pt - s                                    # <= res; negative when started before
+    rel = back - back.min()
+    o = _order(qp, rel, int(rel.max()))
+    qp, pe, s, pt, pend = qp[o], pe[o], s[o], pt[o], pend[o]
     iv = ivo[qp]
-    s, e = iv_start[iv], iv_end[iv]
-    cs = np.maximum(t_ex[pos], s)
-    ce = np.minimum(end_ex[pos], e)
+    e = iv_end[iv]
+    cs, ce = np.maximum(pt, s), np.minimum(pend, e)
     ov = ce - cs
+    sidx = ex[pe]
     gs = _group_starts(qp)
     gcount = np.diff(np.r_[gs, len(qp)])
-    gid = np.repeat(np.arange(len(gs)), gcount)
+    gid = np.repeat(np.arange(len(gs), dtype=_I64), gcount)
     g_iv = iv[gs]
     g_len = np.maximum(iv_end[g_iv] - iv_start[g_iv], 1)
 
@@ -487,63 +520,68 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     union = np.zeros(len(gs), dtype=_I64)
     rel_s, rel_e = cs - s, ce - s
     span = g_len + 1
-    limit = 1 << 61
     c0 = 0
     while c0 < len(gs):
         cum = np.cumsum(span[c0:])
-        c1 = c0 + max(1, int(np.searchsorted(cum, limit, side="right")))
+        c1 = c0 + max(1, int(np.searchsorted(cum, 1 << 61, side="right")))
         off_g = np.r_[0, cum[: c1 - c0 - 1]]
         p0, p1 = gs[c0], (gs[c1] if c1 < len(gs) else len(qp))
         off = np.repeat(off_g, gcount[c0:c1])
         v = rel_e[p0:p1] + off
-        run = np.maximum.accumulate(v)
-        prev = np.r_[0, run[:-1]]
+        prev = np.empty_like(v)
+        prev[1:] = np.maximum.accumulate(v)[:-1]
         first = gs[c0:c1] - p0
         prev[first] = off_g
-        contrib = np.maximum(v - np.maximum(rel_s[p0:p1] + off, prev), 0)
-        union[c0:c1] = np.add.reduceat(contrib, first)
+        gain = np.maximum(v - np.maximum(rel_s[p0:p1] + off, prev), 0)
+        union[c0:c1] = np.add.reduceat(gain, first)
         c0 = c1
-
-    # best candidate: largest overlap; pairs are in (start, index) order within an interval,
-    # so the first maximum is the earliest
-    gmax = np.maximum.reduceat(ov, gs)
-    is_max = np.flatnonzero(ov == gmax[gid])
-    best_pair = is_max[np.r_[True, gid[is_max][1:] != gid[is_max][:-1]]]
     explained = np.minimum(union / g_len, 1.0)
     has_culprit = explained >= min_explained
 
-    res_out.explained[g_iv] = explained
-    res_out.union_ns[g_iv] = union
-    res_out.n_candidates[g_iv] = gcount
-    res_out.best[g_iv] = ex_stall[pos[best_pair]]
-    res_out.best_overlap[g_iv] = ov[best_pair]
-    res_out.culprit[g_iv[has_culprit]] = ex_stall[pos[best_pair[has_culprit]]]
+    # rank each interval's candidates by (overlap desc, start, stall index): a stable sort by
+    # (interval, -overlap) of pairs in (interval, start) order, then exact ties (same overlap
+    # and start, from different buckets) put in stall-index order
+    ranked = np.flatnonzero(np.repeat(gcount > 1, gcount))
+    if len(ranked):
+        rov = ov[ranked]
+        top = int(rov.max())
+        ranked = ranked[_order(qp[ranked], top - rov, top)]
+        k_q, k_ov, k_t = qp[ranked], ov[ranked], pt[ranked]
+        same = (k_q[1:] == k_q[:-1]) & (k_ov[1:] == k_ov[:-1]) & (k_t[1:] == k_t[:-1])
+        if np.any(same):
+            tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+            sub = ranked[tied]
+            ranked[tied] = sub[np.lexsort((sidx[sub], pt[sub], -ov[sub], qp[sub]))]
+    order = np.arange(len(qp))
+    multi = np.repeat(gcount > 1, gcount)
+    order[multi] = ranked                           # groups of one stay where they are
+    best = order[gs]
 
-    # contributors: rank candidates by (overlap desc, start, index); rank 0 is the best
+    out.explained[g_iv] = explained
+    out.union_ns[g_iv] = union
+    out.n_candidates[g_iv] = gcount
+    out.best[g_iv] = sidx[best]
+    out.best_overlap[g_iv] = ov[best]
+    out.culprit[g_iv[has_culprit]] = sidx[best[has_culprit]]
+
     if max_contributors > 0:
-        listed = gcount >= np.where(has_culprit, 2, 1)  # anything besides the culprit?
-        sel = np.flatnonzero(np.repeat(listed, gcount))
-        qsub, ovsub = qp[sel], ov[sel]
-        ob = _bits(int(ovsub.max()) if len(ovsub) else 0) + 1
-        if _bits(int(qsub.max()) if len(qsub) else 0) + ob <= 62:
-            top = (1 << ob) - 1
-            o = np.argsort((qsub << ob) | (top - ovsub), kind="stable")
-        else:
-            o = np.lexsort((tr[sel], -ovsub, qsub))
-        sel = sel[o]
-        gsel = gid[sel]
-        first = _group_starts(gsel)
-        rank = np.arange(len(sel)) - np.repeat(first, np.diff(np.r_[first, len(sel)]))
-        skip = has_culprit[gsel].astype(_I64)       # a culprit is not its own contributor
+        # contributors: ranks 1.. after a culprit, 0.. without one; written by scatter into a
+        # CSR in interval order
+        rank = np.arange(len(qp)) - np.repeat(gs, gcount)
+        skip = np.repeat(has_culprit.astype(_I64), gcount)
         take = (rank >= skip) & (rank < skip + max_contributors)
-        sel, gsel, rank = sel[take], gsel[take], rank[take]
-        civ = g_iv[gsel]
-        o = np.lexsort((rank, civ))
-        sel, civ = sel[o], civ[o]
-        res_out.contrib_stall = ex_stall[pos[sel]]
-        res_out.contrib_overlap = ov[sel]
-        res_out.contrib_ptr = np.r_[0, np.cumsum(np.bincount(civ, minlength=n))].astype(_I64)
-    return res_out
+        pick = order[take]
+        r = (rank - skip)[take]
+        civ = np.repeat(g_iv, gcount)[take]
+        counts = np.bincount(civ, minlength=n)
+        ptr = np.r_[0, np.cumsum(counts)].astype(_I64)
+        dest = ptr[civ] + r
+        out.contrib_ptr = ptr
+        out.contrib_stall = np.empty(len(pick), dtype=_I64)
+        out.contrib_overlap = np.empty(len(pick), dtype=_I64)
+        out.contrib_stall[dest] = sidx[pick]
+        out.contrib_overlap[dest] = ov[pick]
+    return out
 
 
 # --------------------------------------------------------------------------- 4. across nodes

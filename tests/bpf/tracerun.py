@@ -21,8 +21,8 @@ class Trace:
     Waits for the tracer to report that its probes are attached before the body runs.
     """
 
-    def __init__(self, *args, families="vfs", ready_timeout_s=60.0, env=None):
-        self.args = ["trace", "--json", "--families", families, "--no-gpu", *args]
+    def __init__(self, *args, families="vfs", ready_timeout_s=60.0, env=None, gpu=False):
+        self.args = ["trace", "--json", "--families", families, "--gpu" if gpu else "--no-gpu", *args]
         self.ready_timeout_s = ready_timeout_s
         self.env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
         self.events = []
