@@ -328,8 +328,36 @@ class Alignment:
     contrib_overlap: np.ndarray
 
 
+def _dense(codes):
+    """Small non-negative ints -> (dense ids 0..k-1 in value order, value of each id)."""
+    present = np.flatnonzero(np.bincount(codes))
+    lut = np.zeros(int(present[-1]) + 1 if len(present) else 1, dtype=_I64)
+    lut[present] = np.arange(len(present))
+    return lut[codes], present
+
+
+def _small_int(a, n):
+    """``a`` (values in [0, n)) in the narrowest dtype, so a stable argsort is a radix sort."""
+    return a.astype(np.int16 if n < (1 << 15) else (np.int32 if n < (1 << 31) else _I64))
+
+
+def _sort_key(major, minor, minor_max):
+    """One int64 key ordering by (major, minor), or None if it would not fit."""
+    b = _bits(minor_max)
+    if _bits(int(major.max()) if len(major) else 0) + b > 62:
+        return None
+    return (major << b) | minor
+
+
+def _order(major, minor, minor_max):
+    """Stable order by (major, minor), minor >= 0."""
+    k = _sort_key(major, minor, minor_max)
+    return np.argsort(k, kind="stable") if k is not None else np.lexsort((minor, major))
+
+
 def _owned_stalls(st_key, pair_key, pair_group):
-    """(stall index, group) for every stall whose pid key is an owner, stall indexes ascending.
+    """(stall index, group) for every stall whose pid key is an owner, node by node, stall
+    indexes ascending within a node.
 
     Per node, a dense pid -> slot table replaces a binary search per stall (10M random
     ``searchsorted`` calls cost seconds; a gather costs tens of ms).
@@ -340,7 +368,8 @@ def _owned_stalls(st_key, pair_key, pair_group):
         return empty
     st_node = st_key >> NODE_SHIFT
     node_sorted = bool(np.all(st_node[1:] >= st_node[:-1]))
-    order = None if node_sorted else np.argsort(st_node, kind="stable")
+    order = None if node_sorted else np.argsort(
+        _small_int(st_node, int(st_node.max()) + 1), kind="stable")   # radix for < 32k nodes
     sn = st_node if node_sorted else st_node[order]
     po = np.lexsort((pair_group, pair_key))
     pk, pg = pair_key[po], pair_group[po]
@@ -374,38 +403,7 @@ def _owned_stalls(st_key, pair_key, pair_group):
             out_g.append(groups[j])
     if not out_s:
         return empty
-    s, g = np.concatenate(out_s), np.concatenate(out_g)
-    if not (node_sorted and np.all(s[1:] >= s[:-1])):
-        o = np.argsort(s, kind="stable")
-        s, g = s[o], g[o]
-    return s.astype(_I64), g
-
-
-def _dense(codes):
-    """Small non-negative ints -> (dense ids 0..k-1 in value order, value of each id)."""
-    present = np.flatnonzero(np.bincount(codes))
-    lut = np.zeros(int(present[-1]) + 1 if len(present) else 1, dtype=_I64)
-    lut[present] = np.arange(len(present))
-    return lut[codes], present
-
-
-def _small_int(a, n):
-    """``a`` (values in [0, n)) in the narrowest dtype, so a stable argsort is a radix sort."""
-    return a.astype(np.int16 if n < (1 << 15) else (np.int32 if n < (1 << 31) else _I64))
-
-
-def _sort_key(major, minor, minor_max):
-    """One int64 key ordering by (major, minor), or None if it would not fit."""
-    b = _bits(minor_max)
-    if _bits(int(major.max()) if len(major) else 0) + b > 62:
-        return None
-    return (major << b) | minor
-
-
-def _order(major, minor, minor_max):
-    """Stable order by (major, minor), minor >= 0."""
-    k = _sort_key(major, minor, minor_max)
-    return np.argsort(k, kind="stable") if k is not None else np.lexsort((minor, major))
+    return np.concatenate(out_s).astype(_I64), np.concatenate(out_g)
 
 
 def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key, pair_group,
