@@ -30,11 +30,24 @@ Examples:
 @click.option("--upstream", default=None, help="Forward every accepted batch to a root collector.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this many seconds.")
-def collect(bind, store, upstream, duration):
-    """Receive batches from tracers, store them, optionally forward them upstream."""
+@click.option("--json", "as_json", is_flag=True, help="Live verdicts as JSON lines.")
+@click.option("--no-verdicts", is_flag=True, help="Only store (and forward); no live analysis.")
+def collect(bind, store, upstream, duration, as_json, no_verdicts):
+    """Receive batches from tracers, store them, optionally forward them upstream,
+    and print a verdict for every GPU idle interval within seconds of its end."""
     from .server import Collector
+    on_batches = None
+    printer = None
+    if not no_verdicts:
+        from .analyze import LiveAnalyzer
+        from .live import VerdictPrinter
+        live = LiveAnalyzer()
+        printer = VerdictPrinter(as_json=as_json)
+
+        def on_batches(batches):
+            printer(live.add(batches))
     try:
-        col = Collector(bind, store, upstream)
+        col = Collector(bind, store, upstream, on_batches=on_batches)
     except (TransportError, StoreError) as e:
         raise click.ClickException(str(e)) from None
     stop = {"flag": False}

@@ -1,0 +1,125 @@
+"""gpu tier: a real CUDA workload (torch) starved by an injected IO stall, on a real GPU.
+
+Run on a machine with an NVIDIA GPU, as root, via tests/gpu/run.sh (a few minutes).
+Checks that NVML-derived idle intervals and the verdict come out right, and
+records what the real NVML did: the observed utilization sample period, and what
+nvmlDeviceGetSamples returns for an idle GPU. Prints one JSON object; exit 0 on pass.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def probe_nvml_idle(seconds=4.0):
+    """What NVML says about an idle GPU: sample values and return codes, straight from pynvml."""
+    import pynvml
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    out = {"name": pynvml.nvmlDeviceGetName(h), "driver": pynvml.nvmlSystemGetDriverVersion()}
+    codes, samples, last = [], [], 0
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        try:
+            st, vals = pynvml.nvmlDeviceGetSamples(h, pynvml.NVML_GPU_UTILIZATION_SAMPLES, last)
+            codes.append("SUCCESS")
+            for v in vals:
+                samples.append((v.timeStamp, v.sampleValue.uiVal))
+                last = max(last, v.timeStamp)
+        except pynvml.NVMLError as e:
+            codes.append(str(e))
+        time.sleep(0.5)
+    ts = sorted(t for t, _ in samples)
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    out["idle_return_codes"] = sorted(set(codes))
+    out["idle_sample_values"] = sorted({v for _, v in samples})
+    out["idle_samples"] = len(samples)
+    out["sample_period_us_median"] = sorted(gaps)[len(gaps) // 2] if gaps else None
+    out["timestamp_minus_wall_us"] = (ts[-1] - time.time_ns() // 1000) if ts else None
+    out["compute_procs_idle"] = len(pynvml.nvmlDeviceGetComputeRunningProcesses(h))
+    pynvml.nvmlShutdown()
+    return out
+
+
+WORKLOAD = r"""
+import os, sys, time, json, torch
+data, log = sys.argv[1], sys.argv[2]
+x = torch.randn(8192, 8192, device="cuda")
+def compute(sec):
+    t = time.time()
+    while time.time() - t < sec:
+        y = x @ x
+        torch.cuda.synchronize()
+compute(3.0)
+ev = []
+for step in range(4):
+    name = "slow-shard.bin" if step == 2 else "shard.bin"
+    t0 = time.time_ns()
+    with open(os.path.join(data, name), "rb", buffering=0) as f:
+        f.read(65536)
+    ev.append({"kind": "read", "path": os.path.join(data, name), "pid": os.getpid(),
+               "start_ns": t0, "end_ns": time.time_ns()})
+    compute(2.0)
+json.dump(ev, open(log, "w"))
+"""
+
+
+def main():
+    report = {"ok": False}
+    try:
+        import torch
+        assert torch.cuda.is_available(), "torch sees no CUDA device"
+    except Exception as e:
+        report["error"] = f"torch with CUDA is needed for the gpu tier: {e}"
+        print(json.dumps(report))
+        return 1
+    report["nvml_idle"] = probe_nvml_idle()
+    from collector.demo.slowfs import SlowFS
+    tmp = tempfile.mkdtemp(prefix="stallscope-gpu-")
+    rec = os.path.join(tmp, "rec.ssrec")
+    log = os.path.join(tmp, "gt.json")
+    with SlowFS(delay_ms=3000, ops=("read",)) as fs:
+        fs.make_file("shard.bin", 1 << 20)
+        fs.make_file("slow-shard.bin", 1 << 20)
+        tr = subprocess.Popen([sys.executable, "-m", "collector.cli", "trace", "--quiet", "--gpu", "--families",
+                               "vfs", "--min-latency-ms", "100", "--output", rec], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True)
+        buf = ""
+        while "tracing stalls" not in buf:
+            line = tr.stderr.readline()
+            if not line:
+                report["error"] = f"tracer failed: {buf[-2000:]}"
+                print(json.dumps(report))
+                return 1
+            buf += line
+        w = subprocess.run([sys.executable, "-c", WORKLOAD, fs.mountpoint, log], capture_output=True, text=True)
+        time.sleep(3)
+        tr.terminate()
+        tr.wait(60)
+    if w.returncode != 0:
+        report["error"] = f"workload failed: {w.stderr[-2000:]}"
+        print(json.dumps(report))
+        return 1
+    gt = json.load(open(log))
+    slow = next(e for e in gt if "slow-" in e["path"])
+    r = subprocess.run([sys.executable, "-m", "collector.cli", "report", "--json", rec], cwd=ROOT,
+                       capture_output=True, text=True)
+    vs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    hit = [v for v in vs if v["idle_start_ns"] < slow["end_ns"] and v["idle_end_ns"] > slow["start_ns"]]
+    report["verdicts"] = len(vs)
+    report["slow_read_ms"] = (slow["end_ns"] - slow["start_ns"]) / 1e6
+    report["verdict"] = hit[0] if hit else None
+    report["ok"] = bool(hit) and hit[0]["culprit"] is not None and hit[0]["culprit"]["path"] == slow["path"] \
+        and hit[0]["explained_fraction"] >= 0.8
+    print(json.dumps(report, default=str))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
