@@ -232,6 +232,31 @@ def descendants(roots, lineage):
     return np.union1d(roots, pid[hit])
 
 
+def _codes(a):
+    """Dense ids (0..k-1, in value order) of non-negative ints and k, without a full sort
+    when the values are below 2**24 (pids, GPU numbers)."""
+    if len(a) and a.min() >= 0 and a.max() < (1 << 24):
+        ids, present = _dense(a)
+        return ids, len(present)
+    u, ids = np.unique(a, return_inverse=True)
+    return ids.ravel().astype(_I64), len(u)
+
+
+def _rows_by_gpu_pid_time(key, pid, ts):
+    """Order of NVML process rows by (GPU key, pid, time).  The tracer sends one row per
+    process per GPU per poll (millions over a day), already in time order: a radix sort on a
+    small (GPU, pid) code keeps that order and costs O(n); otherwise a full lexsort."""
+    gcode, ng = _codes(key)
+    pcode, npd = _codes(pid)
+    combo, nc = _codes(gcode * npd + pcode)
+    if nc < (1 << 15):
+        o = np.argsort(combo.astype(np.int16), kind="stable")
+        c, t = combo[o], ts[o]
+        if np.all((t[1:] >= t[:-1]) | (c[1:] != c[:-1])):
+            return o
+    return np.lexsort((ts, pid, key))
+
+
 def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, proc_pid,
                  proc_ppid, slack_ns=OWNER_SLACK_NS) -> Owners:
     """Owner group of each interval.
@@ -254,7 +279,7 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
         out.pair_key, out.pair_group = np.empty(0, _I64), np.empty(0, _I64)
         return out
 
-    o = np.lexsort((gp_ts, gp_pid, gp_key))
+    o = _rows_by_gpu_pid_time(gp_key, gp_pid, gp_ts)
     k, p, t = gp_key[o], gp_pid[o], gp_ts[o]
     new = np.r_[True, (k[1:] != k[:-1]) | (p[1:] != p[:-1]) | (t[1:] - t[:-1] > 2 * slack_ns)]
     si = np.flatnonzero(new)
