@@ -13,6 +13,7 @@ Figures:
   owners    owner_groups from NVML process lists polled every second over the whole span
   remote    remote_blame across the nodes of one job
   analyze   analyze() end to end from tracer batches (verdict dicts included), small sizes
+  live_add  one LiveAnalyzer.add() at steady state with a full 10-minute window (8 nodes)
 
 The synthetic cluster: 16 nodes x 8 GPUs, one training process per GPU with 4 dataloader
 workers, 2 unrelated processes per node; idle intervals of 0.2-3 s between 1-10 s of work;
@@ -246,6 +247,58 @@ def bench_analyze(n_st, n_iv):
            "baseline_sort_seconds": round(base, 3), "ratio_to_baseline": round(w / base, 2)})
 
 
+def bench_live(nodes, seconds, stalls_per_s):
+    """LiveAnalyzer.add() at steady state: a full window of ``seconds`` on ``nodes`` x 8
+    GPUs (NVML period 1/6 s, process lists every second), one more second of batches in."""
+    from collector.analyze import LiveAnalyzer, _Node
+    from tracer.schema import Batch
+
+    rng = np.random.default_rng(3)
+    per = S // 6
+    trainer, workers = _pids(np.arange(GPUS))
+    members = np.concatenate([trainer[:, None], workers], axis=1)
+    procs = np.concatenate([trainer, workers.ravel()])
+    parents = np.concatenate([np.ones(GPUS, np.int64), np.repeat(trainer, WORKERS)])
+    proc = {"pid": procs, "ppid": parents, "comm": np.full(len(procs), "python", dtype=object),
+            "start_ns": np.zeros(len(procs)), "job": np.full(len(procs), "j", dtype=object),
+            "rank": np.zeros(len(procs), dtype=np.int64)}
+
+    def second(nd, k):
+        t0 = T0 + k * S
+        ts = np.repeat(t0 + np.arange(1, 7) * per, GPUS)
+        gpu = np.tile(np.arange(GPUS), 6)
+        util = np.where(rng.random(len(ts)) < 0.2, 0, 90)
+        n = rng.poisson(stalls_per_s)
+        g = rng.integers(0, GPUS, n)
+        io = {"ts_ns": t0 + rng.integers(0, S, n), "dur_ns": rng.integers(10 * MS, 500 * MS, n),
+              "pid": members[g, rng.integers(0, 1 + WORKERS, n)], "tid": np.zeros(n),
+              "comm": np.full(n, "python", dtype=object), "op": np.full(n, "read", dtype=object),
+              "bytes": np.zeros(n), "path": np.full(n, "/data/shard", dtype=object),
+              "fs": np.full(n, "nfs4", dtype=object)}
+        tables = {"gpu": {"ts_ns": ts, "gpu": gpu, "util": util, "synth": np.zeros(len(ts))},
+                  "gpu_proc": {"ts_ns": np.full(GPUS, t0), "gpu": np.arange(GPUS), "pid": trainer},
+                  "io": io}
+        if k == 0:
+            tables["proc"] = proc
+        return Batch(f"node{nd:02d}", k, tables, {}, {},
+                     {"gpu": {"sample_period_ns": {i: per for i in range(GPUS)}}})
+
+    live = LiveAnalyzer(window_ns=seconds * S, min_gap_s=0)
+    for k in range(seconds):            # fill the window without analyzing every second
+        for nd in range(nodes):
+            b = second(nd, k)
+            live.nodes.setdefault(b.node, _Node(b.node)).absorb(b)
+    live.add([second(nd, seconds) for nd in range(nodes)])        # first run: concatenation
+    new = [second(nd, seconds + 1) for nd in range(nodes)]
+    w, c, out = _time(lambda: live.add(new))
+    n_st = int(sum(len(n.table("io")["ts_ns"]) for n in live.nodes.values()))
+    base = _baseline(n_st)
+    _emit({"figure": "live_add", "nodes": nodes, "gpus": nodes * GPUS, "window_s": seconds,
+           "stalls_in_window": n_st, "verdicts_returned": len(out), "seconds": round(w, 3),
+           "cpu_seconds": round(c, 3), "baseline_sort_seconds": round(base, 3),
+           "ratio_to_baseline": round(w / base, 2)})
+
+
 def main(quick: bool = False) -> None:
     sizes = ([(100_000, 10_000), (300_000, 30_000)] if quick else
              [(1_000_000, 100_000), (3_000_000, 300_000), (10_000_000, 1_000_000)])
@@ -260,6 +313,7 @@ def main(quick: bool = False) -> None:
     bench_align(n_st, n_iv, shuffled=True, repeat=repeat)
     a_st, a_iv = (20_000, 2_000) if quick else (200_000, 20_000)
     bench_analyze(a_st, a_iv)
+    bench_live(*((2, 60, 50) if quick else (8, 600, 50)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ DEFAULTS = {
     "idle_threshold": blame.IDLE_THRESHOLD,      # util (%) below which a sample is idle
     "min_periods": blame.MIN_PERIODS,            # shortest interval, in sample periods ...
     "min_idle_ns": blame.MIN_IDLE_NS,            # ... and in ns (both must hold)
+    "max_gap_ns": blame.MAX_GAP_NS,              # samples further apart: a hole in the data
     "owner_slack_ns": blame.OWNER_SLACK_NS,      # NVML process lists this close count as owners
     "min_explained": blame.MIN_EXPLAINED,        # below this share: "unexplained"
     "max_contributors": blame.MAX_CONTRIBUTORS,  # contributors listed per verdict
@@ -207,7 +208,10 @@ def _job_of(roots, info) -> tuple:
     return job, (min(ranks) if ranks else -1)
 
 
-def _analyze_nodes(nodes: dict, p: dict) -> Result:
+def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
+    """Verdicts for the nodes' data.  ``select(cols) -> bool mask`` (cols: per-interval
+    arrays node, gpu, idle_end_ns, resolution_ns, open, verdict, job) limits which verdict
+    dicts get built; the summary always counts every interval."""
     names = sorted(nodes)
 
     # samples -> idle intervals
@@ -224,7 +228,8 @@ def _analyze_nodes(nodes: dict, p: dict) -> Result:
     cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.empty(0, dt))
     keys, ts, util, synth = cat(keys), cat(ts), cat(util), cat(synth)
     idle = blame.find_idle(keys, ts, util, synth, periods, threshold=p["idle_threshold"],
-                           min_periods=p["min_periods"], min_ns=p["min_idle_ns"])
+                           min_periods=p["min_periods"], min_ns=p["min_idle_ns"],
+                           max_gap_ns=p["max_gap_ns"])
 
     # owners: NVML process lists + lineage
     gk, gt, gpid, pn, ppid_, ppp = [], [], [], [], [], []
@@ -262,9 +267,17 @@ def _analyze_nodes(nodes: dict, p: dict) -> Result:
                                       al.culprit, st.start, st.dur, unc,
                                       same_node=p["remote_same_node"])
 
+    kind = np.where(al.culprit >= 0, 0, np.where(src >= 0, 1, 2))
+    iv_names = np.array(names + [""], dtype=object)[blame.key_node(idle.key)]
+    iv_jobs = np.array(job_names + [""], dtype=object)[iv_job]     # -1 picks ""
+    build = np.ones(len(idle), dtype=bool)
+    if select is not None:
+        build = np.asarray(select({
+            "node": iv_names, "gpu": blame.key_low(idle.key), "idle_end_ns": idle.end,
+            "resolution_ns": idle.res, "open": idle.open,
+            "verdict": np.array(VERDICTS, dtype=object)[kind], "job": iv_jobs}), dtype=bool)
     verdicts = []
-    tally = collections.Counter()
-    for i in range(len(idle)):
+    for i in np.flatnonzero(build):
         nid, gpu = int(idle.key[i] >> blame.NODE_SHIFT), int(idle.key[i] & blame._PID_MASK)
         name = names[nid]
         s, e = int(idle.start[i]), int(idle.end[i])
@@ -289,7 +302,6 @@ def _analyze_nodes(nodes: dict, p: dict) -> Result:
             explained = min(ov / length, 1.0)
         else:
             verdict, culprit, explained = "unexplained", None, local
-        tally[verdict] += 1
         verdicts.append({
             "node": name, "gpu": gpu, "gpu_uuid": nodes[name].uuids.get(gpu, ""),
             "idle_start_ns": s, "idle_end_ns": e, "duration_ns": e - s,
@@ -316,8 +328,8 @@ def _analyze_nodes(nodes: dict, p: dict) -> Result:
         "nodes": names,
         "gpus": len(idle.periods),
         "samples": int(len(ts)),
-        "intervals": len(verdicts),
-        "verdicts": {v: tally.get(v, 0) for v in VERDICTS},
+        "intervals": len(idle),
+        "verdicts": {v: int(np.sum(kind == k)) for k, v in enumerate(VERDICTS)},
         "idle_ns": int(np.sum(idle.end - idle.start)) if len(idle) else 0,
         "stalls": st.counts(),
         "sample_period_ns": sample_period,
@@ -338,8 +350,8 @@ class LiveAnalyzer:
 
     ``add(batches)`` keeps the last ``window_ns`` of every node's data (newest sample across
     nodes as "now"; NVML stamps, not this host's clock, so a replay behaves like a live run),
-    re-analyzes it and returns the verdicts that became final: the interval has closed and its
-    GPU has a sample at least one period past its end.  An unexplained interval of a job also
+    re-analyzes it and returns the verdicts that became final: the interval has closed (or was
+    cut by a hole in the samples) and its GPU has a sample at least one period past its end.  An unexplained interval of a job also
     waits until every node running that job has data that far (a remote culprit may still
     arrive), but no longer than ``wait_ns`` past its end.  ``min_gap_s`` rate-limits the
     re-analysis (wall clock); ``flush()`` returns whatever is left, open intervals included.
@@ -393,30 +405,35 @@ class LiveAnalyzer:
         if not node_wm:
             return []
         self._trim(max(node_wm.values()) - self.window_ns)
-        res = _analyze_nodes(self.nodes, self.params)
         job_nodes = collections.defaultdict(set)
         for name, nd in self.nodes.items():
             for j in set(_py(x) for x in nd.proc()["job"]):
                 if j:
                     job_nodes[j].add(name)
-        out = []
-        for v in res.verdicts:
-            ident = (v["node"], v["gpu"], v["idle_end_ns"])
-            if ident in self.reported:
-                continue
-            if not final:
-                if v["open"]:
+
+        def ready(c):
+            mask = np.zeros(len(c["node"]), dtype=bool)
+            for i in range(len(mask)):
+                node, gpu, end = c["node"][i], int(c["gpu"][i]), int(c["idle_end_ns"][i])
+                if (node, gpu, end) in self.reported:
                     continue
-                due = v["idle_end_ns"] + v["resolution_ns"]
-                own_wm = gpu_wm.get((v["node"], v["gpu"]), 0)
-                if own_wm < due:
-                    continue
-                if v["verdict"] == "unexplained" and v["job"]:
-                    behind = [n for n in job_nodes[v["job"]] if node_wm.get(n, 0) < due]
-                    if behind and own_wm < v["idle_end_ns"] + self.wait_ns:
+                if not final:
+                    own_wm = gpu_wm.get((node, gpu), 0)
+                    if c["open"][i] and own_wm <= end:
+                        continue    # still idle at the newest sample: may grow
+                    due = end + int(c["resolution_ns"][i])
+                    if own_wm < due:
                         continue
-            self.reported.add(ident)
-            out.append(v)
+                    job = c["job"][i]
+                    if c["verdict"][i] == "unexplained" and job:
+                        behind = [n for n in job_nodes[job] if node_wm.get(n, 0) < due]
+                        if behind and own_wm < end + self.wait_ns:
+                            continue    # a remote culprit may still arrive
+                mask[i] = True
+            return mask
+
+        out = _analyze_nodes(self.nodes, self.params, select=ready).verdicts
+        self.reported.update((v["node"], v["gpu"], v["idle_end_ns"]) for v in out)
         return out
 
     def _trim(self, cutoff: int) -> None:

@@ -49,6 +49,9 @@ IDLE_THRESHOLD = 5
 MIN_PERIODS = 2
 #: ... and at least this long
 MIN_IDLE_NS = 200_000_000
+#: consecutive samples of a GPU further apart than this are a hole in the data (tracer down),
+#: not a stretch of idleness: the sampler fills idle stretches of owned GPUs itself
+MAX_GAP_NS = 30_000_000_000
 #: a process NVML listed on a GPU within this much of an interval owns it
 OWNER_SLACK_NS = 5_000_000_000
 #: below this explained share, an interval gets no culprit ("unexplained")
@@ -116,8 +119,10 @@ class Idle:
     start: np.ndarray       # ts of the last busy sample before the idle run
     end: np.ndarray         # ts of the first busy sample after it (last idle sample if open)
     res: np.ndarray         # sample period of the GPU: how precise start and end are
-    open: np.ndarray        # bool: the data ends while the GPU is still idle
-    open_start: np.ndarray  # bool: the data starts idle (start = first idle sample - period)
+    open: np.ndarray        # bool: the samples stop (end of data or a hole) while idle, so
+                            # the true end is later; end = last idle sample
+    open_start: np.ndarray  # bool: the samples start (or resume) idle; start = first idle
+                            # sample - period
     n_idle: np.ndarray      # idle samples in the run
     n_synth: np.ndarray     # of which synthesized (driver buffer empty while processes ran)
     periods: dict = field(default_factory=dict)  # GPU key -> period used
@@ -134,14 +139,16 @@ def sample_period(ts) -> int:
 
 
 def find_idle(key, ts, util, synth=None, period=None, threshold=IDLE_THRESHOLD,
-              min_periods=MIN_PERIODS, min_ns=MIN_IDLE_NS) -> Idle:
+              min_periods=MIN_PERIODS, min_ns=MIN_IDLE_NS, max_gap_ns=MAX_GAP_NS) -> Idle:
     """Idle intervals from utilization samples of any number of GPUs.
 
     ``key``/``ts``/``util``/``synth`` are one row per sample, any order (duplicates of a
     (key, ts) are dropped, the last kept).  ``period`` maps GPU key -> sample period in ns; a
     GPU missing from it or at 0 gets the median spacing of its own samples.  A run of samples
     with ``util < threshold`` becomes an interval when ``end - start`` is at least
-    ``max(min_periods * period, min_ns)``.
+    ``max(min_periods * period, min_ns)``.  Samples more than ``max_gap_ns`` apart (and more
+    than 3 periods) bound a hole in the data: a run of idle samples does not continue across
+    it, and the intervals on either side are ``open`` / ``open_start``.
     """
     key, ts = _i64(key), _i64(ts)
     util = np.asarray(util)
@@ -167,8 +174,9 @@ def find_idle(key, ts, util, synth=None, period=None, threshold=IDLE_THRESHOLD,
         per[a:b] = p
 
     idle = util < threshold
-    same_prev = np.r_[False, key[1:] == key[:-1]]
-    same_next = np.r_[key[1:] == key[:-1], False]
+    cont = (key[1:] == key[:-1]) & (ts[1:] - ts[:-1] <= np.maximum(max_gap_ns, 3 * per[1:]))
+    same_prev = np.r_[False, cont]
+    same_next = np.r_[cont, False]
     idle_prev = np.r_[False, idle[:-1]]
     idle_next = np.r_[idle[1:], False]
     rs = np.flatnonzero(idle & ~(same_prev & idle_prev))
@@ -232,31 +240,6 @@ def descendants(roots, lineage):
     return np.union1d(roots, pid[hit])
 
 
-def _codes(a):
-    """Dense ids (0..k-1, in value order) of non-negative ints and k, without a full sort
-    when the values are below 2**24 (pids, GPU numbers)."""
-    if len(a) and a.min() >= 0 and a.max() < (1 << 24):
-        ids, present = _dense(a)
-        return ids, len(present)
-    u, ids = np.unique(a, return_inverse=True)
-    return ids.ravel().astype(_I64), len(u)
-
-
-def _rows_by_gpu_pid_time(key, pid, ts):
-    """Order of NVML process rows by (GPU key, pid, time).  The tracer sends one row per
-    process per GPU per poll (millions over a day), already in time order: a radix sort on a
-    small (GPU, pid) code keeps that order and costs O(n); otherwise a full lexsort."""
-    gcode, ng = _codes(key)
-    pcode, npd = _codes(pid)
-    combo, nc = _codes(gcode * npd + pcode)
-    if nc < (1 << 15):
-        o = np.argsort(combo.astype(np.int16), kind="stable")
-        c, t = combo[o], ts[o]
-        if np.all((t[1:] >= t[:-1]) | (c[1:] != c[:-1])):
-            return o
-    return np.lexsort((ts, pid, key))
-
-
 def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, proc_pid,
                  proc_ppid, slack_ns=OWNER_SLACK_NS) -> Owners:
     """Owner group of each interval.
@@ -279,7 +262,7 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
         out.pair_key, out.pair_group = np.empty(0, _I64), np.empty(0, _I64)
         return out
 
-    o = _rows_by_gpu_pid_time(gp_key, gp_pid, gp_ts)
+    o = np.lexsort((gp_ts, gp_pid, gp_key))
     k, p, t = gp_key[o], gp_pid[o], gp_ts[o]
     new = np.r_[True, (k[1:] != k[:-1]) | (p[1:] != p[:-1]) | (t[1:] - t[:-1] > 2 * slack_ns)]
     si = np.flatnonzero(new)
@@ -288,7 +271,8 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
 
     proc_node, proc_pid, proc_ppid = _i64(proc_node), _i64(proc_pid), _i64(proc_ppid)
     lineages = {}
-    interned = {}
+    interned = {}      # (node, members) -> group
+    by_roots = {}      # (node, roots) -> group: descendants computed once per root set
     w_lo, w_hi = iv_start - slack_ns, iv_end + slack_ns
     iv_order = np.argsort(iv_key, kind="stable")
     iv_sorted = iv_key[iv_order]
@@ -311,6 +295,10 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
             roots = np.unique(s_pid[(s_start <= hi_) & (s_end >= lo_)])
             if len(roots) == 0:
                 continue
+            gid = by_roots.get((node, roots.tobytes()))
+            if gid is not None:
+                gids[j] = gid
+                continue
             if node not in lineages:
                 m = proc_node == node
                 lineages[node] = _lineage(proc_pid[m], proc_ppid[m])
@@ -324,6 +312,7 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
                 out.members.append(members)
             elif not np.array_equal(roots, out.roots[gid]):
                 out.roots[gid] = np.union1d(out.roots[gid], roots)  # same owners, more listed
+            by_roots[(node, roots.tobytes())] = gid
             gids[j] = gid
         out.group[ivs] = gids[inv.ravel()]
 
@@ -381,16 +370,14 @@ def _order(major, minor, minor_max):
 
 
 def _owned_stalls(st_key, pair_key, pair_group):
-    """(stall index, group) for every stall whose pid key is an owner, node by node, stall
-    indexes ascending within a node.
+    """[(stall indexes, groups)] per node: every stall whose pid key is an owner (once per
+    group it belongs to), stall indexes ascending within a node.
 
     Per node, a dense pid -> slot table replaces a binary search per stall (10M random
     ``searchsorted`` calls cost seconds; a gather costs tens of ms).
     """
-    ns = len(st_key)
-    empty = (np.empty(0, _I64), np.empty(0, _I64))
-    if ns == 0 or len(pair_key) == 0:
-        return empty
+    if len(st_key) == 0 or len(pair_key) == 0:
+        return []
     st_node = st_key >> NODE_SHIFT
     node_sorted = bool(np.all(st_node[1:] >= st_node[:-1]))
     order = None if node_sorted else np.argsort(
@@ -411,11 +398,15 @@ def _owned_stalls(st_key, pair_key, pair_group):
         upid = pids[ustart]
         ucnt = np.diff(np.r_[ustart, len(pids)])
         top = int(upid[-1])
-        table = np.full(top + 2, -1, dtype=np.int32)
-        table[upid] = np.arange(len(upid), dtype=np.int32)
         idx = np.arange(s0, s1) if order is None else order[s0:s1]
         spid = st_key[idx] & _PID_MASK
-        slot = table[np.minimum(spid, top + 1)]
+        if top < 4 * (s1 - s0) + (1 << 16):
+            table = np.full(top + 2, -1, dtype=np.int32)
+            table[upid] = np.arange(len(upid), dtype=np.int32)
+            slot = table[np.minimum(spid, top + 1)]
+        else:  # few stalls, large pids: a table would cost more than it saves
+            slot = np.minimum(np.searchsorted(upid, spid), len(upid) - 1)
+            slot = np.where(upid[slot] == spid, slot, -1)
         hit = np.flatnonzero(slot >= 0)
         slot = slot[hit]
         if np.all(ucnt == 1):
@@ -426,9 +417,12 @@ def _owned_stalls(st_key, pair_key, pair_group):
             rep, j = _expand(ustart[slot], ustart[slot] + c)
             out_s.append(idx[hit][rep])
             out_g.append(groups[j])
-    if not out_s:
-        return empty
-    return np.concatenate(out_s).astype(_I64), np.concatenate(out_g)
+    return [(si.astype(_I64), gi) for si, gi in zip(out_s, out_g) if len(si)]
+
+
+#: owned stalls handled per pass of the alignment: keeps every temporary a few MB, so it is
+#: reused from the heap and stays in cache instead of being mapped fresh from the kernel
+_CHUNK = 1 << 20
 
 
 def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key, pair_group,
@@ -446,7 +440,8 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     of the interval.  Contributors: the other candidates (all of them when there is no
     culprit) in that same order, at most ``max_contributors``.
 
-    Fastest when stalls come node by node, each node's roughly in time order (as
+    Owner groups are independent, so they are aligned in passes of about ``_CHUNK`` owned
+    stalls.  Fastest when stalls come node by node, each node's roughly in time order (as
     ``analyze`` concatenates tracer batches); any order is correct.
     """
     iv_start, iv_end, iv_res, iv_group = map(_i64, (iv_start, iv_end, iv_res, iv_group))
@@ -455,14 +450,70 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     out = Alignment(np.zeros(n), np.zeros(n, _I64), np.zeros(n, _I64),
                     np.full(n, -1, _I64), np.zeros(n, _I64), np.full(n, -1, _I64),
                     np.zeros(n + 1, _I64), np.empty(0, _I64), np.empty(0, _I64))
-    ex, ex_group = _owned_stalls(st_key, _i64(pair_key), _i64(pair_group))
+    pieces = _owned_stalls(st_key, _i64(pair_key), _i64(pair_group))
+    if not pieces or not np.any(iv_group >= 0):
+        return out
+
+    # groups -> passes of about _CHUNK owned stalls (a larger group gets a pass of its own)
+    ngroups = int(max(int(iv_group.max()), max(int(g.max()) for _s, g in pieces))) + 1
+    size = np.zeros(ngroups, dtype=_I64)
+    for _s, g in pieces:
+        size += np.bincount(g, minlength=ngroups)
+    chunk_of = np.zeros(ngroups, dtype=_I64)
+    total, c = 0, 0
+    for gi in np.flatnonzero(size):
+        if total and total + size[gi] > _CHUNK:
+            c, total = c + 1, 0
+        chunk_of[gi] = c
+        total += size[gi]
+    piece_chunks = [(int(chunk_of[g].min()), int(chunk_of[g].max())) for _s, g in pieces]
+    has = np.flatnonzero(iv_group >= 0)
+    has = has[np.argsort(chunk_of[iv_group[has]], kind="stable")]
+    iv_chunk = chunk_of[iv_group[has]]
+    bounds = np.searchsorted(iv_chunk, np.arange(c + 2))
+
+    contrib = []
+    for ci in range(c + 1):
+        ivs = has[bounds[ci]:bounds[ci + 1]]
+        if len(ivs) == 0:
+            continue
+        ex, ex_group = [], []
+        for (s, g), (lo, hi) in zip(pieces, piece_chunks):
+            if lo <= ci <= hi:
+                m = chunk_of[g] == ci if lo != hi else slice(None)
+                ex.append(s[m])
+                ex_group.append(g[m])
+        if not ex:
+            continue
+        ex = np.concatenate(ex)
+        part = _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, np.concatenate(ex_group),
+                           st_start, st_dur, min_explained, max_contributors, out)
+        if part is not None:
+            contrib.append(part)
+
+    if contrib and max_contributors > 0:
+        civ, r, stall, ov = (np.concatenate(x) for x in zip(*contrib))
+        ptr = np.r_[0, np.cumsum(np.bincount(civ, minlength=n))].astype(_I64)
+        dest = ptr[civ] + r
+        out.contrib_ptr = ptr
+        out.contrib_stall = np.empty(len(dest), dtype=_I64)
+        out.contrib_overlap = np.empty(len(dest), dtype=_I64)
+        out.contrib_stall[dest] = stall
+        out.contrib_overlap[dest] = ov
+    return out
+
+
+def _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, ex_group, st_start, st_dur,
+                min_explained, max_contributors, out):
+    """Align intervals ``ivs`` with owned stalls ``ex`` (stall indexes, with their groups),
+    all of the same owner groups.  Fills ``out`` for those intervals; returns contributors as
+    (interval, rank, stall, overlap) arrays, or None."""
     t_ex, d_ex = st_start[ex], st_dur[ex]
     keep = d_ex > 0                                   # an empty span overlaps nothing
     if not keep.all():
         ex, ex_group, t_ex, d_ex = ex[keep], ex_group[keep], t_ex[keep], d_ex[keep]
-    has_owner = iv_group >= 0
-    if len(ex) == 0 or not np.any(has_owner):
-        return out
+    if len(ex) == 0:
+        return None
 
     # buckets: one owner group x one duration class (durations within 4x of each other), so
     # that a range search by start, bounded below by the bucket's running max end, wastes
@@ -478,10 +529,9 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     b_start = np.r_[0, np.cumsum(np.bincount(bucket, minlength=nb))]
     end_ex = t_ex + d_ex
 
-    # intervals with owners sorted by (group, start); qp = position in that order
-    ivo = np.flatnonzero(has_owner)
-    ivo = ivo[_order(iv_group[ivo], iv_start[ivo] - iv_start[ivo].min(),
-                     int(iv_start[ivo].max() - iv_start[ivo].min()))]
+    # the intervals sorted by (group, start); qp = position in that order
+    s0 = int(iv_start[ivs].min())
+    ivo = ivs[_order(iv_group[ivs], iv_start[ivs] - s0, int(iv_start[ivs].max()) - s0)]
     q_group, q_s = iv_group[ivo], iv_start[ivo]
     q_hi = np.minimum(q_s + iv_res[ivo], iv_end[ivo] - 1)
     g_lo = np.searchsorted(q_group, b_group, side="left")
@@ -509,7 +559,7 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
             los.append(lo[m])
             his.append(hi[m])
     if not qs:
-        return out
+        return None
     qsel, pos = _expand(np.concatenate(los), np.concatenate(his))
     qp = np.concatenate(qs)[qsel]
     pe = perm[pos]                                   # pair -> position in ex
@@ -518,7 +568,7 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     keep = pend > s
     qp, pe, s, pt, pend = qp[keep], pe[keep], s[keep], pt[keep], pend[keep]
     if len(qp) == 0:
-        return out
+        return None
 
     # pairs by (interval, start, stall index): all of one interval's pairs from one bucket
     # already are; a stable sort merges the buckets (ties across buckets: fixed below)
@@ -533,7 +583,6 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     sidx = ex[pe]
     gs = _group_starts(qp)
     gcount = np.diff(np.r_[gs, len(qp)])
-    gid = np.repeat(np.arange(len(gs), dtype=_I64), gcount)
     g_iv = iv[gs]
     g_len = np.maximum(iv_end[g_iv] - iv_start[g_iv], 1)
 
@@ -563,8 +612,9 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
 
     # rank each interval's candidates by (overlap desc, start, stall index): a stable sort by
     # (interval, -overlap) of pairs in (interval, start) order, then exact ties (same overlap
-    # and start, from different buckets) put in stall-index order
-    ranked = np.flatnonzero(np.repeat(gcount > 1, gcount))
+    # and start, from different buckets or nodes) put in stall-index order
+    multi = np.repeat(gcount > 1, gcount)
+    ranked = np.flatnonzero(multi)
     if len(ranked):
         rov = ov[ranked]
         top = int(rov.max())
@@ -576,7 +626,6 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
             sub = ranked[tied]
             ranked[tied] = sub[np.lexsort((sidx[sub], pt[sub], -ov[sub], qp[sub]))]
     order = np.arange(len(qp))
-    multi = np.repeat(gcount > 1, gcount)
     order[multi] = ranked                           # groups of one stay where they are
     best = order[gs]
 
@@ -586,25 +635,14 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     out.best[g_iv] = sidx[best]
     out.best_overlap[g_iv] = ov[best]
     out.culprit[g_iv[has_culprit]] = sidx[best[has_culprit]]
-
-    if max_contributors > 0:
-        # contributors: ranks 1.. after a culprit, 0.. without one; written by scatter into a
-        # CSR in interval order
-        rank = np.arange(len(qp)) - np.repeat(gs, gcount)
-        skip = np.repeat(has_culprit.astype(_I64), gcount)
-        take = (rank >= skip) & (rank < skip + max_contributors)
-        pick = order[take]
-        r = (rank - skip)[take]
-        civ = np.repeat(g_iv, gcount)[take]
-        counts = np.bincount(civ, minlength=n)
-        ptr = np.r_[0, np.cumsum(counts)].astype(_I64)
-        dest = ptr[civ] + r
-        out.contrib_ptr = ptr
-        out.contrib_stall = np.empty(len(pick), dtype=_I64)
-        out.contrib_overlap = np.empty(len(pick), dtype=_I64)
-        out.contrib_stall[dest] = sidx[pick]
-        out.contrib_overlap[dest] = ov[pick]
-    return out
+    if max_contributors <= 0:
+        return None
+    # contributors: ranks 1.. after a culprit, 0.. without one
+    rank = np.arange(len(qp)) - np.repeat(gs, gcount)
+    skip = np.repeat(has_culprit.astype(_I64), gcount)
+    take = (rank >= skip) & (rank < skip + max_contributors)
+    pick = order[take]
+    return np.repeat(g_iv, gcount)[take], (rank - skip)[take], sidx[pick], ov[pick]
 
 
 # --------------------------------------------------------------------------- 4. across nodes
@@ -644,10 +682,13 @@ def remote_blame(iv_key, iv_job, iv_start, iv_end, iv_res, culprit, st_start, st
     unc = np.zeros(n, dtype=_I64)
     node = iv_key >> NODE_SHIFT
     has = culprit >= 0
-    for job in np.unique(iv_job[iv_job >= 0]):
-        inj = iv_job == job
-        S = np.flatnonzero(inj & has)
-        T = np.flatnonzero(inj & ~has)
+    by_job = np.flatnonzero(iv_job >= 0)
+    by_job = by_job[np.argsort(iv_job[by_job], kind="stable")]
+    bounds = np.r_[_group_starts(iv_job[by_job]), len(by_job)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        members = by_job[a:b]
+        S = members[has[members]]
+        T = members[~has[members]]
         if len(S) == 0 or len(T) == 0:
             continue
         S = S[np.argsort(iv_start[S], kind="stable")]

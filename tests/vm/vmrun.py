@@ -246,6 +246,10 @@ def choose_accel(image: Image, requested: str = "auto") -> str:
 
 def qemu_command(image: Image, share: Path, repo: Optional[Path], accel: str, memory_mb: int, cpus: int) -> list[str]:
     """The QEMU command line for one headless run."""
+
+    def opt(path: Path) -> str:  # a comma inside a QEMU option value is written doubled
+        return str(path).replace(",", ",,")
+
     if accel == "kvm":
         accel_args = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -255,12 +259,12 @@ def qemu_command(image: Image, share: Path, repo: Optional[Path], accel: str, me
         "-smp", str(cpus), "-m", str(memory_mb),
         "-nodefaults", "-nographic", "-serial", "mon:stdio", "-no-reboot", "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_CMDLINE,
-        "-drive", f"file={image.rootfs},format=raw,if=virtio,snapshot=on",
+        "-drive", f"file={opt(image.rootfs)},format=raw,if=virtio,snapshot=on",
         "-device", "virtio-rng-pci",
-        "-virtfs", f"local,path={share},mount_tag=host,security_model=none,multidevs=remap",
+        "-virtfs", f"local,path={opt(share)},mount_tag=host,security_model=none,multidevs=remap",
     ]
     if repo is not None:
-        cmd += ["-virtfs", f"local,path={repo},mount_tag=repo,security_model=none,readonly=on,multidevs=remap"]
+        cmd += ["-virtfs", f"local,path={opt(repo)},mount_tag=repo,security_model=none,readonly=on,multidevs=remap"]
     return cmd
 
 
