@@ -39,6 +39,21 @@ static __always_inline u64 sock_ino(const void *sk)
 	return ino;
 }
 
+/* the three tracepoints name their address fields alike (a macro, since each
+ * has its own generated args type) */
+#define SS_COPY_ADDRS(e, args)                                              \
+	do {                                                                \
+		if ((args)->family == 10) {                                 \
+			bpf_probe_read_kernel((e)->saddr, 16, (args)->saddr_v6); \
+			bpf_probe_read_kernel((e)->daddr, 16, (args)->daddr_v6); \
+		} else {                                                    \
+			__builtin_memset((e)->saddr, 0, 16);                \
+			__builtin_memset((e)->daddr, 0, 16);                \
+			bpf_probe_read_kernel((e)->saddr, 4, (args)->saddr); \
+			bpf_probe_read_kernel((e)->daddr, 4, (args)->daddr); \
+		}                                                           \
+	} while (0)
+
 /* sockets that retransmitted -> their last total_retrans seen */
 BPF_TABLE("lru_hash", u64, u32, rtx_seen, 65536);
 
@@ -103,15 +118,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 #ifdef SS_TCP_HAS_ERR
 	e->ret = args->err;
 #endif
-	if (args->family == 10) {
-		bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
-		bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);
-	} else {
-		__builtin_memset(e->saddr, 0, 16);
-		__builtin_memset(e->daddr, 0, 16);
-		bpf_probe_read_kernel(e->saddr, 4, args->saddr);
-		bpf_probe_read_kernel(e->daddr, 4, args->daddr);
-	}
+	SS_COPY_ADDRS(e, args);
 	ss_submit(e);
 	return 0;
 }
@@ -123,15 +130,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	if (!e)
 		return 0;
 	e->state = 12;            /* TCP_NEW_SYN_RECV */
-	if (args->family == 10) {
-		bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
-		bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);
-	} else {
-		__builtin_memset(e->saddr, 0, 16);
-		__builtin_memset(e->daddr, 0, 16);
-		bpf_probe_read_kernel(e->saddr, 4, args->saddr);
-		bpf_probe_read_kernel(e->daddr, 4, args->daddr);
-	}
+	SS_COPY_ADDRS(e, args);
 	ss_submit(e);
 	return 0;
 }
@@ -152,15 +151,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			e->state = args->oldstate;
 			e->dev = tot;
 			e->segs = 0;
-			if (args->family == 10) {
-				bpf_probe_read_kernel(e->saddr, 16, args->saddr_v6);
-				bpf_probe_read_kernel(e->daddr, 16, args->daddr_v6);
-			} else {
-				__builtin_memset(e->saddr, 0, 16);
-				__builtin_memset(e->daddr, 0, 16);
-				bpf_probe_read_kernel(e->saddr, 4, args->saddr);
-				bpf_probe_read_kernel(e->daddr, 4, args->daddr);
-			}
+			SS_COPY_ADDRS(e, args);
 			ss_submit(e);
 		}
 	}

@@ -232,7 +232,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
                            max_gap_ns=p["max_gap_ns"])
 
     # owners: NVML process lists + lineage
-    gk, gt, gpid, pn, ppid_, ppp = [], [], [], [], [], []
+    gk, gt, gpid, p_node, p_pid, p_ppid = [], [], [], [], [], []
     info = {}  # node id -> {pid: (comm, job, rank)}
     for nid, name in enumerate(names):
         nd = nodes[name]
@@ -241,13 +241,13 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
         gt.append(np.asarray(t["ts_ns"], dtype=np.int64))
         gpid.append(np.asarray(t["pid"], dtype=np.int64))
         pr = nd.proc()
-        pn.append(np.full(table_len(pr), nid, dtype=np.int64))
-        ppid_.append(np.asarray(pr["pid"], dtype=np.int64))
-        ppp.append(np.asarray(pr["ppid"], dtype=np.int64))
+        p_node.append(np.full(table_len(pr), nid, dtype=np.int64))
+        p_pid.append(np.asarray(pr["pid"], dtype=np.int64))
+        p_ppid.append(np.asarray(pr["ppid"], dtype=np.int64))
         info[nid] = {int(a): (_py(c), _py(j) or "", int(r)) for a, c, j, r in
                      zip(pr["pid"], pr["comm"], pr["job"], pr["rank"])}
     own = blame.owner_groups(idle.key, idle.start, idle.end, cat(gk), cat(gt), cat(gpid),
-                             cat(pn), cat(ppid_), cat(ppp), slack_ns=p["owner_slack_ns"])
+                             cat(p_node), cat(p_pid), cat(p_ppid), slack_ns=p["owner_slack_ns"])
 
     # stalls -> local verdicts
     st = _Stalls(names, nodes)
@@ -278,7 +278,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
             "verdict": np.array(VERDICTS, dtype=object)[kind], "job": iv_jobs}), dtype=bool)
     verdicts = []
     for i in np.flatnonzero(build):
-        nid, gpu = int(idle.key[i] >> blame.NODE_SHIFT), int(idle.key[i] & blame._PID_MASK)
+        nid, gpu = int(blame.key_node(idle.key[i])), int(blame.key_low(idle.key[i]))
         name = names[nid]
         s, e = int(idle.start[i]), int(idle.end[i])
         length = max(e - s, 1)
@@ -323,7 +323,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
                 lost[k] += v
     sample_period = {}
     for k, per in idle.periods.items():
-        sample_period.setdefault(names[k >> blame.NODE_SHIFT], {})[str(k & blame._PID_MASK)] = per
+        sample_period.setdefault(names[int(blame.key_node(k))], {})[str(int(blame.key_low(k)))] = per
     summary = {
         "nodes": names,
         "gpus": len(idle.periods),
@@ -463,7 +463,7 @@ class LiveAnalyzer:
             return
         used = [np.asarray(nd.table(k)["pid"], dtype=np.int64) for k in STALL_TABLES + ("gpu_proc",)]
         used = np.unique(np.concatenate(used))
-        pid, anc = blame._lineage(pr["pid"], pr["ppid"])
+        pid, anc = blame.lineage(pr["pid"], pr["ppid"])
         needed = np.unique(anc[np.isin(pid, used)])
         keep = np.isin(np.asarray(pr["pid"], dtype=np.int64), needed)
         if not keep.all():

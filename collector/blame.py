@@ -30,7 +30,8 @@ The steps, each one function:
    overlapping interval of the same job on another GPU, with the clock uncertainty stated.
 
 Everything is vectorized (sorts, ``searchsorted`` range joins, ``reduceat``); Python loops
-run only over GPUs, owner groups, duration classes and jobs, never over stalls or intervals.
+run only over nodes, GPUs, distinct owner sets, (owner group x duration class) buckets,
+alignment passes and jobs, never over stalls or intervals.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class Owners:
     pair_group: np.ndarray = None
 
 
-def _lineage(pid, ppid):
+def lineage(pid, ppid):
     """(sorted unique pids, ancestor matrix): row i is pid i, its parent, grandparent, ... 0."""
     pid, ppid = _i64(pid), _i64(ppid)
     o = np.lexsort((np.arange(len(pid)), pid))
@@ -301,7 +302,7 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
                 continue
             if node not in lineages:
                 m = proc_node == node
-                lineages[node] = _lineage(proc_pid[m], proc_ppid[m])
+                lineages[node] = lineage(proc_pid[m], proc_ppid[m])
             members = descendants(roots, lineages[node])
             ident = (node, members.tobytes())
             gid = interned.get(ident)

@@ -1,6 +1,5 @@
 """tracer -> ZeroMQ -> collector over loopback with real probes and the real CLI."""
 
-import socket
 import sqlite3
 import subprocess
 import time
@@ -8,19 +7,12 @@ import time
 import pytest
 
 from collector.store import load_batches
+from tests.netutil import free_port
 from tests.bpf.tracerun import ROOT, Trace, stallscope_argv
 from tests.fixtures.slowfs import SlowFS
 from tests.fixtures.workload import start_io
 
 pytestmark = pytest.mark.bpf
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_every_event_arrives_with_lost_counts(tmp_path):

@@ -507,7 +507,7 @@ def ref_verdicts(world, p):
         iv["contributors"] = [(c[2], -c[0]) for c in listed[: p["max_contributors"]]]
         iv["remote"] = None
     unc = {n: world[n]["unc"] + p["clock_skew_ns"] for n in world}
-    for ti, tv in enumerate(ivs):
+    for tv in ivs:
         if tv["culprit"] is not None or not tv["job"]:
             continue
         best = None

@@ -1,23 +1,15 @@
 """The collector over real ZeroMQ sockets: many tracers at once, restarts, bad input."""
 
 import multiprocessing as mp
-import socket
 import sqlite3
 
 import numpy as np
 
 from collector.server import Collector
 from collector.store import Store, load_batches
+from tests.netutil import free_port as _port
 from tracer.schema import Batch
 from tracer.transport import Sender
-
-
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _batch(node, seq, n):
