@@ -83,6 +83,7 @@ class _Node:
         self.unc_ns = 0           # largest clock-mapping uncertainty reported
         self.counters = {}        # key -> largest value seen (counters are cumulative)
         self.gpu_unavailable = ""
+        self.unsynced = False     # wall clock not NTP/PTP-synchronized (adjtimex)
         self.batches = 0
 
     def absorb(self, b) -> None:
@@ -104,6 +105,8 @@ class _Node:
         clock = meta.get("clock") or {}
         if isinstance(clock, dict) and clock.get("uncertainty_ns"):
             self.unc_ns = max(self.unc_ns, int(clock["uncertainty_ns"]))
+        if isinstance(clock, dict) and clock.get("ntp_synced") is False:
+            self.unsynced = True
         for k, v in (b.counters or {}).items():
             if isinstance(v, (int, float, np.integer)):
                 self.counters[k] = max(self.counters.get(k, 0), int(v))
@@ -336,6 +339,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
         "clock_uncertainty_ns": {n: nodes[n].unc_ns for n in names},
         "lost": dict(lost),
         "lost_total": int(sum(lost.values())),
+        "clock_unsynced": [n for n in names if nodes[n].unsynced],
         "gpu_unavailable": {n: nodes[n].gpu_unavailable for n in names
                             if nodes[n].gpu_unavailable},
         "params": dict(p),
@@ -540,6 +544,9 @@ def format_text(result: Result) -> str:
         lines.append(f"interval edges are precise to one sample period: {edges}")
     for n, why in sorted(s.get("gpu_unavailable", {}).items()):
         lines.append(f"{n}: no GPU data: {why}")
+    if len(s.get("nodes", [])) > 1 and s.get("clock_unsynced"):
+        lines.append(f"note: clocks of {', '.join(s['clock_unsynced'])} are not NTP-synchronized; "
+                     "cross-node (remote) verdicts assume their clocks agree")
     if s.get("lost_total"):
         detail = ", ".join(f"{k}={v}" for k, v in sorted(s["lost"].items()) if v)
         lines.append(f"WARNING: {s['lost_total']} events or batches lost ({detail}): "

@@ -59,6 +59,8 @@ def collect(bind, store, upstream, duration, as_json, no_verdicts):
     except KeyboardInterrupt:
         pass
     finally:
+        if printer is not None:
+            printer(live.flush())
         click.echo(f"stallscope collect: {col.accepted} batches ({col.events} events) accepted, "
                    f"{col.rejected} rejected", err=True)
         col.close()

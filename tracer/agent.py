@@ -7,6 +7,7 @@ logged once, and the loop goes on.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import socket
@@ -56,6 +57,27 @@ def _release_compiler_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class _Timex(ctypes.Structure):
+    """struct timex (adjtimex(2)), up to the fields read here plus padding."""
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("rest", ctypes.c_long * 32)]
+
+
+def ntp_state():
+    """(synchronized, max error ns) of the wall clock, from adjtimex(2).
+
+    The bound between two nodes' clocks is the sum of their max errors; an
+    unsynchronized clock (STA_UNSYNC) gives no bound at all."""
+    try:
+        t = _Timex()
+        rc = ctypes.CDLL("libc.so.6", use_errno=True).adjtimex(ctypes.byref(t))
+    except (OSError, AttributeError):
+        return False, None
+    synced = rc != 5 and not (t.status & 0x40)            # TIME_ERROR, STA_UNSYNC
+    return synced, int(t.maxerror) * 1000
 
 
 class Agent:
@@ -206,6 +228,7 @@ class Agent:
         if proc:
             tables["proc"] = proc
         off, unc = clock_mapping()
+        synced, maxerr = ntp_state()
         counters = {}
         for p in self.loaded:
             for k, v in p.counters().items():
@@ -219,7 +242,10 @@ class Agent:
         counters["tcp.retransmits"] = self.episodes.total_retransmits
         counters["tcp.retransmit_failed"] = self.episodes.failed
         counters["tcp.retransmits_untraced"] = self.episodes.untraced
-        meta = {"clock": {"wall_minus_mono_ns": off, "uncertainty_ns": unc, "sent_ns": time.time_ns()},
+        meta = {"clock": {"wall_minus_mono_ns": off, "sent_ns": time.time_ns(), "ntp_synced": synced,
+                          "ntp_maxerror_ns": maxerr,
+                          # what another node may trust: read bracket + NTP's bound when synced
+                          "uncertainty_ns": unc + (maxerr if synced and maxerr else 0)},
                 "abi": ABI_VERSION, "schema": SCHEMA_VERSION,
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
