@@ -104,7 +104,13 @@ def encode(batch: Batch) -> list:
             if len(col) != n:
                 raise CodecError(f"table {kind!r}: column {name!r} has {len(col)} rows, expected {n}")
             if k == "s":
-                idx = np.fromiter(map(strings.__getitem__, col), dtype=np.int64, count=n)
+                codes = getattr(col, "codes", None)
+                if codes is not None and len(codes) == n:    # schema.Cat: intern distinct values only
+                    cat_idx = np.fromiter(map(strings.__getitem__, col.cats), dtype=np.int64,
+                                          count=len(col.cats))
+                    idx = cat_idx[codes] if n else np.empty(0, dtype=np.int64)
+                else:
+                    idx = np.fromiter(map(strings.__getitem__, col), dtype=np.int64, count=n)
                 code = _min_uint(int(idx.max()))
                 cols[name] = ["s" + code, 0, idx.astype(_CODES[code]).tobytes()]
             else:

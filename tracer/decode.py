@@ -10,7 +10,7 @@ import socket
 
 import numpy as np
 
-from .schema import (DEFINES, OP_NAMES, T_BLOCK, T_NFS, T_NFS_RPC, T_RDMA, T_TCP, T_VFS,
+from .schema import (DEFINES, OP_NAMES, Cat, T_BLOCK, T_NFS, T_NFS_RPC, T_RDMA, T_TCP, T_VFS,
                      empty_table)
 
 PATH_TRUNC = DEFINES["SS_F_PATH_TRUNC"]
@@ -66,7 +66,7 @@ def _unique_map(col: np.ndarray, fn, key: np.ndarray | None = None) -> np.ndarra
     mapped = np.empty(len(first), dtype=object)
     for i, j in enumerate(first):
         mapped[i] = fn(col[j])
-    return mapped[inv.reshape(-1)]
+    return Cat.make(mapped, inv.reshape(-1))
 
 
 def comm_str(b: bytes) -> str:
@@ -86,12 +86,15 @@ def path_str(raw: bytes, truncated: bool = False) -> str:
 
 
 def _paths(recs: np.ndarray) -> np.ndarray:
+    if len(recs) == 0:
+        return np.empty(0, dtype=object)
     trunc = (recs["flags"] & PATH_TRUNC) != 0
-    out = _unique_map(recs["path"], path_str)
-    if trunc.any():
-        for i in np.flatnonzero(trunc):
-            out[i] = path_str(bytes(recs["path"][i]), True)
-    return out
+    key = _key64(recs["path"]) ^ trunc.astype(np.uint64)     # a truncated walk is another value
+    _u, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    vals = np.empty(len(first), dtype=object)
+    for i, j in enumerate(first):
+        vals[i] = path_str(bytes(recs["path"][j]), bool(trunc[j]))
+    return Cat.make(vals, inv.reshape(-1))
 
 
 def addr_str(family: int, raw: bytes) -> str:
@@ -125,7 +128,7 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
                 "pid": r["pid"].astype(np.uint64), "tid": r["tid"].astype(np.uint64),
                 "comm": _unique_map(r["comm"], comm_str)}
         n = len(r)
-        meth = np.full(n, methods.get(int(t), ""), dtype=object)
+        meth = Cat.make(np.array([methods.get(int(t), "")], dtype=object), np.zeros(n, dtype=np.intp))
         if t in (T_VFS, T_NFS):
             fs = _unique_map(r["fs_magic"], lambda m: FS_MAGIC.get(int(m), f"0x{int(m):x}"))
             tab = {**base, "op": _ops(r["op"]), "bytes": r["ret"].astype(np.int64),

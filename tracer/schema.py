@@ -124,6 +124,45 @@ TABLES = {
 STALL_TABLES = ("io", "nfs", "block", "net", "rdma")
 
 
+class Cat(np.ndarray):
+    """An object array of strings that also remembers them as ``codes`` into
+    ``cats`` (its distinct values), as the decoder found them. The encoder
+    interns ``cats`` instead of every element; any derived array (a slice, a
+    mask) is a plain object array again."""
+
+    codes = None
+    cats = None
+
+    @staticmethod
+    def make(cats: np.ndarray, codes: np.ndarray) -> "Cat":
+        arr = cats[codes].view(Cat)
+        arr.cats, arr.codes = cats, codes
+        return arr
+
+    def __array_finalize__(self, obj):
+        self.codes = self.cats = None
+
+
+def _concat_col(parts):
+    if len(parts) > 1 and all(getattr(p, "codes", None) is not None for p in parts):
+        index, cats, codes = {}, [], []
+        for p in parts:
+            remap = np.empty(len(p.cats), dtype=np.intp)
+            for i, c in enumerate(p.cats):
+                j = index.get(c)
+                if j is None:
+                    j = index[c] = len(cats)
+                    cats.append(c)
+                remap[i] = j
+            codes.append(remap[p.codes])
+        arr = np.empty(len(cats), dtype=object)
+        arr[:] = cats
+        return Cat.make(arr, np.concatenate(codes))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
 def empty_table(kind: str) -> dict:
     cols = TABLES[kind]
     return {c: (np.empty(0, dtype=object) if k == "s" else
@@ -140,7 +179,7 @@ def concat_tables(kind: str, tables: list) -> dict:
     tables = [t for t in tables if table_len(t)]
     if not tables:
         return empty_table(kind)
-    return {c: np.concatenate([np.asarray(t[c]) for t in tables]) for c in TABLES[kind]}
+    return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
 
 
 def rows(kind: str, table: dict, node: str = ""):
