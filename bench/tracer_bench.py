@@ -56,18 +56,21 @@ def _load_vfs(min_ns, pages=4096):
     return loaded[0]
 
 
-def syscall_cost(n=1_000_000, reps=5) -> dict:
+def syscall_cost(n=1_000_000, reps=7) -> dict:
     from bcc import BPF
     _setup()
     _loop(200_000)                       # warm up
-    res = {"none": [], "baseline": [], "stallscope": []}
-    with open(os.path.join(HERE, "baseline.bpf.c")) as f:
-        base_src = f.read()
+    res = {"none": [], "baseline": [], "timestamps_only": [], "stallscope": []}
+    srcs = {}
+    for name, fname in (("baseline", "baseline.bpf.c"), ("timestamps_only", "timestamps.bpf.c")):
+        with open(os.path.join(HERE, fname)) as f:
+            srcs[name] = f.read().encode()
     for _ in range(reps):
         res["none"].append(_loop(n))
-        b = BPF(text=base_src.encode())
-        res["baseline"].append(_loop(n))
-        b.cleanup()
+        for name, src in srcs.items():
+            b = BPF(text=src)
+            res[name].append(_loop(n))
+            b.cleanup()
         p = _load_vfs(10_000_000)
         res["stallscope"].append(_loop(n))
         assert p.counters()["below_threshold"] >= n
@@ -77,6 +80,7 @@ def syscall_cost(n=1_000_000, reps=5) -> dict:
             "ns_per_call_runs": res,
             "ratio_to_baseline": round(med["stallscope"] / med["baseline"], 3),
             "added_ns_over_baseline": round(med["stallscope"] - med["baseline"], 1),
+            "ratio_to_timestamps_only": round(med["stallscope"] / med["timestamps_only"], 3),
             "goal_ratio": 1.15}
 
 
