@@ -29,7 +29,8 @@ class AgentConfig:
     node: str = dataclasses.field(default_factory=socket.gethostname)
     poll_ms: int = 10               # ring poll period while events flow
     idle_poll_ms: int = 50          # ... and while nothing came (a 16 MiB ring holds ~63k records)
-    batch_ms: int = 250
+    batch_ms: int = 250             # batch period while events flow
+    idle_batch_ms: int = 1000       # heartbeat period otherwise (counters, clock)
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
@@ -148,6 +149,7 @@ class Agent:
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
         next_gpu = time.monotonic()
+        last_flush = time.monotonic()
         try:
             while not stop():
                 now = time.monotonic()
@@ -158,8 +160,9 @@ class Agent:
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
-                if now >= next_batch:
-                    self._guard(self.flush)
+                if now >= next_batch and (self.pending or now - last_flush >= self.cfg.idle_batch_ms / 1000):
+                    self._guard(self.flush)     # quiet node: a heartbeat batch once a second
+                    last_flush = now
                     next_batch = now + self.cfg.batch_ms / 1000
                 time.sleep((self.cfg.poll_ms if self._drained else self.cfg.idle_poll_ms) / 1000)
         except KeyboardInterrupt:
