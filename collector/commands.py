@@ -74,7 +74,7 @@ def report(source, store, as_json):
     """Verdicts per GPU idle interval from a store or a recording."""
     src = source or store or DEFAULT_STORE
     try:
-        batches = load_batches(src)
+        batches = load_batches(src, warn=lambda m: click.echo(f"stallscope report: warning: {m}", err=True))
     except FileNotFoundError:
         raise click.ClickException(f"no such store or recording: {src}") from None
     except (StoreError, OSError) as e:

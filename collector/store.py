@@ -86,8 +86,9 @@ class Store:
         self.db.close()
 
 
-def load_batches(source: str) -> list:
-    """Batches from a store (.db) or a recording file, whichever ``source`` is."""
+def load_batches(source: str, warn=None) -> list:
+    """Batches from a store (.db) or a recording file, whichever ``source`` is;
+    damaged parts of a recording are skipped and reported through ``warn``."""
     with open(source, "rb") as f:
         head = f.read(16)
     if head.startswith(b"SQLite format 3"):
@@ -101,6 +102,9 @@ def load_batches(source: str) -> list:
     out = list(read_recording(source, on_error=errors.append))
     if errors and not out:
         raise StoreError(errors[0])
+    for e in errors:
+        if warn:
+            warn(e)
     return out
 
 

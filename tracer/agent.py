@@ -34,6 +34,8 @@ class AgentConfig:
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
+    rdma_poll_ms: int = 1000        # RDMA port counters (sysfs), with the rdma family
+    rdma_root: str = "/sys/class/infiniband"
     proc_root: str = "/proc"
     net_gap_ms: int = 1000
 
@@ -90,6 +92,7 @@ class Agent:
         self.failed = {}
         self.gpu = None
         self.gpu_reason = ""
+        self.rdma_counters = None
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
@@ -125,6 +128,11 @@ class Agent:
         self.started_ns = time.time_ns()
         if self.cfg.gpu != "off":
             self._open_gpu()
+        if "rdma" in self.cfg.probe.families:
+            from .rdma_counters import RdmaCounterSampler
+            self.rdma_counters = RdmaCounterSampler.open(self.cfg.rdma_root)
+            if self.rdma_counters is None:
+                self.log(f"rdma counters: {self.cfg.rdma_root} absent (no RDMA devices)")
         _release_compiler_memory()
 
     def _open_gpu(self):
@@ -148,7 +156,7 @@ class Agent:
     def run(self, duration: float | None = None, stop=lambda: False):
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
-        next_gpu = time.monotonic()
+        next_gpu = next_rdma = time.monotonic()
         last_flush = time.monotonic()
         try:
             while not stop():
@@ -160,6 +168,9 @@ class Agent:
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
+                if self.rdma_counters is not None and now >= next_rdma:
+                    self._guard(self._sample_rdma)
+                    next_rdma = now + self.cfg.rdma_poll_ms / 1000
                 if now >= next_batch and (self.pending or now - last_flush >= self.cfg.idle_batch_ms / 1000):
                     self._guard(self.flush)     # quiet node: a heartbeat batch once a second
                     last_flush = now
@@ -171,6 +182,8 @@ class Agent:
             self._guard(self._drain)
             if self.gpu is not None:
                 self._guard(self._sample_gpu)
+            if self.rdma_counters is not None:
+                self._guard(self._sample_rdma)
             self._guard(lambda: self.flush(final=True))
 
     def _guard(self, fn):
@@ -200,6 +213,11 @@ class Agent:
             keep = g["ts_ns"] >= self.started_ns
             got["gpu"] = {k: v[keep] for k, v in g.items()}
         if got and any(len(t.get("ts_ns", ())) for t in got.values()):
+            self.pending.append(got)
+
+    def _sample_rdma(self):
+        got = self.rdma_counters.poll()
+        if got:
             self.pending.append(got)
 
     def build_batch(self, final: bool = False) -> Batch:

@@ -26,7 +26,8 @@ Exit codes: 0 ok, 1 runtime failure (one line on stderr), 2 usage error.
 
 
 def _cgroup_id(path: str) -> int:
-    p = path if path.startswith("/sys/fs/cgroup") else os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+    """cgroup v2 id (the directory's inode number) of a path, absolute or under /sys/fs/cgroup."""
+    p = path if os.path.isdir(path) else os.path.join("/sys/fs/cgroup", path.lstrip("/"))
     try:
         return os.stat(p).st_ino
     except OSError as e:
@@ -47,7 +48,7 @@ def trace_options(f):
         click.option("--min-latency-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
                      help="Report ops at least this slow; faster ones only feed histograms."),
         click.option("--pid", type=click.IntRange(min=1), default=None, help="Trace only this process (tgid)."),
-        click.option("--cgroup", default=None, help="Trace only this cgroup v2 (path under /sys/fs/cgroup)."),
+        click.option("--cgroup", default=None, help="Trace only this cgroup v2 (a path, or relative to /sys/fs/cgroup)."),
         click.option("--families", default=",".join(probes.ALL_FAMILIES), show_default=True,
                      help="Probe families to load."),
         click.option("--attach", type=click.Choice(probes.ATTACH_CHOICES), default="auto", show_default=True,

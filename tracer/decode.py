@@ -11,7 +11,7 @@ import socket
 import numpy as np
 
 from .schema import (DEFINES, OP_NAMES, Cat, T_BLOCK, T_NFS, T_NFS_RPC, T_RDMA, T_TCP, T_VFS,
-                     empty_table)
+                     concat_tables, empty_table)
 
 PATH_TRUNC = DEFINES["SS_F_PATH_TRUNC"]
 
@@ -97,6 +97,14 @@ def _paths(recs: np.ndarray) -> np.ndarray:
     return Cat.make(vals, inv.reshape(-1))
 
 
+def rpc_name(raw: bytes, vers: int) -> str:
+    """An NFS_RPC record's path field ("PROC\\0prog\\0") -> "progvN PROC" ("nfsv3 READ")."""
+    parts = raw.split(b"\0")
+    proc = parts[0].decode("utf-8", "replace")
+    prog = parts[1].decode("utf-8", "replace") if len(parts) > 1 else ""
+    return f"{prog}v{vers} {proc}" if prog else proc
+
+
 def addr_str(family: int, raw: bytes) -> str:
     try:
         if family == 10:
@@ -142,8 +150,13 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
                            rpc_retrans=r["aux"].astype(np.uint64), method=meth)
                 out["nfs"] = _merge(out.get("nfs"), tab)
         elif t == T_NFS_RPC:
+            # path holds "PROC\0prog\0" and state the program version: "nfsv3 READ"
+            with np.errstate(over="ignore"):
+                key = _key64(r["path"]) * np.uint64(257) + r["state"].astype(np.uint64)
+            names = _unique_map(r[["path", "state"]], lambda x: rpc_name(bytes(x["path"]), int(x["state"])),
+                                key=key)
             tab = {**base, "op": _ops(r["op"]), "bytes": r["ret"].astype(np.int64),
-                   "path": _paths(r), "fs": np.full(n, "nfs", dtype=object),
+                   "path": names, "fs": Cat.make(np.array(["nfs"], dtype=object), np.zeros(n, dtype=np.intp)),
                    "server": _servers(r),
                    "xid": r["key"].astype(np.uint64), "rpc_retrans": r["aux"].astype(np.uint64),
                    "method": meth}
@@ -172,9 +185,10 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
 
 
 def _merge(a, b):
+    """File-op and RPC records both go to the "nfs" table."""
     if a is None:
         return b
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
+    return concat_tables("nfs", [a, b])
 
 
 def empty(kind):

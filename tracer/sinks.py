@@ -118,6 +118,10 @@ def read_recording(path: str, on_error=None):
             try:
                 obj = next(unpacker)
             except StopIteration:
+                size = os.fstat(f.fileno()).st_size
+                if on_error and unpacker.tell() < size:
+                    on_error(f"{path}: truncated at the end ({size - unpacker.tell()} bytes of an "
+                             "unfinished batch skipped)")
                 return
             except (ValueError, msgpack.UnpackException) as e:
                 if on_error:

@@ -91,3 +91,34 @@ def test_attach_method_reported(slowfs):
     # this host has neither fentry nor kprobes: the tracer says so and uses tracepoints
     assert "vfs: syscall tracepoints" in t.stderr or "vfs: fentry" in t.stderr or \
         "vfs: kprobe" in t.stderr, t.stderr
+
+
+def test_cgroup_filter(slowfs, tmp_path):
+    """--cgroup keeps only tasks of that cgroup v2 (mounted here if the host uses v1)."""
+    root = "/sys/fs/cgroup"
+    mounted = None
+    v2_at_root = any(line.split()[1:3] == [root, "cgroup2"] for line in open("/proc/mounts"))
+    if not v2_at_root:
+        mounted = str(tmp_path / "cg2")
+        os.mkdir(mounted)
+        assert os.system(f"mount -t cgroup2 none {mounted}") == 0
+        root = mounted
+    cg = os.path.join(root, f"stallscope-test-{os.getpid()}")
+    os.mkdir(cg)
+    try:
+        path = slowfs.path("slow.bin")
+        inside = start_io("read", path, count=3, size=4096)
+        outside = start_io("read", path, count=2, size=4096)
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(inside.pid))
+        with Trace("--min-latency-ms", "100", "--cgroup", cg) as t:
+            r_out = outside.go()
+            r_in = inside.go()
+        t.stop()
+        assert t.rc == 0, t.stderr
+        assert {e["pid"] for e in t.events} == {r_in.pid}
+        assert len(_mine(t.events, r_in.pid, path)) == 3 and r_out.pid != r_in.pid
+    finally:
+        os.rmdir(cg)
+        if mounted:
+            os.system(f"umount {mounted}")

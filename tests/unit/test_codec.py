@@ -136,3 +136,26 @@ def test_record_dtype_is_derived_from_header():
     assert schema.RECORD_DTYPE.names[0] == "ts_ns"
     assert schema.RECORD_DTYPE["path"].itemsize == schema.PATH_LEN
     assert schema.OP_NAMES[schema.ENUMS["SS_OP_FSYNC"]] == "fsync"
+
+
+def test_recording_with_damaged_tail_keeps_the_rest(tmp_path):
+    from tracer.sinks import FileSink, read_recording
+    path = tmp_path / "rec.ssrec"
+    sink = FileSink(str(path))
+    for seq in range(3):
+        sink(Batch("n", seq, {"io": io_table(20, seed=seq)}))
+    sink.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])                 # a crash mid-write
+    errors = []
+    got = list(read_recording(str(path), on_error=errors.append))
+    assert [b.seq for b in got] == [0, 1]
+    assert len(errors) == 1 and "truncated at the end" in errors[0]
+
+
+def test_recording_sink_counts_enospc():
+    from tracer.sinks import FileSink
+    sink = FileSink("/dev/full")
+    for seq in range(3):
+        sink(Batch("n", seq, {"io": io_table(5)}))
+    assert sink.dropped_batches == 3 and sink.dropped_events == 15 and "disk full" in sink.last_error
