@@ -208,3 +208,55 @@ def test_network_stall_names_the_flow(tmp_path, simlib):
         c = v["culprit"]
         assert c["type"] == "net" and port in (c["sport"], c["dport"]), v
         assert c["pid"] == trainer_pid and c["retransmits"] >= 1
+
+
+def test_collector_prints_live_verdicts_within_seconds(tmp_path, simlib):
+    """tracer --collector -> `stallscope collect`: each verdict is printed a couple of
+    seconds after its idle interval ends (not at shutdown)."""
+    import select
+
+    from tests.bpf.tracerun import stallscope_argv
+    from tests.netutil import free_port
+    sc = Scenario(tmp_path, simlib)
+    log = tmp_path / "gt.jsonl"
+    port = free_port()
+    col = subprocess.Popen(stallscope_argv("collect", "--json", "--bind", f"tcp://127.0.0.1:{port}",
+                                           "--store", str(tmp_path / "s.db")),
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    arrivals = []
+
+    def reader():
+        buf = b""
+        while True:
+            r, _, _ = select.select([col.stdout], [], [], 0.2)
+            if r:
+                chunk = os.read(col.stdout.fileno(), 65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    arrivals.append((time.time_ns(), json.loads(line)))
+            elif col.poll() is not None:
+                return
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        with SlowFS(delay_ms=DELAY_MS, ops=("read",)) as fs:
+            make_shards(fs.backing, 6, slow_every=3)
+            with Trace("--quiet", "--collector", f"tcp://127.0.0.1:{port}", "--min-latency-ms", "50",
+                       "--nvml-lib", sc.lib, families="vfs", gpu=True, env=sc.env):
+                p = sc.trainer(log, fs.mountpoint, steps=6, slow_every=3, compute_ms=2500)
+                assert p.wait(120) == 0
+    finally:
+        col.terminate()
+        col.wait(30)
+        t.join(10)
+    gt = truth(log)
+    first = next(e for e in gt if e["kind"] == "read" and "slow-" in e["path"])
+    live = [(at, v) for at, v in arrivals if v["idle_start_ns"] < first["end_ns"] < v["idle_end_ns"] + 10**9]
+    assert live, arrivals
+    at, v = live[0]
+    assert v["culprit"] and v["culprit"]["path"] == first["path"]
+    # printed while the trainer was still computing (2.5 s steps), within ~3 s of the interval's end
+    assert at - v["idle_end_ns"] < 3_000_000_000, (at - v["idle_end_ns"]) / 1e9
