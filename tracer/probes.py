@@ -256,7 +256,12 @@ def load(cfg: ProbeConfig, log=lambda msg: None):
     tracefs = kernel.tracefs_root()
     loaded, failed = [], {}
     for fam in cfg.families:
-        methods = FAMILY_METHODS[fam](cfg, tracefs)
+        try:
+            methods = FAMILY_METHODS[fam](cfg, tracefs)
+        except Exception as e:     # a family's own capability checks failing loses that family only
+            failed[fam] = f"{type(e).__name__}: {e}"
+            log(f"{fam}: not loaded ({failed[fam]})")
+            continue
         if cfg.attach != "auto":
             methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
         reasons = []
