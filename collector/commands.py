@@ -66,7 +66,15 @@ def collect(bind, store, upstream, duration, as_json, no_verdicts):
         col.close()
 
 
-@click.command("report")
+REPORT_EPILOG = """\b
+Examples:
+  stallscope report                                  # the default store, as a table
+  stallscope report node7.ssrec                      # a recording from `trace --output`
+  stallscope report --store rack3.db --json | jq 'select(.verdict != "culprit")'
+"""
+
+
+@click.command("report", epilog=REPORT_EPILOG)
 @click.argument("source", required=False)
 @click.option("--store", default=None, help="Store file or recording (same as SOURCE).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON verdict per line.")
@@ -129,7 +137,15 @@ def watch(store, as_json, events, duration, **opts):
                f"(stallscope report {store})", err=True)
 
 
-@click.command("demo")
+DEMO_EPILOG = """\b
+Examples:
+  sudo stallscope demo                   # ~30 s: live verdicts, then the report table
+  sudo stallscope demo --json            # verdicts as JSON lines
+  sudo stallscope demo --steps 24 --delay-ms 1500
+"""
+
+
+@click.command("demo", epilog=DEMO_EPILOG)
 @click.option("--store", default=None, help="Store file [default: a new temp file].")
 @click.option("--json", "as_json", is_flag=True, help="Verdicts as JSON lines.")
 @click.option("--steps", type=click.IntRange(min=4), default=12, show_default=True)

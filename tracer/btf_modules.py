@@ -122,6 +122,24 @@ def offset(struct_name: str, path: str, modules: tuple = ()) -> int:
     raise btf.BtfError(f"no BTF for struct {struct_name} in vmlinux or {', '.join(modules) or 'any module'}{why}")
 
 
+def member_kind(struct_name: str, path: str, modules: tuple = ()) -> str:
+    """"array", "pointer", "struct", "int", ... : the BTF kind of a member's type."""
+    for b in [base()] + [module(m) for m in modules if os.path.exists(os.path.join(BTF_DIR, m))]:
+        tid = b.by_name.get(struct_name)
+        if tid is None:
+            continue
+        for part in path.split("."):
+            r = b._find(tid, part)
+            if r is None:
+                raise btf.BtfError(f"kernel BTF: struct {struct_name} has no member {path}")
+            tid = r[1]
+        return _KIND_NAMES.get(b.types[tid][0], "other")
+    raise btf.BtfError(f"no BTF for struct {struct_name} in vmlinux or {', '.join(modules)}")
+
+
+_KIND_NAMES = {1: "int", 2: "pointer", 3: "array", 4: "struct", 5: "union", 6: "enum"}
+
+
 def offset_cflags(fields: dict) -> list:
     """``-DMACRO=offset`` for ``{MACRO: (struct, member path, (modules...))}``."""
     return [f"-D{macro}={offset(s, p, mods)}" for macro, (s, p, mods) in fields.items()]
