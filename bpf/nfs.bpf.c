@@ -138,6 +138,7 @@ static __always_inline int nfs_exit(struct pt_regs *ctx, u32 op)
 	if (!e)
 		return 0;
 	nfs_clear(e);
+	e->path[0] = 0;           /* stays empty if the file cannot be read */
 	ss_fill_file(e, file);
 	/* the server this inode lives on */
 	void *inode = 0, *sb = 0, *server = 0, *clp = 0;

@@ -74,9 +74,16 @@ class SplitBtf(btf.Btf):
     def param_index(self, func: str, param: str) -> int:
         """0-based position of parameter ``param`` of module function ``func``."""
         proto = self.funcs.get(func)
-        if proto is None or proto not in self.protos:
+        if proto is None:
             raise btf.BtfError(f"{os.path.basename(self.path)} BTF has no function {func}")
-        names = [self._str(n) if n else "" for n in self.protos[proto]]
+        # a prototype identical to one in vmlinux (the type of an ops member, say) is
+        # not repeated in the module: the function then refers to vmlinux's
+        params = self.protos.get(proto)
+        if params is None:
+            params = _vmlinux_protos().get(proto)
+        if params is None:
+            raise btf.BtfError(f"{os.path.basename(self.path)} BTF: no prototype for {func}")
+        names = [self._str(n) if n else "" for n in params]
         if param not in names:
             raise btf.BtfError(f"{func}() has no parameter {param} (has {', '.join(names)})")
         return names.index(param)
@@ -84,6 +91,31 @@ class SplitBtf(btf.Btf):
 
 _base = None
 _modules: dict = {}
+_base_protos = None
+
+
+def _vmlinux_protos() -> dict:
+    """{FUNC_PROTO type id: [parameter name offsets]} of vmlinux BTF (read once, on demand:
+    btf.Btf keeps only structs)."""
+    global _base_protos
+    if _base_protos is None:
+        with open(os.path.join(BTF_DIR, "vmlinux"), "rb") as f:
+            data = f.read()
+        _m, _v, _f, hdr_len, type_off, type_len, _so, _sl = struct.unpack_from("<HBBIIIII", data, 0)
+        protos, tid = {}, 1
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.unpack_from
+        while pos < end:
+            info = unpack("<I", data, pos + 4)[0]
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            pos += 12
+            if kind == _FUNC_PROTO:
+                protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
+            fixed, per = btf._TRAILER.get(kind, (0, 0))
+            pos += fixed + per * vlen
+            tid += 1
+        _base_protos = protos
+    return _base_protos
 
 
 def base() -> btf.Btf:

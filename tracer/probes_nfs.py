@@ -119,22 +119,24 @@ def methods(cfg, tracefs, load, base_cflags):
         _fake_file_fits(base)
         extra = ["-DSS_NFS_KPROBE"]
         ops = [op for op in FILE_OPS if op[0] in syms]
+        skipped = ""
         try:
             arg = btf_modules.param_index("nfs_getattr", "path", ("nfs",))
-        except btf.BtfError:
-            arg = -1
+        except btf.BtfError as e:
+            arg, skipped = -1, f"; nfs_getattr skipped: {e}"
         if arg in (0, 1):
             extra.append(f"-DNFS_GETATTR_PATH_ARG={arg}")
         else:
             extra.append("-DNFS_GETATTR_PATH_ARG=1")
+            skipped = skipped or f"; nfs_getattr skipped: its path is parameter {arg}"
             ops = [op for op in ops if op[0] != "nfs_getattr"]
         b = load("nfs", base + _offsets(FILE_FIELDS) + _offsets(RPC_FIELDS) + extra)
         attached = []
         for sym, entry, ret in ops:
-            b.attach_kprobe(event=sym, fn_name=entry)
-            b.attach_kretprobe(event=sym, fn_name=ret, maxactive=KRETPROBE_MAXACTIVE)
+            b.attach_kprobe(event=sym.encode(), fn_name=entry.encode())
+            b.attach_kretprobe(event=sym.encode(), fn_name=ret.encode(), maxactive=KRETPROBE_MAXACTIVE)
             attached.append(sym)
-        return b, f"kprobe/kretprobe {' '.join(attached)} (file ops); {rpc_detail()} (RPCs)"
+        return b, f"kprobe/kretprobe {' '.join(attached)} (file ops); {rpc_detail()} (RPCs){skipped}"
 
     def tracepoint():
         _need_rpc_tracepoints(tracefs)

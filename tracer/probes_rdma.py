@@ -58,7 +58,7 @@ def _ib_device_name_cflags() -> list:
 def libibverbs_path() -> str:
     """The libibverbs.so.1 that programs load (via BCC's ld.so.cache lookup)."""
     from bcc import BPF
-    found = BPF.find_library(UPROBE_LIB)
+    found = BPF.find_library(UPROBE_LIB.encode())
     return found.decode() if isinstance(found, bytes) else (found or "")
 
 
@@ -82,8 +82,8 @@ def methods(cfg, tracefs, load, base_cflags):
         except btf.BtfError as e:
             raise ProbeError(f"struct offsets unavailable: {e}") from e
         b = load("rdma", base_cflags(cfg) + fields + _ib_device_name_cflags())
-        b.attach_kprobe(event=KPROBE_FN, fn_name="ss_kp_comp_event_read")
-        b.attach_kretprobe(event=KPROBE_FN, fn_name="ss_kp_comp_event_read_ret",
+        b.attach_kprobe(event=KPROBE_FN.encode(), fn_name=b"ss_kp_comp_event_read")
+        b.attach_kretprobe(event=KPROBE_FN.encode(), fn_name=b"ss_kp_comp_event_read_ret",
                            maxactive=KRETPROBE_MAXACTIVE)
         return b, f"kprobe/kretprobe {KPROBE_FN} (verbs completion waits)"
 
@@ -96,8 +96,8 @@ def methods(cfg, tracefs, load, base_cflags):
             raise ProbeError(f"{lib} exports no {UPROBE_SYM}")
         b = load("rdma", base_cflags(cfg) + ["-DSS_RDMA_UPROBE"])
         for addr in addrs:
-            b.attach_uprobe(name=lib, addr=addr, fn_name="ss_up_cq_event")
-            b.attach_uretprobe(name=lib, addr=addr, fn_name="ss_up_cq_event_ret")
+            b.attach_uprobe(name=lib.encode(), addr=addr, fn_name=b"ss_up_cq_event")
+            b.attach_uretprobe(name=lib.encode(), addr=addr, fn_name=b"ss_up_cq_event_ret")
         return b, f"uprobe/uretprobe {os.path.basename(lib)}:{UPROBE_SYM} " \
                   f"({len(addrs)} symbol versions; verbs completion waits)"
 

@@ -87,3 +87,43 @@ def netem():
     yield apply
     for dev in devices:
         run("stallscope-netem", dev, "off")
+
+
+# ---------------------------------------------------------------------------- probe tests
+# Shared by the test_probes_* modules (see probe_env.py): the tracers start once, early.
+
+from probe_env import LOAD_COUNT, ProbeTracers, rxe_pair_down, rxe_pair_up, run_nfs_load, start_probe_tracers  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def rxe_pair():
+    """Two soft-RoCE devices over a veth pair whose traffic crosses the wire (netem applies)."""
+    pair = rxe_pair_up()
+    yield pair
+    rxe_pair_down(pair)
+
+
+@pytest.fixture(scope="session")
+def probe_tracers(nfs_mounts, rxe_pair, tmp_path_factory) -> ProbeTracers:
+    """The three long-running tracers (started, not necessarily ready: see TracerProcess.wait_ready)."""
+    t = start_probe_tracers(tmp_path_factory.mktemp("tracers"), nfs_mounts, rxe_pair)
+    yield t
+    for tr in t.all():
+        tr.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _probe_tracers_start_early(request):
+    """Start the tracers with the session when probe tests were collected, so their BPF
+    compiles overlap the other guest tests instead of delaying the first probe test."""
+    if any(item.module.__name__.startswith("test_probes") for item in request.session.items):
+        request.getfixturevalue("probe_tracers")
+
+
+@pytest.fixture(scope="session")
+def nfs_loads(probe_tracers) -> dict:
+    """nfsload.py once per NFS version (3, 4.2), under netem delay, while all tracers watch."""
+    probe_tracers.vfs_tcp.wait_ready()
+    probe_tracers.nfs_rdma.wait_ready()
+    probe_tracers.vfs_fentry.is_ready()      # its own test reports a failure to start
+    return {v: run_nfs_load(v, m) for v, m in probe_tracers.mounts.items()}

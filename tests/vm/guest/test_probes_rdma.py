@@ -1,0 +1,170 @@
+"""The RDMA family on soft-RoCE: verbs completion waits (kprobe and uprobe) and port counters.
+
+The two soft-RoCE devices of the ``rxe_pair`` fixture talk across a veth pair, so netem on
+``ssveth0`` delays or drops real RoCE packets:
+
+* waits: ``ibv_rc_pingpong -e`` (event mode: it sleeps in ibv_get_cq_event for each
+  completion) with 100 ms netem delay; the tracer reports its waits with its pid, the device,
+  and together they account for the time the program itself reports per iteration;
+* the same through the uprobe on libibverbs (loaded in-process, the method kernels without
+  kprobes would get), and what that uprobe costs per call;
+* counters: 10% netem loss under an RC ping-pong makes rdma_rxe retry and see sequence
+  errors; the tracer's "rdma_counter" rows (sysfs hw_counters deltas, in its recording)
+  add up to exactly what sysfs moved by, retries included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from guestutil import run
+from probe_env import MIN_LATENCY_MS, hw_counters
+
+ITERS = 23
+DELAY_MS = 100
+
+
+def pingpong(rxe, iters: int, port: int, events: bool) -> dict:
+    """ibv_rc_pingpong between the pair (server on b, client on a); pids and usec/iter of each side."""
+    common = ["-n", str(iters), "-p", str(port)] + (["-e"] if events else [])
+    server = subprocess.Popen(["ibv_rc_pingpong", "-d", rxe.devices[1], "-g", str(rxe.gid_index[1]), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            client = subprocess.Popen(["ibv_rc_pingpong", "-d", rxe.devices[0], "-g", str(rxe.gid_index[0]),
+                                       *common, "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+            c_out, _ = client.communicate(timeout=120)
+            if client.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
+                break
+            time.sleep(0.5)       # the server is not listening yet
+        s_out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert client.returncode == 0 and server.returncode == 0, f"client: {c_out}\nserver: {s_out}"
+
+    def usec(out):
+        m = re.search(rf"{iters} iters in [\d.]+ seconds = ([\d.]+) usec/iter", out)
+        assert m, out
+        return float(m.group(1))
+    return {"client_pid": client.pid, "server_pid": server.pid, "client_usec": usec(c_out),
+            "server_usec": usec(s_out)}
+
+
+def check_waits(events: list, pp: dict, rxe, what: str) -> None:
+    """The client's waits: on its device, each at least the delay, adding up to (most of) its loop time."""
+    mine = [e for e in events if e["pid"] == pp["client_pid"]]
+    assert len(mine) >= ITERS // 2, (what, events)
+    loop_ns = ITERS * pp["client_usec"] * 1000
+    waited = sum(e["dur_ns"] for e in mine)
+    assert 0.6 * loop_ns <= waited <= 1.05 * loop_ns, (what, waited, loop_ns, mine)
+    for e in mine:
+        assert (e["device"], e["op"], e["comm"]) == (rxe.devices[0], "rdma_get_cq_event", "ibv_rc_pingpong"), e
+        assert e["dur_ns"] >= MIN_LATENCY_MS * 1_000_000 and e["bytes"] >= 1, e
+    server = [e for e in events if e["pid"] == pp["server_pid"]]
+    assert server and all(e["device"] == rxe.devices[1] for e in server), (what, server)
+
+
+def test_rdma_completion_waits_kprobe(probe_tracers, rxe_pair, netem):
+    t = probe_tracers.nfs_rdma
+    t.wait_ready()
+    assert "rdma: kprobe/kretprobe ib_uverbs_comp_event_read" in t.stderr, t.stderr
+    netem(rxe_pair.netdevs[0], "delay", f"{DELAY_MS}ms")
+    start = time.time_ns()
+    pp = pingpong(rxe_pair, ITERS, 18611, events=True)
+    pids = (pp["client_pid"], pp["server_pid"])
+    t.wait_events(lambda e: e["type"] == "rdma" and e["pid"] in pids, ITERS // 2)
+    check_waits(t.events(lambda e: e["type"] == "rdma" and e["pid"] in pids and e["ts_ns"] >= start),
+                pp, rxe_pair, "kprobe")
+
+
+def _recorded_counters(recording, since_ns: int, until_ns: int) -> dict:
+    """Sum of the tracer's rdma_counter deltas per (device, counter) over intervals ending in the window."""
+    from tracer.sinks import read_recording
+
+    sums = {}
+    for batch in read_recording(str(recording)):
+        tab = batch.tables.get("rdma_counter")
+        if not tab:
+            continue
+        for ts, dur, dev, ctr, delta in zip(tab["ts_ns"], tab["dur_ns"], tab["device"], tab["counter"], tab["delta"]):
+            end = int(ts) + int(dur)
+            if since_ns < end <= until_ns:
+                sums[(dev, ctr)] = sums.get((dev, ctr), 0) + int(delta)
+    return sums
+
+
+def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem):
+    t = probe_tracers.nfs_rdma
+    t.wait_ready()
+    time.sleep(2.5)            # earlier traffic's counter changes are behind at least one poll (1 s)
+    before = {d: hw_counters(d) for d in rxe_pair.devices}
+    since = time.time_ns()
+    netem(rxe_pair.netdevs[0], "loss", "10%")
+    pingpong(rxe_pair, 200, 18612, events=False)
+    run("stallscope-netem", rxe_pair.netdevs[0], "off")
+    after = {d: hw_counters(d) for d in rxe_pair.devices}
+    time.sleep(3.5)            # two more polls, and the batch that carries them
+    got = _recorded_counters(probe_tracers.recording, since, time.time_ns())
+    truth = {(d, c): after[d][c] - before[d][c] for d in rxe_pair.devices for c in after[d]
+             if after[d][c] != before[d][c]}
+    retries = sum(v for (d, c), v in truth.items() if c in ("hw_counters/completer_retry_err",
+                                                             "hw_counters/rcvd_seq_err",
+                                                             "hw_counters/out_of_seq_request"))
+    assert retries > 0, f"10% loss produced no retries or sequence errors: {truth}"
+    mine = {k: v for k, v in got.items() if k[0] in rxe_pair.devices}
+    assert mine == truth, f"tracer: {mine}\nsysfs: {truth}"
+
+
+def test_rdma_completion_waits_uprobe_and_its_cost(probe_tracers, rxe_pair, netem):
+    """The uprobe method, loaded in-process as tracer/probes.py would where kprobes are missing."""
+    from tracer import decode, kernel, probes, probes_rdma
+    from tracer.agent import clock_mapping
+    from tracer.schema import T_RDMA
+
+    kernel.ensure_headers()
+    cfg = probes.ProbeConfig(min_latency_ns=MIN_LATENCY_MS * 1_000_000, families=("rdma",))
+    (name, fn), = [m for m in probes_rdma.methods(cfg, kernel.tracefs_root(), probes._load, probes.base_cflags)
+                   if m[0] == "uprobe"]
+    b, detail = fn()
+    probe = probes.LoadedProbe("rdma", name, b, detail)
+    try:
+        assert re.match(r"uprobe/uretprobe libibverbs\.so\.1:ibv_get_cq_event \(2 symbol versions", detail), detail
+        netem(rxe_pair.netdevs[0], "delay", f"{DELAY_MS}ms")
+        pp = pingpong(rxe_pair, ITERS, 18613, events=True)
+        recs = probe.drain()
+        tab = decode.split(recs, clock_mapping()[0], {T_RDMA: name}).get("rdma")
+        assert tab is not None, "the uprobe reported no wait"
+        events = [dict(zip(tab, vals)) for vals in zip(*tab.values())]
+        check_waits(events, pp, rxe_pair, "uprobe")
+
+        # cost per call of the uprobe pair: the same handlers on a cheap libibverbs function
+        lib = probes_rdma.libibverbs_path()
+        ibv = ctypes.CDLL(lib)
+        f = ibv.ibv_wc_status_str
+
+        def per_call_ns(n):
+            t0 = time.perf_counter_ns()
+            for i in range(n):
+                f(i & 7)
+            return (time.perf_counter_ns() - t0) / n
+        base = min(per_call_ns(2000) for _ in range(3))
+        from bcc import BPF
+        addr = BPF.get_user_functions_and_addresses(lib.encode(), b"^ibv_wc_status_str$")[0][1]
+        b.attach_uprobe(name=lib.encode(), addr=addr, fn_name=b"ss_up_cq_event")
+        b.attach_uretprobe(name=lib.encode(), addr=addr, fn_name=b"ss_up_cq_event_ret")
+        probed = min(per_call_ns(2000) for _ in range(3))
+        cost_us = (probed - base) / 1000
+        print(f"uprobe pair cost in the guest (TCG): {cost_us:.1f} us per call "
+              f"(call {base / 1000:.2f} us -> {probed / 1000:.2f} us)")
+        assert cost_us > 0, (base, probed)
+    finally:
+        probe.close()

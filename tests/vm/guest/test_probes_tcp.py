@@ -1,0 +1,63 @@
+"""TCP retransmits under netem loss in the guest, counted against the namespace's TcpRetransSegs.
+
+A private network namespace (tests/fixtures/netfault.py, with no nftables drop) gets a netem
+qdisc on its loopback that drops 10% of the packets in both directions; a bounded
+request/echo exchange there retransmits. The shared tracer (`--families vfs,tcp`: the
+tcp:tcp_retransmit_skb tracepoint plus tcp_sock.total_retrans) runs in the initial
+namespace and sees it; the retransmits it reports on that flow must equal the growth of
+the namespace's own TcpRetransSegs (what `nstat` shows there).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from guestutil import run
+from tests.fixtures.netfault import LossyNetns
+
+PORT = 47013
+
+
+def _settled_retrans(ns, quiet_s=1.5, timeout_s=60):
+    """TcpRetransSegs of the namespace once its sockets are gone and the counter stopped moving."""
+    deadline = time.monotonic() + timeout_s
+    last, since = ns.nstat_retrans(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        cur = ns.nstat_retrans()
+        live = subprocess.run(ns.exec_argv(["ss", "-tanH", "exclude", "time-wait"]),
+                              capture_output=True, text=True).stdout.strip()
+        if cur != last:
+            last, since = cur, time.monotonic()
+        elif not live and time.monotonic() - since >= quiet_s:
+            return cur
+    raise AssertionError("namespace TCP activity did not settle")
+
+
+def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers):
+    t = probe_tracers.vfs_tcp
+    t.wait_ready()
+    assert "tcp: tracepoints tcp/tcp_retransmit_skb" in t.stderr, t.stderr
+    run("modprobe", "sch_netem")
+    with LossyNetns(port=PORT, drop_percent=0, rto_min_ms=20) as ns:
+        run(*ns.exec_argv(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "10%"]))
+        ex = ns.run_exchange(n_messages=200, size=512, timeout_s=120)
+        truth = _settled_retrans(ns)
+        nstat = run(*ns.exec_argv(["nstat", "-az", "TcpRetransSegs"]))
+    assert ex.retrans_segs >= 5, f"only {ex.retrans_segs} retransmits under 10% loss: too few to test"
+    assert str(truth) in nstat.split(), nstat
+
+    def flow(e):
+        return (e["type"] == "net" and {e["sport"], e["dport"]} == {PORT, ex.client_port}
+                and e["saddr"] == "127.0.0.1" and e["daddr"] == "127.0.0.1")
+
+    deadline = time.monotonic() + 20            # loss episodes close 1 s after their last retransmit
+    while sum(e["retransmits"] for e in t.events(flow)) < truth and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.5)
+    events = t.events(flow)
+    assert sum(e["retransmits"] for e in events) == truth, events
+    for e in events:
+        if e["ts_ns"] <= ex.end_wall_ns:        # while the exchange ran: its processes own the flow
+            assert e["pid"] == (ex.server_pid if e["sport"] == PORT else ex.client_pid), e
