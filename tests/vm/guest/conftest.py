@@ -92,7 +92,7 @@ def netem():
 # ---------------------------------------------------------------------------- probe tests
 # Shared by the test_probes_* modules (see probe_env.py): the tracers start once, early.
 
-from probe_env import LOAD_COUNT, ProbeTracers, rxe_pair_down, rxe_pair_up, run_nfs_load, start_probe_tracers  # noqa: E402,F401
+from probe_env import ProbeTracers, rxe_pair_down, rxe_pair_up, run_nfs_load, start_probe_tracers  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,9 @@ The two soft-RoCE devices of the ``rxe_pair`` fixture talk across a veth pair, s
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import subprocess
 import time
-
-import pytest
 
 from guestutil import run
 from probe_env import MIN_LATENCY_MS, hw_counters
