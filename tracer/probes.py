@@ -20,7 +20,7 @@ from .ring import RingReader
 from .schema import BPF_DIR, COUNTER_NAMES, HIST_SLOTS, NOPS, OP_NAMES
 
 ALL_FAMILIES = ("vfs", "tcp", "block", "nfs", "rdma")
-ATTACH_CHOICES = ("auto", "fentry", "kprobe", "tracepoint")
+ATTACH_CHOICES = ("auto", "fentry", "kprobe", "uprobe", "tracepoint")
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class LoadedProbe:
         self.method = method
         self.detail = detail
         self.bpf = bpf
-        ring = bpf["events"]
+        ring = bpf[b"events"]
         size = int(ring.max_entries) if hasattr(ring, "max_entries") else 0
         self.ring = RingReader(ring.map_fd, size)
 
@@ -72,7 +72,7 @@ class LoadedProbe:
         return self.ring.drain()
 
     def counters(self) -> dict:
-        sums = percpu_array_sums(self.bpf["counters"], max(COUNTER_NAMES) + 1)
+        sums = percpu_array_sums(self.bpf[b"counters"], max(COUNTER_NAMES) + 1)
         out = {name: int(sums[idx]) for idx, name in COUNTER_NAMES.items()}
         out["odd_records"] = self.ring.odd_records
         if self.family == "vfs":      # the hot path skips the counter: the histogram has it
@@ -80,7 +80,7 @@ class LoadedProbe:
         return out
 
     def _hist(self) -> np.ndarray:
-        return percpu_array_sums(self.bpf["hist"], NOPS * HIST_SLOTS)
+        return percpu_array_sums(self.bpf[b"hist"], NOPS * HIST_SLOTS)
 
     def hist(self) -> dict:
         """Cumulative log2(us) histograms of ops below the threshold: {op: [counts]}."""
