@@ -19,6 +19,7 @@ _TRAILER = {1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
             8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0),
             15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12)}
 _STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
+_FUNC, _FUNC_PROTO = 12, 13
 
 
 class BtfError(RuntimeError):
@@ -26,22 +27,33 @@ class BtfError(RuntimeError):
 
 
 class Btf:
-    """Index of struct/union types by name, with member lookup through anonymous members."""
+    """Index of struct/union types by name, with member lookup through anonymous members.
 
-    def __init__(self, path: str = BTF_PATH):
+    ``base`` reads ``path`` as *split* BTF on top of it (a kernel module's, whose
+    type ids and string offsets continue vmlinux's). ``funcs`` also records
+    functions and their prototypes' parameter names (``funcs``, ``protos``).
+    """
+
+    def __init__(self, path: str = BTF_PATH, base: "Btf | None" = None, funcs: bool = False):
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise BtfError(f"cannot read kernel BTF at {path}: {e.strerror} "
-                           "(kernel built without CONFIG_DEBUG_INFO_BTF?)") from e
+            hint = "" if base is not None else " (kernel built without CONFIG_DEBUG_INFO_BTF?)"
+            raise BtfError(f"cannot read {'module' if base is not None else 'kernel'} BTF at {path}: "
+                           f"{e.strerror}{hint}") from e
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
             struct.unpack_from("<HBBIIIII", data, 0)
         if magic != _MAGIC:
             raise BtfError(f"{path}: not BTF (magic {magic:#x})")
-        self._strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.types = [None]          # id 0 is void
-        self.by_name: dict = {}
+        strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        if base is None:
+            self._strs, self.types, self.by_name = strs, [None], {}     # id 0 is void
+        else:
+            self._strs = base._strs + strs
+            self.types, self.by_name = list(base.types), dict(base.by_name)
+        self.funcs: dict = {}          # function name -> FUNC_PROTO type id
+        self.protos: dict = {}         # FUNC_PROTO type id -> [parameter name offsets]
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         unpack = struct.unpack_from
         while pos < end:
@@ -51,6 +63,7 @@ class Btf:
             pos += 12
             fixed, per = _TRAILER.get(kind, (0, 0))
             members = None
+            tid = len(self.types)
             if kind in (_STRUCT, _UNION):
                 kflag = info >> 31
                 members = []
@@ -58,9 +71,13 @@ class Btf:
                     m_name, m_type, m_off = unpack("<III", data, pos + 12 * i)
                     bit_off = m_off & 0xFFFFFF if kflag else m_off
                     members.append((m_name, m_type, bit_off))
+            elif funcs and kind == _FUNC_PROTO:
+                self.protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
+            elif funcs and kind == _FUNC and name_off:
+                self.funcs[self._str(name_off)] = size_or_type
             self.types.append((kind, name_off, size_or_type, members))
             if kind in (_STRUCT, _UNION) and name_off:
-                self.by_name.setdefault(self._str(name_off), len(self.types) - 1)
+                self.by_name.setdefault(self._str(name_off), tid)
             pos += fixed + per * vlen
 
     def _str(self, off: int) -> str:
@@ -134,12 +151,20 @@ FIELDS = {
 }
 
 _cache: dict = {}
+_parsed: dict = {}
+
+
+def load(path: str = BTF_PATH) -> Btf:
+    """The BTF at ``path``, parsed once per process (shared by every probe family)."""
+    if path not in _parsed:
+        _parsed[path] = Btf(path)
+    return _parsed[path]
 
 
 def offset_cflags(path: str = BTF_PATH, fields: dict = FIELDS) -> list:
     """``-DOFF_...=N`` flags for every field in ``fields``, from the running kernel's BTF."""
     key = (path, tuple(sorted(fields)))
     if key not in _cache:
-        btf = Btf(path)
+        btf = load(path)
         _cache[key] = [f"-D{macro}={btf.offset(s, m)}" for macro, (s, m) in fields.items()]
     return list(_cache[key])

@@ -18,58 +18,18 @@ say so in their error ("no NFS mount yet").
 from __future__ import annotations
 
 import os
-import struct
 
 from . import btf
 
 BTF_DIR = "/sys/kernel/btf"
-_FUNC, _FUNC_PROTO = 12, 13
 
 
 class SplitBtf(btf.Btf):
     """vmlinux BTF plus one module's split BTF, with member and parameter lookup."""
 
     def __init__(self, base: btf.Btf, path: str):
-        # no super().__init__: the base is parsed once and shared
+        super().__init__(path, base=base, funcs=True)     # the base is parsed once and shared
         self.path = path
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise btf.BtfError(f"cannot read module BTF at {path}: {e.strerror}") from e
-        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
-            struct.unpack_from("<HBBIIIII", data, 0)
-        if magic != btf._MAGIC:
-            raise btf.BtfError(f"{path}: not BTF (magic {magic:#x})")
-        self._strs = base._strs + data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.types = list(base.types)
-        self.by_name = dict(base.by_name)
-        self.funcs: dict = {}          # function name -> FUNC_PROTO type id
-        self.protos: dict = {}         # FUNC_PROTO id -> [parameter names]
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack = struct.unpack_from
-        while pos < end:
-            name_off, info, size_or_type = unpack("<III", data, pos)
-            kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
-            pos += 12
-            fixed, per = btf._TRAILER.get(kind, (0, 0))
-            members = None
-            tid = len(self.types)
-            if kind in (btf._STRUCT, btf._UNION):
-                kflag = info >> 31
-                members = []
-                for i in range(vlen):
-                    m_name, m_type, m_off = unpack("<III", data, pos + 12 * i)
-                    members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
-            elif kind == _FUNC_PROTO:
-                self.protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
-            elif kind == _FUNC and name_off:
-                self.funcs[self._str(name_off)] = size_or_type
-            self.types.append((kind, name_off, size_or_type, members))
-            if kind in (btf._STRUCT, btf._UNION) and name_off:
-                self.by_name.setdefault(self._str(name_off), tid)
-            pos += fixed + per * vlen
 
     def param_index(self, func: str, param: str) -> int:
         """0-based position of parameter ``param`` of module function ``func``."""
@@ -96,32 +56,17 @@ _base_protos = None
 
 def _vmlinux_protos() -> dict:
     """{FUNC_PROTO type id: [parameter name offsets]} of vmlinux BTF (read once, on demand:
-    btf.Btf keeps only structs)."""
+    the shared vmlinux parse keeps only structs)."""
     global _base_protos
     if _base_protos is None:
-        with open(os.path.join(BTF_DIR, "vmlinux"), "rb") as f:
-            data = f.read()
-        _m, _v, _f, hdr_len, type_off, type_len, _so, _sl = struct.unpack_from("<HBBIIIII", data, 0)
-        protos, tid = {}, 1
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack = struct.unpack_from
-        while pos < end:
-            info = unpack("<I", data, pos + 4)[0]
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            pos += 12
-            if kind == _FUNC_PROTO:
-                protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
-            fixed, per = btf._TRAILER.get(kind, (0, 0))
-            pos += fixed + per * vlen
-            tid += 1
-        _base_protos = protos
+        _base_protos = btf.Btf(os.path.join(BTF_DIR, "vmlinux"), funcs=True).protos
     return _base_protos
 
 
 def base() -> btf.Btf:
     global _base
     if _base is None:
-        _base = btf.Btf(os.path.join(BTF_DIR, "vmlinux"))
+        _base = btf.load(os.path.join(BTF_DIR, "vmlinux"))
     return _base
 
 
