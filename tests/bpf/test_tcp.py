@@ -1,8 +1,5 @@
 """TCP retransmits provoked in a private network namespace, counted against nstat."""
 
-import subprocess
-import time
-
 import pytest
 
 from tests.bpf.tracerun import Trace
@@ -12,28 +9,11 @@ pytestmark = pytest.mark.bpf
 PORT = 47011
 
 
-def _settled_retrans(ns, quiet_s=1.5, timeout_s=30):
-    """TcpRetransSegs of the (fresh) namespace once its sockets are closed and the
-    counter has stopped moving: FIN retransmits can trail the exchange."""
-    deadline = time.monotonic() + timeout_s
-    last, since = ns.nstat_retrans(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        cur = ns.nstat_retrans()
-        live = subprocess.run(ns.exec_argv(["ss", "-tanH", "exclude", "time-wait"]),
-                              capture_output=True, text=True).stdout.strip()
-        if cur != last:
-            last, since = cur, time.monotonic()
-        elif not live and time.monotonic() - since >= quiet_s:
-            return cur
-    raise AssertionError("namespace TCP activity did not settle")
-
-
 def test_retransmits_match_nstat_with_ports_and_owner():
     with LossyNetns(port=PORT, drop_percent=20) as ns:
         with Trace("--families", "tcp", families="tcp") as t:
             ex = ns.run_exchange(n_messages=300, size=512)
-            truth = _settled_retrans(ns)
+            truth = ns.settled_retrans()
         t.stop(timeout_s=60)
     assert t.rc == 0, t.stderr
     assert ex.retrans_segs >= 5, "the lossy namespace produced too few retransmits to test"

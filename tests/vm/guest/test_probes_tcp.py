@@ -10,29 +10,12 @@ the namespace's own TcpRetransSegs (what `nstat` shows there).
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 from guestutil import run
 from tests.fixtures.netfault import LossyNetns
 
 PORT = 47013
-
-
-def _settled_retrans(ns, quiet_s=1.5, timeout_s=60):
-    """TcpRetransSegs of the namespace once its sockets are gone and the counter stopped moving."""
-    deadline = time.monotonic() + timeout_s
-    last, since = ns.nstat_retrans(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        cur = ns.nstat_retrans()
-        live = subprocess.run(ns.exec_argv(["ss", "-tanH", "exclude", "time-wait"]),
-                              capture_output=True, text=True).stdout.strip()
-        if cur != last:
-            last, since = cur, time.monotonic()
-        elif not live and time.monotonic() - since >= quiet_s:
-            return cur
-    raise AssertionError("namespace TCP activity did not settle")
 
 
 def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers):
@@ -43,7 +26,7 @@ def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers):
     with LossyNetns(port=PORT, drop_percent=0, rto_min_ms=20) as ns:
         run(*ns.exec_argv(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "10%"]))
         ex = ns.run_exchange(n_messages=200, size=512, timeout_s=120)
-        truth = _settled_retrans(ns)
+        truth = ns.settled_retrans(timeout_s=60)
         nstat = run(*ns.exec_argv(["nstat", "-az", "TcpRetransSegs"]))
     assert ex.retrans_segs >= 5, f"only {ex.retrans_segs} retransmits under 10% loss: too few to test"
     assert str(truth) in nstat.split(), nstat
