@@ -6,7 +6,7 @@
 #    mmdebstrap for the test VM;
 #  - a virtualenv in .venv with the Python dependencies and a link to the
 #    distribution's bcc module (the PyPI "bcc" is an unrelated project);
-#  - the NVML simulator (tracer/nvmlsim), used where no GPU is present.
+#  - the NVML simulator (sim/nvmlsim), used where no GPU is present.
 # Set STALLSCOPE_SETUP_MINIMAL=1 to skip the test-only packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +62,8 @@ for d in /usr/lib/python3/dist-packages/bcc /usr/lib/python3*/site-packages/bcc;
     if [ -d "$d" ]; then ln -sfn "$d" "$site/bcc"; break; fi
 done
 .venv/bin/python -c 'import bcc' 2>/dev/null || log "warning: bcc is not importable from .venv"
-if [ -f tracer/nvmlsim/Makefile ]; then
-    make -s -C tracer/nvmlsim >/dev/null
+if [ -f sim/nvmlsim/Makefile ]; then
+    make -s -C sim/nvmlsim >/dev/null
 fi
 mountpoint -q /sys/kernel/tracing 2>/dev/null || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 log "ready (.venv, bcc, headers: $(ls -d /lib/modules/$rel/build /usr/src/linux-headers-* 2>/dev/null | head -3 | tr '\n' ' '))"

@@ -7,7 +7,6 @@ are shared and noisy. The tracer figures need root (they load real probes).
 import importlib
 import sys
 
-
 SUITES = {"tracer": "bench.tracer_bench", "blame": "bench.bench_blame", "ingest": "bench.bench_ingest"}
 
 

@@ -6,7 +6,7 @@ the blame code itself is single-threaded numpy).  Each figure carries a same-run
 these run on are shared and their speed drifts.
 
 Figures:
-  align     collector.blame.align: owned-stall join, union of overlaps, culprit and
+  align     stallscope.analysis.blame.align: owned-stall join, union of overlaps, culprit and
             contributors, for (stalls, intervals) from 1M/100k to 10M/1M; stalls in tracer
             emission order (per node, by end time) and, once, shuffled (worst case)
   idle      find_idle on NVML samples producing the same number of intervals
@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from collector import blame  # noqa: E402
+from stallscope.analysis import blame  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000
@@ -208,8 +208,8 @@ def bench_owners(iv, repeat=1):
 
 def bench_analyze(n_st, n_iv):
     """analyze() from tracer batches: what `stallscope report` pays, dicts included."""
-    from collector.analyze import analyze
-    from tracer.schema import Batch
+    from stallscope.analysis.analyze import analyze
+    from stallscope.wire.schema import Batch
 
     _iv, _ow, st = cluster(n_st, n_iv)
     key, ts, util = samples(n_iv)
@@ -250,8 +250,8 @@ def bench_analyze(n_st, n_iv):
 def bench_live(nodes, seconds, stalls_per_s):
     """LiveAnalyzer.add() at steady state: a full window of ``seconds`` on ``nodes`` x 8
     GPUs (NVML period 1/6 s, process lists every second), one more second of batches in."""
-    from collector.analyze import LiveAnalyzer, _Node
-    from tracer.schema import Batch
+    from stallscope.analysis.analyze import LiveAnalyzer, _Node
+    from stallscope.wire.schema import Batch
 
     rng = np.random.default_rng(3)
     per = S // 6

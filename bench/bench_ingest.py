@@ -24,8 +24,8 @@ sys.path.insert(0, ROOT)
 def _payloads(n_batches: int, per_batch: int, node: str) -> list:
     import numpy as np
 
-    from tracer import codec
-    from tracer.schema import Batch
+    from stallscope.wire import codec
+    from stallscope.wire.schema import Batch
     rng = np.random.default_rng(hash(node) & 0xFFFF)
     out = []
     t0 = 1_790_000_000_000_000_000
@@ -61,7 +61,7 @@ def _sender(endpoint, payloads, start_evt):
 
 def _collector_proc(endpoint, store, total_msgs, q, raw):
     os.sched_setaffinity(0, {0})
-    from tracer.transport import Receiver
+    from stallscope.wire.transport import Receiver
     if raw:
         rx = Receiver(endpoint)
         q.put("ready")
@@ -79,7 +79,7 @@ def _collector_proc(endpoint, store, total_msgs, q, raw):
         q.put({"msgs": got, "bytes": nbytes, "wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0})
         rx.close()
         return
-    from collector.server import Collector
+    from stallscope.collector.server import Collector
     col = Collector(endpoint, store, log=lambda m: None)
     q.put("ready")
     c0, t0 = time.process_time(), None

@@ -40,7 +40,7 @@ def _loop(n, path="/dev/zero", size=8) -> float:
 
 
 def _setup():
-    from tracer import kernel
+    from stallscope.tracer import kernel
     kernel.require_root()
     kernel.import_bcc()
     kernel.tracefs_root()
@@ -48,7 +48,7 @@ def _setup():
 
 
 def _load_vfs(min_ns, pages=4096):
-    from tracer import probes
+    from stallscope.tracer import probes
     cfg = probes.ProbeConfig(min_latency_ns=min_ns, families=("vfs",), attach="tracepoint", ringbuf_pages=pages)
     loaded, failed = probes.load(cfg)
     if not loaded:
@@ -87,11 +87,10 @@ def syscall_cost(n=1_000_000, reps=7) -> dict:
 def drain(n=2_000_000) -> dict:
     """Every pread of a regular file emitted (threshold 0); one Python thread drains,
     decodes and encodes batches; CPU time of that thread gives events/s per core."""
-    import numpy as np
 
-    from tracer import codec, decode
-    from tracer.agent import clock_mapping
-    from tracer.schema import Batch, concat_tables
+    from stallscope.tracer.agent import clock_mapping
+    from stallscope.wire import codec, decode
+    from stallscope.wire.schema import Batch, concat_tables
     _setup()
     p = _load_vfs(0)
     tmpf = tempfile.NamedTemporaryFile(prefix="stallscope-bench-", dir="/var/tmp", delete=False)
@@ -143,7 +142,7 @@ def drain(n=2_000_000) -> dict:
 def overflow(n=300_000, pages=16) -> dict:
     """A 64 KiB ring that nobody drains while a filtered pid makes n emitted calls:
     the kernel must count every record it could not store (drained + lost == n)."""
-    from tracer import probes
+    from stallscope.tracer import probes
     _setup()
     tmpf = tempfile.NamedTemporaryFile(prefix="stallscope-bench-", dir="/var/tmp", delete=False)
     tmpf.write(b"x" * 4096)
@@ -172,7 +171,7 @@ def overflow(n=300_000, pages=16) -> dict:
 
 def idle(seconds=20) -> dict:
     """CPU and RSS of the real CLI when nothing is slow (after start-up)."""
-    argv = [sys.executable, "-m", "collector.cli", "trace", "--quiet", "--no-gpu", "--duration", str(seconds + 30)]
+    argv = [sys.executable, "-m", "stallscope", "trace", "--quiet", "--no-gpu", "--duration", str(seconds + 30)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     buf = ""
     deadline = time.time() + 90

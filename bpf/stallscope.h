@@ -3,7 +3,7 @@
  * Every probe family (vfs, tcp, block, nfs, rdma) emits the same fixed-size
  * record into one BPF ring buffer, so user space can view a whole drained
  * span of the ring as one numpy array (tracer/ring.py) instead of taking a
- * callback per event.  tracer/schema.py derives its decoder from the struct
+ * callback per event.  wire/schema.py derives its decoder from the struct
  * below by parsing this file: change a field here and the decoder follows.
  * Bump SS_ABI_VERSION on any layout change.
  */

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from tracer import codec
-from tracer.transport import Receiver, Sender
+from stallscope.wire import codec
+from stallscope.wire.transport import Receiver, Sender
 
 from .store import Store
 

@@ -13,8 +13,8 @@ import os
 import sqlite3
 import time
 
-from tracer import codec
-from tracer.schema import Batch
+from stallscope.wire import codec
+from stallscope.wire.recording import read_recording, sniff
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -89,15 +89,12 @@ class Store:
 def load_batches(source: str, warn=None) -> list:
     """Batches from a store (.db) or a recording file, whichever ``source`` is;
     damaged parts of a recording are skipped and reported through ``warn``."""
-    with open(source, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"SQLite format 3"):
+    if sniff(source) == "store":
         st = Store(source)
         try:
             return [b for _i, b in st.batches()]
         finally:
             st.close()
-    from tracer.sinks import read_recording
     errors = []
     out = list(read_recording(source, on_error=errors.append))
     if errors and not out:
@@ -106,7 +103,3 @@ def load_batches(source: str, warn=None) -> list:
         if warn:
             warn(e)
     return out
-
-
-def is_batch(x) -> bool:
-    return isinstance(x, Batch)

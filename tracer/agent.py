@@ -16,11 +16,13 @@ import time
 
 import numpy as np
 
+from stallscope.wire.schema import ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, Batch, concat_tables
+from stallscope.wire.sink import loss_counters
+
 from . import decode, kernel, probes
+from .families import BY_NAME
 from .net import EpisodeBuilder
 from .procinfo import ProcCache, SocketOwners
-from .schema import (ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, T_NFS, T_NFS_RPC, T_RDMA, T_VFS,
-                     Batch, concat_tables)
 
 
 @dataclasses.dataclass
@@ -117,14 +119,7 @@ class Agent:
         if not self.loaded:
             raise kernel.Unavailable("no probe could be loaded: " +
                                      "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
-        self.methods = {}
-        for p in self.loaded:
-            if p.family == "vfs":
-                self.methods[T_VFS] = p.method
-            elif p.family == "nfs":
-                self.methods[T_NFS] = self.methods[T_NFS_RPC] = p.method
-            elif p.family == "rdma":
-                self.methods[T_RDMA] = p.method
+        self.methods = {t: p.method for p in self.loaded for t in BY_NAME[p.family].RECORD_TYPES}
         self.started_ns = time.time_ns()
         if self.cfg.gpu != "off":
             self._open_gpu()
@@ -254,10 +249,7 @@ class Agent:
         for p in self.loaded:
             for k, v in p.counters().items():
                 counters[f"{p.family}.{k}"] = v
-        for s in self.sinks:
-            for attr in ("dropped_batches", "dropped_events"):
-                if hasattr(s, attr):
-                    counters[f"{type(s).__name__.lower()}.{attr}"] = int(getattr(s, attr))
+        counters.update(loss_counters(self.sinks))
         counters["tick_errors"] = self.tick_errors
         self.last_counters = counters
         counters["tcp.retransmits"] = self.episodes.total_retransmits

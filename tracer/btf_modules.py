@@ -9,7 +9,7 @@ can only be read together with ``/sys/kernel/btf/vmlinux``. Modules are split
 against vmlinux only, never against each other, so each module is read as its
 own vmlinux + module pair.
 
-Same idea as :mod:`tracer.btf` (whose parser this reuses): the probes get ``-D``
+Same idea as :mod:`stallscope.tracer.btf` (whose parser this reuses): the probes get ``-D``
 flags with offsets from the running kernel, never from headers that may belong
 to another kernel. A module's BTF exists only while it is loaded: the callers
 say so in their error ("no NFS mount yet").

@@ -1,5 +1,8 @@
 """Turn drained kernel records (RECORD_DTYPE arrays) into event tables, in bulk.
 
+:func:`split` gives each record type to its family's ``decode`` (tracer/families/);
+the column helpers here are what those share.
+
 Strings (comm, path) are decoded once per distinct value per drain, not once
 per record, so the cost per record is a few numpy operations.
 """
@@ -10,8 +13,7 @@ import socket
 
 import numpy as np
 
-from .schema import (DEFINES, OP_NAMES, Cat, T_BLOCK, T_NFS, T_NFS_RPC, T_RDMA, T_TCP, T_VFS,
-                     concat_tables, empty_table)
+from stallscope.wire.schema import DEFINES, OP_NAMES, Cat, concat_tables
 
 PATH_TRUNC = DEFINES["SS_F_PATH_TRUNC"]
 
@@ -36,7 +38,7 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
 _K = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _key64(col: np.ndarray) -> np.ndarray:
+def key64(col: np.ndarray) -> np.ndarray:
     """A 64-bit key per value (bytes columns are folded 8 bytes at a time), so
     distinct values are found by sorting integers instead of long strings."""
     if col.dtype.kind in "ui":
@@ -54,14 +56,14 @@ def _key64(col: np.ndarray) -> np.ndarray:
     return h
 
 
-def _unique_map(col: np.ndarray, fn, key: np.ndarray | None = None) -> np.ndarray:
+def unique_map(col: np.ndarray, fn, key: np.ndarray | None = None) -> np.ndarray:
     """Apply fn to each distinct value of a column; return an object array.
 
     ``key`` (default: a 64-bit fold of the value) decides what counts as
     distinct; fn is called once per distinct key with the first value seen."""
     if len(col) == 0:
         return np.empty(0, dtype=object)
-    k = _key64(col) if key is None else key
+    k = key64(col) if key is None else key
     _u, first, inv = np.unique(k, return_index=True, return_inverse=True)
     mapped = np.empty(len(first), dtype=object)
     for i, j in enumerate(first):
@@ -85,24 +87,16 @@ def path_str(raw: bytes, truncated: bool = False) -> str:
     return "/" + "/".join(reversed(comps))
 
 
-def _paths(recs: np.ndarray) -> np.ndarray:
+def paths(recs: np.ndarray) -> np.ndarray:
     if len(recs) == 0:
         return np.empty(0, dtype=object)
     trunc = (recs["flags"] & PATH_TRUNC) != 0
-    key = _key64(recs["path"]) ^ trunc.astype(np.uint64)     # a truncated walk is another value
+    key = key64(recs["path"]) ^ trunc.astype(np.uint64)     # a truncated walk is another value
     _u, first, inv = np.unique(key, return_index=True, return_inverse=True)
     vals = np.empty(len(first), dtype=object)
     for i, j in enumerate(first):
         vals[i] = path_str(bytes(recs["path"][j]), bool(trunc[j]))
     return Cat.make(vals, inv.reshape(-1))
-
-
-def rpc_name(raw: bytes, vers: int) -> str:
-    """An NFS_RPC record's path field ("PROC\\0prog\\0") -> "progvN PROC" ("nfsv3 READ")."""
-    parts = raw.split(b"\0")
-    proc = parts[0].decode("utf-8", "replace")
-    prog = parts[1].decode("utf-8", "replace") if len(parts) > 1 else ""
-    return f"{prog}v{vers} {proc}" if prog else proc
 
 
 def addr_str(family: int, raw: bytes) -> str:
@@ -114,82 +108,48 @@ def addr_str(family: int, raw: bytes) -> str:
         return "?"
 
 
-def _servers(r: np.ndarray) -> np.ndarray:
+def servers(r: np.ndarray) -> np.ndarray:
     return np.array([addr_str(int(f) or 2, a) if (int(f) or any(a)) else ""
                      for f, a in zip(r["family"], r["daddr"])], dtype=object)
 
 
-def _ops(codes: np.ndarray) -> np.ndarray:
-    return _unique_map(codes, lambda c: OP_NAMES.get(int(c), f"op{int(c)}"))
+def ops(codes: np.ndarray) -> np.ndarray:
+    return unique_map(codes, lambda c: OP_NAMES.get(int(c), f"op{int(c)}"))
+
+
+def fs_names(magic: np.ndarray) -> np.ndarray:
+    return unique_map(magic, lambda m: FS_MAGIC.get(int(m), f"0x{int(m):x}"))
+
+
+def addrs(family: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    return np.array([addr_str(int(f), a) for f, a in zip(family, raw)], dtype=object)
+
+
+def devices(dev: np.ndarray) -> np.ndarray:
+    return unique_map(dev, lambda d: f"{int(d) >> 20}:{int(d) & 0xFFFFF}")
+
+
+def constant(value: str, n: int) -> np.ndarray:
+    return Cat.make(np.array([value], dtype=object), np.zeros(n, dtype=np.intp))
 
 
 def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
-    """Records of all types -> {table kind: columns}. ``methods`` maps type -> attach method."""
+    """Records of all types -> {table kind: columns}, each type decoded by its family.
+    ``methods`` maps record type -> the attach method its family loaded with."""
+    from .families import BY_RECORD_TYPE
     out = {}
     if len(recs) == 0:
         return out
     types = recs["type"]
     for t in np.unique(types):
+        fam = BY_RECORD_TYPE.get(int(t))
+        if fam is None:
+            continue
         r = recs[types == t]
         ts = (r["ts_ns"].astype(np.int64) + mono_to_wall_ns).astype(np.uint64)
         base = {"ts_ns": ts, "dur_ns": r["dur_ns"].astype(np.uint64),
                 "pid": r["pid"].astype(np.uint64), "tid": r["tid"].astype(np.uint64),
-                "comm": _unique_map(r["comm"], comm_str)}
-        n = len(r)
-        meth = Cat.make(np.array([methods.get(int(t), "")], dtype=object), np.zeros(n, dtype=np.intp))
-        if t in (T_VFS, T_NFS):
-            fs = _unique_map(r["fs_magic"], lambda m: FS_MAGIC.get(int(m), f"0x{int(m):x}"))
-            tab = {**base, "op": _ops(r["op"]), "bytes": r["ret"].astype(np.int64),
-                   "path": _paths(r), "fs": fs}
-            if t == T_VFS:
-                tab.update(dev=r["dev"].astype(np.uint64), ino=r["ino"].astype(np.uint64),
-                           cgroup=r["cgroup_id"].astype(np.uint64), method=meth)
-                out["io"] = tab
-            else:
-                tab.update(server=_servers(r), xid=r["key"].astype(np.uint64),
-                           rpc_retrans=r["aux"].astype(np.uint64), method=meth)
-                out["nfs"] = _merge(out.get("nfs"), tab)
-        elif t == T_NFS_RPC:
-            # path holds "PROC\0prog\0" and state the program version: "nfsv3 READ"
-            with np.errstate(over="ignore"):
-                key = _key64(r["path"]) * np.uint64(257) + r["state"].astype(np.uint64)
-            names = _unique_map(r[["path", "state"]], lambda x: rpc_name(bytes(x["path"]), int(x["state"])),
-                                key=key)
-            tab = {**base, "op": _ops(r["op"]), "bytes": r["ret"].astype(np.int64),
-                   "path": names, "fs": Cat.make(np.array(["nfs"], dtype=object), np.zeros(n, dtype=np.intp)),
-                   "server": _servers(r),
-                   "xid": r["key"].astype(np.uint64), "rpc_retrans": r["aux"].astype(np.uint64),
-                   "method": meth}
-            out["nfs"] = _merge(out.get("nfs"), tab)
-        elif t == T_BLOCK:
-            dev = _unique_map(r["dev"], lambda d: f"{int(d) >> 20}:{int(d) & 0xFFFFF}")
-            out["block"] = {**base, "op": _ops(r["op"]), "bytes": r["aux"].astype(np.int64),
-                            "device": dev, "sector": r["key"].astype(np.uint64)}
-        elif t == T_TCP:
-            out["_retrans"] = {
-                "ts_ns": ts, "sk": r["key"].astype(np.uint64), "sock_ino": r["ino"].astype(np.uint64),
-                "op": _ops(r["op"]), "state": r["state"].astype(np.uint64),
-                "family": r["family"].astype(np.uint64), "sport": r["sport"].astype(np.uint64),
-                "dport": r["dport"].astype(np.uint64),
-                "saddr": np.array([addr_str(int(f), a) for f, a in zip(r["family"], r["saddr"])], dtype=object),
-                "daddr": np.array([addr_str(int(f), a) for f, a in zip(r["family"], r["daddr"])], dtype=object),
-                "rto_jiffies": r["aux"].astype(np.uint64),
-                "segs": r["segs"].astype(np.uint64), "err": r["ret"].astype(np.int64),
-                "total": r["dev"].astype(np.uint64),
-            }
-        elif t == T_RDMA:
-            out["rdma"] = {**base, "op": _ops(r["op"]),
-                           "device": _unique_map(r["path"], comm_str),
-                           "qp": r["key"].astype(np.uint64), "bytes": r["ret"].astype(np.int64)}
+                "comm": unique_map(r["comm"], comm_str)}
+        for kind, tab in fam.decode(int(t), r, base, constant(methods.get(int(t), ""), len(r))).items():
+            out[kind] = concat_tables(kind, [out[kind], tab]) if kind in out else tab
     return out
-
-
-def _merge(a, b):
-    """File-op and RPC records both go to the "nfs" table."""
-    if a is None:
-        return b
-    return concat_tables("nfs", [a, b])
-
-
-def empty(kind):
-    return empty_table(kind)

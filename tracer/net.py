@@ -11,7 +11,6 @@ Episodes are emitted once closed, so a ``net`` event appears at most
 from __future__ import annotations
 
 import gzip
-import os
 import platform
 
 import numpy as np

@@ -6,7 +6,7 @@ sample period, 1/6 s to 1 s depending on the product, during which a kernel ran)
 by the driver in wall-clock microseconds.  ``nvmlDeviceGetSamples`` pages through that ring
 by the last timestamp seen, so polling every second or so loses nothing and each sample is
 returned once.  This module reads it through the official bindings (``pynvml``, package
-nvidia-ml-py), so the code that runs against the simulated library (tracer/nvmlsim) runs
+nvidia-ml-py), so the code that runs against the simulated library (sim/nvmlsim) runs
 unchanged on a GPU node.
 
 Driver behaviours handled here:

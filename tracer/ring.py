@@ -22,7 +22,7 @@ import struct
 
 import numpy as np
 
-from .schema import RECORD_DTYPE
+from stallscope.wire.schema import RECORD_DTYPE
 
 BUSY = 1 << 31
 DISCARD = 1 << 30

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from collector.demo.trainer import make_shards, shard_name
+from stallscope.sim import nvmlsim
+from stallscope.sim.slowfs import SlowFS
+from stallscope.sim.trainer import make_shards
 from tests.bpf.tracerun import ROOT, Trace, run_cli
 from tests.fixtures.netfault import LossyNetns
-from tests.fixtures.slowfs import SlowFS
-from tracer import nvmlsim
 
 pytestmark = pytest.mark.bpf
 DELAY_MS = 800
@@ -38,7 +38,7 @@ class Scenario:
                      families=families, gpu=True, env=self.env)
 
     def trainer(self, log, data, gpu=0, netns=None, **kw):
-        argv = [sys.executable, "-m", "collector.demo.trainer", "--state", self.state, "--gpu", str(gpu),
+        argv = [sys.executable, "-m", "stallscope.sim.trainer", "--state", self.state, "--gpu", str(gpu),
                 "--data", data, "--log", str(log)]
         for k, v in kw.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -185,7 +185,7 @@ def test_network_stall_names_the_flow(tmp_path, simlib):
         make_shards(str(data), 3, slow_every=0)
         peer = subprocess.Popen(ns.exec_argv([sys.executable, "-c",
                                               "import sys; sys.path.insert(0, sys.argv[1]); "
-                                              "from collector.demo.trainer import peer_main; "
+                                              "from stallscope.sim.trainer import peer_main; "
                                               f"peer_main(['--port', '{port}'])", ROOT]),
                                 stdout=subprocess.PIPE, text=True)
         assert json.loads(peer.stdout.readline())["ready"]

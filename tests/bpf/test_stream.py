@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from collector.store import load_batches
-from tests.netutil import free_port
+from stallscope.collector.store import load_batches
+from stallscope.sim.slowfs import SlowFS
 from tests.bpf.tracerun import ROOT, Trace, stallscope_argv
-from tests.fixtures.slowfs import SlowFS
 from tests.fixtures.workload import start_io
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.bpf
 
@@ -70,8 +70,8 @@ def test_dead_collector_counts_drops_and_keeps_running(tmp_path):
 def test_malformed_batches_are_rejected_not_fatal(tmp_path):
     import zmq
 
-    from tracer import codec
-    from tracer.schema import Batch
+    from stallscope.wire import codec
+    from stallscope.wire.schema import Batch
     port = free_port()
     db = tmp_path / "store.db"
     col = subprocess.Popen(stallscope_argv("collect", "--bind", f"tcp://127.0.0.1:{port}", "--store", str(db)),

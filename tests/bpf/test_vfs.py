@@ -4,8 +4,8 @@ import os
 
 import pytest
 
+from stallscope.sim.slowfs import SlowFS
 from tests.bpf.tracerun import Trace
-from tests.fixtures.slowfs import SlowFS
 from tests.fixtures.workload import start_io
 
 pytestmark = pytest.mark.bpf

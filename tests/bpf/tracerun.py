@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def stallscope_argv(*args):
-    return [sys.executable, "-m", "collector.cli", *args]
+    return [sys.executable, "-m", "stallscope", *args]
 
 
 class Trace:

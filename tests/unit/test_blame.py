@@ -1,7 +1,7 @@
 """Blame semantics (DESIGN.md "Blame: the core semantics"): idle intervals, owners, verdicts.
 
 Hand-built cases pin each rule; a plain-Python reference implementation, written from the
-rules and not from collector/blame.py, is compared with the vectorized code on random data
+rules and not from analysis/blame.py, is compared with the vectorized code on random data
 (ties, long stalls, dataloader trees, gaps in NVML process lists, several nodes and jobs).
 """
 
@@ -14,9 +14,10 @@ import statistics
 import numpy as np
 import pytest
 
-from collector import blame
-from collector.analyze import DEFAULTS, LiveAnalyzer, analyze, format_text
-from tracer.schema import STALL_TABLES, TABLES, Batch
+from stallscope.analysis import blame
+from stallscope.analysis.analyze import DEFAULTS, LiveAnalyzer, analyze
+from stallscope.analysis.text import format_text
+from stallscope.wire.schema import STALL_TABLES, TABLES, Batch
 
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000

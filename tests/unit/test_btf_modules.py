@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tracer import btf, btf_modules
+from stallscope.tracer import btf, btf_modules
 
 pytestmark = pytest.mark.skipif(not os.path.exists(btf.BTF_PATH), reason="kernel without BTF")
 

@@ -4,8 +4,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from tracer import codec, schema
-from tracer.schema import Batch
+from stallscope.wire import codec, schema
+from stallscope.wire.schema import Batch
 
 
 def io_table(n, seed=0):
@@ -139,7 +139,8 @@ def test_record_dtype_is_derived_from_header():
 
 
 def test_recording_with_damaged_tail_keeps_the_rest(tmp_path):
-    from tracer.sinks import FileSink, read_recording
+    from stallscope.wire.recording import RecordingWriter as FileSink
+    from stallscope.wire.recording import read_recording
     path = tmp_path / "rec.ssrec"
     sink = FileSink(str(path))
     for seq in range(3):
@@ -154,7 +155,7 @@ def test_recording_with_damaged_tail_keeps_the_rest(tmp_path):
 
 
 def test_recording_sink_counts_enospc():
-    from tracer.sinks import FileSink
+    from stallscope.wire.recording import RecordingWriter as FileSink
     sink = FileSink("/dev/full")
     for seq in range(3):
         sink(Batch("n", seq, {"io": io_table(5)}))

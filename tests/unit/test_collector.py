@@ -5,11 +5,11 @@ import sqlite3
 
 import numpy as np
 
-from collector.server import Collector
-from collector.store import Store, load_batches
+from stallscope.collector.server import Collector
+from stallscope.collector.store import Store, load_batches
+from stallscope.wire.schema import Batch
+from stallscope.wire.transport import Sender
 from tests.netutil import free_port as _port
-from tracer.schema import Batch
-from tracer.transport import Sender
 
 
 def _batch(node, seq, n):

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from tracer import btf, decode, procinfo
-from tracer.schema import ENUMS, RECORD_DTYPE
+from stallscope.tracer import btf, decode, procinfo
+from stallscope.wire.schema import ENUMS, RECORD_DTYPE
 
 
 def test_path_components_leaf_first():

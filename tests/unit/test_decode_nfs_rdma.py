@@ -4,8 +4,9 @@ import socket
 
 import numpy as np
 
-from tracer import decode
-from tracer.schema import ENUMS, RECORD_DTYPE, TABLES
+from stallscope.tracer import decode
+from stallscope.tracer.families import nfs as nfs_family
+from stallscope.wire.schema import ENUMS, RECORD_DTYPE, TABLES
 
 
 def _nfs_records():
@@ -43,8 +44,8 @@ def test_file_ops_and_rpcs_share_the_nfs_table():
 
 
 def test_rpc_name_without_program_is_the_procedure():
-    assert decode.rpc_name(b"NULL\0\0", 0) == "NULL"
-    assert decode.rpc_name(b"CB_SEQUENCE\0nfs4_cb\0", 1) == "nfs4_cbv1 CB_SEQUENCE"
+    assert nfs_family.rpc_name(b"NULL\0\0", 0) == "NULL"
+    assert nfs_family.rpc_name(b"CB_SEQUENCE\0nfs4_cb\0", 1) == "nfs4_cbv1 CB_SEQUENCE"
 
 
 def test_rdma_waits_carry_the_device():

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
+from stallscope.sim.slowfs import SlowFS
 from tests.fixtures import FixtureUnavailable
 from tests.fixtures.netfault import LossyNetns, list_netns, parse_snmp
-from tests.fixtures.slowfs import SlowFS
 from tests.fixtures.workload import WorkloadError, run_io, start_io
 
 DELAY_MS = 200

@@ -1,6 +1,6 @@
 """GpuSampler through the real pynvml bindings, against the simulated libnvidia-ml.so.1.
 
-Every test builds (make, once) tracer/nvmlsim, writes its own state file, and drives the
+Every test builds (make, once) sim/nvmlsim, writes its own state file, and drives the
 simulated GPUs as a workload would; pynvml loads the simulator by SONAME exactly as it
 would load the driver's library.  Spans are mostly marked with explicit wall-clock times,
 so the expected utilization of every sample period is known exactly and the tests do not
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from tracer import nvmlsim
-from tracer.nvml import GpuSampler, NvmlUnavailable
+from stallscope.sim import nvmlsim
+from stallscope.tracer.nvml import GpuSampler, NvmlUnavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 P_MS = 50
@@ -27,7 +27,7 @@ P_NS = P_MS * 1_000_000
 @pytest.fixture(scope="session")
 def simlib():
     if not (shutil.which("make") and shutil.which("cc")):
-        pytest.skip("needs make and a C compiler to build tracer/nvmlsim")
+        pytest.skip("needs make and a C compiler to build sim/nvmlsim")
     return nvmlsim.build()
 
 
@@ -182,7 +182,7 @@ def test_workload_in_another_process(state, open_sampler):
     path = state()
     s = open_sampler()
     code = ("import sys, time\n"
-            "from tracer import nvmlsim\n"
+            "from stallscope.sim import nvmlsim\n"
             "gpu = nvmlsim.SimGpu(0, sys.argv[1])\n"
             "gpu.register()\n"
             "print(time.time_ns(), flush=True)\n"
@@ -300,7 +300,7 @@ def test_unloadable_library_path_is_one_line(tmp_path):
 def test_missing_library_is_one_line():
     env = {k: v for k, v in os.environ.items()
            if k not in ("STALLSCOPE_NVML_LIB", "LD_LIBRARY_PATH", "LD_PRELOAD")}
-    code = ("from tracer.nvml import GpuSampler, NvmlUnavailable\n"
+    code = ("from stallscope.tracer.nvml import GpuSampler, NvmlUnavailable\n"
             "try:\n    GpuSampler.open()\nexcept NvmlUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)

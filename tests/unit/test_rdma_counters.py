@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tracer.rdma_counters import RdmaCounterSampler
+from stallscope.tracer.rdma_counters import RdmaCounterSampler
 
 
 def _write(root: Path, dev: str, port: int, group: str, name: str, value):

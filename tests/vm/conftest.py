@@ -46,7 +46,8 @@ GUEST_JUNIT = "junit.xml"
 # Runs in the guest, in the repository share (/stallscope), from stallscope-vm-run.service.
 GUEST_SCRIPT = f"""\
 echo "stallscope-guest: kernel $(uname -r)"
-export PYTHONPATH=/stallscope${{PYTHONPATH:+:$PYTHONPATH}}
+python3 /stallscope/tests/vm/devtree.py /stallscope /tmp/stallscope-py
+export PYTHONPATH=/tmp/stallscope-py:/stallscope${{PYTHONPATH:+:$PYTHONPATH}}
 exec python3 -m pytest -p no:cacheprovider -v -rA --continue-on-collection-errors \\
     --junitxml=/stallscope-share/{GUEST_JUNIT} tests/vm/guest
 """

@@ -10,7 +10,7 @@ tests), and the tests read what it reports:
   simulator, recording to a file (``stallscope report`` reads it; RDMA port counters
   travel only in recordings)
 
-Each runs the real CLI (``python3 -m collector.cli trace --json``) from the repository
+Each runs the real CLI (``python3 -m stallscope trace --json``) from the repository
 share; a reader thread keeps its JSON events and its stderr. The NFS mounts and the
 soft-RoCE pair are set up before the tracers start, since the probes attach to
 functions of the nfs, sunrpc and ib_uverbs modules, which load with them.
@@ -34,7 +34,7 @@ from guestutil import run
 
 REPO = Path(__file__).resolve().parents[3]
 GUEST_DIR = Path(__file__).resolve().parent
-SIMLIB = REPO / "tracer" / "nvmlsim" / "build" / "libnvidia-ml.so.1"
+SIMLIB = REPO / "sim" / "nvmlsim" / "build" / "libnvidia-ml.so.1"
 MIN_LATENCY_MS = 50
 READY_TIMEOUT_S = 420       # three compiles at once on two emulated CPUs
 NETEM_DELAY_MS = 50         # per crossing of lo: an NFS round trip is >= 100 ms
@@ -45,8 +45,8 @@ class TracerProcess:
 
     def __init__(self, name: str, args: list[str], env: dict | None = None):
         self.name = name
-        self.argv = [sys.executable, "-m", "collector.cli", "trace", "--json", *args]
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.argv = [sys.executable, "-m", "stallscope", "trace", "--json", *args]
+        self.env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), **(env or {})}
         self._events: list[dict] = []
         self._stderr: list[str] = []
         self._lock = threading.Lock()
@@ -249,7 +249,7 @@ class ProbeTracers:
 
 
 def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
-    from tracer import nvmlsim
+    from stallscope.sim import nvmlsim
 
     state = Path(nvmlsim.create_state(str(tmp / "sim.state"), n_gpus=1, period_ms=100))
     rec = tmp / "nfs_rdma.ssrec"
@@ -262,7 +262,7 @@ def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
         reason = "pynvml.py not found in the repository's .venv (pip package nvidia-ml-py)"
     else:
         gpu_args = ["--gpu", "--nvml-lib", str(SIMLIB)]
-        env = {"STALLSCOPE_NVMLSIM_STATE": str(state), "PYTHONPATH": f"{REPO}:{pyn}"}
+        env = {"STALLSCOPE_NVMLSIM_STATE": str(state), "PYTHONPATH": f"{os.environ.get('PYTHONPATH', REPO)}:{pyn}"}
     return ProbeTracers(
         vfs_tcp=TracerProcess("vfs_tcp", ["--families", "vfs,tcp", "--attach", "kprobe", "--no-gpu", *common]),
         vfs_fentry=TracerProcess("vfs_fentry", ["--families", "vfs", "--attach", "fentry", "--no-gpu", *common]),

@@ -137,14 +137,14 @@ def test_nfs_rpc_retransmits_under_netem_loss(probe_tracers, nfs_mounts):
 
 
 def test_nfs_read_is_blamed_for_gpu_idle(probe_tracers, nfs_mounts):
-    """The demo training loop (collector/demo/trainer.py) on the simulated GPU reads each
+    """The demo training loop (sim/trainer.py) on the simulated GPU reads each
     shard from an NFS mount whose every round trip netem delays by 2 x 200 ms; with the
     files' attributes and access cached (nocto, long actimeo) the only RPC a step waits for
     is the READ. Each idle interval is blamed on the dataloader's NFS read of that shard."""
     t = probe_tracers.nfs_rdma
     t.wait_ready()
     assert probe_tracers.gpu, f"the tracer has no simulated GPU: {probe_tracers.gpu_reason}"
-    from collector.demo.trainer import make_shards
+    from stallscope.sim.trainer import make_shards
 
     server = Path("/srv/nfs/blame")
     steps = 3
@@ -158,8 +158,8 @@ def test_nfs_read_is_blamed_for_gpu_idle(probe_tracers, nfs_mounts):
             os.close(os.open(p, os.O_RDONLY))
         run("stallscope-netem", "lo", "delay", "200ms")
         try:
-            env = {**os.environ, "PYTHONPATH": str(REPO), "STALLSCOPE_NVMLSIM_STATE": str(probe_tracers.sim_state)}
-            p = subprocess.run([sys.executable, "-m", "collector.demo.trainer", "--state", str(probe_tracers.sim_state),
+            env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "STALLSCOPE_NVMLSIM_STATE": str(probe_tracers.sim_state)}
+            p = subprocess.run([sys.executable, "-m", "stallscope.sim.trainer", "--state", str(probe_tracers.sim_state),
                                 "--gpu", "0", "--data", str(mnt), "--steps", str(steps), "--slow-every", "0",
                                 "--log", str(log)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         finally:
@@ -170,8 +170,8 @@ def test_nfs_read_is_blamed_for_gpu_idle(probe_tracers, nfs_mounts):
         worker = next(e for e in gt if e["kind"] == "start")["worker_pid"]
         reads = [e for e in gt if e["kind"] == "read"]
         assert len(reads) == steps, gt
-        r = subprocess.run([sys.executable, "-m", "collector.cli", "report", "--json", str(probe_tracers.recording)],
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "stallscope", "report", "--json", str(probe_tracers.recording)],
+                           cwd=REPO, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr
         verdicts = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]

@@ -85,7 +85,7 @@ def test_rdma_completion_waits_kprobe(probe_tracers, rxe_pair, netem):
 
 def _recorded_counters(recording, since_ns: int, until_ns: int) -> dict:
     """Sum of the tracer's rdma_counter deltas per (device, counter) over intervals ending in the window."""
-    from tracer.sinks import read_recording
+    from stallscope.wire.recording import read_recording
 
     sums = {}
     for batch in read_recording(str(recording)):
@@ -123,13 +123,14 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
 
 def test_rdma_completion_waits_uprobe_and_its_cost(probe_tracers, rxe_pair, netem):
     """The uprobe method, loaded in-process as tracer/probes.py would where kprobes are missing."""
-    from tracer import decode, kernel, probes, probes_rdma
-    from tracer.agent import clock_mapping
-    from tracer.schema import T_RDMA
+    from stallscope.tracer import decode, kernel, probes
+    from stallscope.tracer.families import rdma as probes_rdma
+    from stallscope.tracer.agent import clock_mapping
+    from stallscope.wire.schema import T_RDMA
 
     kernel.ensure_headers()
     cfg = probes.ProbeConfig(min_latency_ns=MIN_LATENCY_MS * 1_000_000, families=("rdma",))
-    (name, fn), = [m for m in probes_rdma.methods(cfg, kernel.tracefs_root(), probes._load, probes.base_cflags)
+    (name, fn), = [m for m in probes_rdma.methods(cfg, kernel.tracefs_root())
                    if m[0] == "uprobe"]
     b, detail = fn()
     probe = probes.LoadedProbe("rdma", name, b, detail)

@@ -1,0 +1,125 @@
+"""Text for people: one renderer for stall events, verdict lines and the report table."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from .analyze import VERDICTS, Result
+
+
+def _clock(ns: int) -> str:
+    t = time.localtime(ns // 1_000_000_000)
+    return time.strftime("%H:%M:%S", t) + f".{ns // 1_000_000 % 1000:03d}"
+
+
+def describe(e: dict) -> str:
+    """One line for an event: what, where, who, how long (``read /data/x (nfs) pid 7 python
+    812.3ms``)."""
+    kind = e.get("type", "")
+    op = e.get("op", "") or kind
+    if kind in ("io", "nfs"):
+        what = f"{op} {e.get('path') or '?'}"
+        fs = e.get("server") or e.get("fs")
+        if fs:
+            what += f" ({fs})"
+    elif kind == "net":
+        what = (f"{op} {e.get('saddr')}:{e.get('sport')}->{e.get('daddr')}:{e.get('dport')}"
+                f" x{e.get('retransmits', 0)}")
+    elif kind == "block":
+        what = f"{op} {e.get('device') or '?'} sector {e.get('sector', 0)}"
+    elif kind == "rdma":
+        what = f"{op} {e.get('device') or '?'} qp {e.get('qp', 0)}"
+    else:
+        what = op
+    return (f"{what} pid {e.get('pid', 0)} {e.get('comm', '')} "
+            f"{e.get('dur_ns', 0) / 1e6:.1f}ms").rstrip()
+
+
+def format_text(result: Result) -> str:
+    """A table of verdicts (NODE GPU IDLE-START DUR(ms) VERDICT EXPLAINED CULPRIT) and a
+    summary: counts, edge precision per GPU, lost events."""
+    vs = result.verdicts
+    s = result.summary
+    lines = []
+    if vs:
+        day = time.strftime("%Y-%m-%d %Z", time.localtime(vs[0]["idle_start_ns"] // 10 ** 9))
+        lines.append(f"GPU idle intervals (times local, {day}):")
+    nw = max([4] + [len(v["node"]) for v in vs])
+    lines.append(f"{'NODE':<{nw}} {'GPU':>3} {'IDLE-START':<12} {'DUR(ms)':>9} "
+                 f"{'VERDICT':<11} {'EXPLAINED':>9}  CULPRIT")
+    for v in vs:
+        dur = f"{v['duration_ns'] / 1e6:.1f}" + ("+" if v["open"] else "")
+        c = v["culprit"]
+        if c is not None:
+            what = describe(c)
+            if v["remote"]:
+                what = f"[{v['culprit_node']}, clock +-{v['clock_uncertainty_ns'] / 1e6:.3f}ms] " + what
+        elif v["contributors"]:
+            what = f"(partly: {describe(v['contributors'][0])})"
+        elif not v["owners"]:
+            what = "(no process on the GPU)"
+        else:
+            what = "-"
+        lines.append(f"{v['node']:<{nw}} {v['gpu']:>3} {_clock(v['idle_start_ns']):<12} "
+                     f"{dur:>9} {v['verdict']:<11} {v['explained_fraction'] * 100:>8.0f}%  {what}")
+    counts = s.get("verdicts", {})
+    lines.append("")
+    lines.append(f"{s.get('intervals', 0)} idle intervals on {s.get('gpus', 0)} GPUs, "
+                 f"{len(s.get('nodes', []))} nodes: " +
+                 ", ".join(f"{counts.get(k, 0)} {k}" for k in VERDICTS) +
+                 f"; {sum(s.get('stalls', {}).values())} stalls traced")
+    per = s.get("sample_period_ns", {})
+    if per:
+        edges = ", ".join(f"{n}/{g} {ns / 1e6:.0f}ms" for n in sorted(per)
+                          for g, ns in sorted(per[n].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"interval edges are precise to one sample period: {edges}")
+    for n, why in sorted(s.get("gpu_unavailable", {}).items()):
+        lines.append(f"{n}: no GPU data: {why}")
+    if len(s.get("nodes", [])) > 1 and s.get("clock_unsynced"):
+        lines.append(f"note: clocks of {', '.join(s['clock_unsynced'])} are not NTP-synchronized; "
+                     "cross-node (remote) verdicts assume their clocks agree")
+    if s.get("lost_total"):
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(s["lost"].items()) if v)
+        lines.append(f"WARNING: {s['lost_total']} events or batches lost ({detail}): "
+                     "some stalls may be missing, so an unexplained verdict may have a cause")
+    return "\n".join(lines)
+
+
+def event_line(e: dict) -> str:
+    """One stall as a row of `stallscope trace` (TIME COMM PID TID OP LAT(ms) BYTES FILE/FLOW)."""
+    t = datetime.datetime.fromtimestamp(e["ts_ns"] / 1e9).strftime("%H:%M:%S.%f")[:12]
+    if e["type"] == "net":
+        what = f"{e['saddr']}:{e['sport']} -> {e['daddr']}:{e['dport']} ({e['state']})"
+        nbytes = f"{e['retransmits']}rtx"
+    elif e["type"] == "block":
+        what, nbytes = e["device"], str(e["bytes"])
+    elif e["type"] == "rdma":
+        what, nbytes = f"{e['device']} qp {e['qp']}", str(e["bytes"])
+    else:
+        what, nbytes = e["path"], str(e["bytes"])
+        if e["type"] == "nfs" and e.get("server"):
+            what = f"{e['server']}:{what}"
+    return (f"{t:<12} {e['comm'][:16]:<16} {e['pid']:>7} {e['tid']:>7} {e['op'][:12]:<12} "
+            f"{e['dur_ns'] / 1e6:>9.2f} {nbytes:>9} {what}")
+
+
+EVENT_HEADER = (f"{'TIME':<12} {'COMM':<16} {'PID':>7} {'TID':>7} {'OP':<12} {'LAT(ms)':>9} "
+                f"{'BYTES':>9} FILE/FLOW")
+
+
+def verdict_line(v: dict) -> str:
+    """One live verdict: ``VERDICT node gpuN idle 800ms explained 96% (+-100ms): <culprit>``."""
+    c = v.get("culprit")
+    if c is not None:
+        what = describe(c)
+        if v.get("remote"):
+            what = f"[remote: {v.get('culprit_node')}] {what}"
+    elif v.get("contributors"):
+        what = f"unexplained (partly: {describe(v['contributors'][0])})"
+    elif not v.get("owners"):
+        what = "unexplained (no process on the GPU)"
+    else:
+        what = "unexplained: nothing traced explains it"
+    return (f"VERDICT {v['node']} gpu{v['gpu']} idle {v['duration_ns'] / 1e6:.0f}ms "
+            f"explained {v['explained_fraction'] * 100:.0f}% (+-{v['resolution_ns'] / 1e6:.0f}ms): {what}")

@@ -1,0 +1,108 @@
+"""Compiling and attaching BPF programs with BCC: what every probe family shares.
+
+A family module (tracer/families/) calls :func:`load_bpf` with its own extra
+``-D`` flags; :func:`base_cflags` turns the probe config and the running
+kernel's BTF offsets into the flags every program gets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from stallscope.bpf import BPF_DIR
+
+from . import btf
+
+
+class ProbeError(RuntimeError):
+    """A probe family could not be loaded; the message is one line."""
+
+
+def source_text(family: str) -> str:
+    parts = []
+    for name in ("common.bpf.h", f"{family}.bpf.c"):
+        path = os.path.join(BPF_DIR, name)
+        with open(path) as f:
+            parts.append(f'#line 1 "{path}"\n{f.read()}')
+    # BCC rewrites map calls (events.ringbuf_reserve(...)) only in the main
+    # file, so the shared header is placed into the text rather than #included.
+    return "\n".join(parts)
+
+
+def base_cflags(cfg) -> list:
+    """The -D flags every family gets: threshold, filters, ring size, BTF offsets."""
+    return [f"-I{BPF_DIR}", f"-DSS_MIN_NS={int(cfg.min_latency_ns)}ULL",
+            f"-DSS_FILTER_PID={int(cfg.pid)}", f"-DSS_FILTER_CGROUP={int(cfg.cgroup_id)}ULL",
+            f"-DSS_RINGBUF_PAGES={int(cfg.ringbuf_pages)}",
+            *btf.offset_cflags(), *cfg.extra_cflags]
+
+
+def load_bpf(family: str, cflags: list, text: str | None = None):
+    from bcc import BPF
+    return BPF(text=(text or source_text(family)).encode(), cflags=cflags)
+
+
+class quiet_stderr:
+    """Silence fd 2 (C libraries write there directly) for a capability probe."""
+
+    def __enter__(self):
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
+
+
+_FENTRY_OK = None
+
+
+def fentry_works() -> tuple:
+    """Try a trivial fentry program once: (ok, reason). BCC's support_kfunc()
+    only checks BTF; hosts that block ftrace trampolines fail at attach."""
+    global _FENTRY_OK
+    if _FENTRY_OK is None:
+        try:
+            from bcc import BPF
+            if not BPF.support_kfunc():
+                _FENTRY_OK = (False, "kernel lacks BTF trampolines (fentry)")
+            else:
+                with quiet_stderr():      # libbpf prints the expected EPERM itself
+                    b = BPF(text=b"KFUNC_PROBE(vfs_read) { return 0; }")
+                b.cleanup()
+                _FENTRY_OK = (True, "")
+        except Exception as e:
+            msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            if "super-user" in msg or "ermission" in msg:      # BCC's words for EPERM
+                msg = "EPERM (BPF trampolines/ftrace blocked on this kernel)"
+            _FENTRY_OK = (False, f"fentry attach failed: {msg}")
+    return _FENTRY_OK
+
+
+def tp_exists(tracefs: str, tp: str) -> bool:
+    return os.path.isdir(os.path.join(tracefs, "events", tp))
+
+
+def tp_has_field(tracefs: str, tp: str, field: str) -> bool:
+    try:
+        with open(os.path.join(tracefs, "events", tp, "format")) as f:
+            return f" {field};" in f.read()
+    except OSError:
+        return False
+
+
+def kallsyms_present(names, path: str = "/proc/kallsyms") -> set:
+    """Which of ``names`` are functions the kernel (or a loaded module) has; one pass."""
+    want, found = set(names), set()
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(None, 3)
+                if len(parts) >= 3 and parts[2] in want:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return found

@@ -1,0 +1,223 @@
+"""The one event schema: what the kernel emits and what travels to the collector.
+
+Two layers:
+
+* The kernel record, ``struct ss_event`` in ``bpf/stallscope.h``. Its numpy dtype
+  (:data:`RECORD_DTYPE`) is derived here by parsing that header, so there is no
+  second hand-written copy to drift.
+* Event tables: what the tracer ships and the collector stores. A table is a
+  ``dict[column -> numpy array]`` for one event ``type``; string columns are
+  numpy object arrays. Timestamps are wall-clock ns (``ts_ns`` = start).
+
+The collector imports this module; this module never imports the collector.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from stallscope.bpf import BPF_DIR
+
+SCHEMA_VERSION = 1
+HEADER = os.path.join(BPF_DIR, "stallscope.h")
+
+_CTYPES = {
+    "__u8": "u1", "__u16": "<u2", "__u32": "<u4", "__u64": "<u8",
+    "__s8": "i1", "__s16": "<i2", "__s32": "<i4", "__s64": "<i8",
+    "char": "S1",
+}
+
+
+def _parse_header(path: str = HEADER):
+    """Return (defines, enums, struct fields) parsed from the contract header."""
+    with open(path) as f:
+        text = f.read()
+    text_nc = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    defines = {}
+    for name, val in re.findall(r"#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text_nc):
+        defines[name] = int(val, 0)
+    enums = {}
+    for body in re.findall(r"enum\s+\w+\s*\{(.*?)\}", text_nc, flags=re.S):
+        for name, val in re.findall(r"(\w+)\s*=\s*(\d+)", body):
+            enums[name] = int(val)
+    m = re.search(r"struct\s+ss_event\s*\{(.*?)\};", text_nc, flags=re.S)
+    if not m:
+        raise RuntimeError(f"{path}: struct ss_event not found")
+    fields = []
+    for line in m.group(1).split(";"):
+        line = line.strip()
+        if not line:
+            continue
+        fm = re.fullmatch(r"(\w+)\s+(\w+)(?:\[(\w+)\])?", line)
+        if not fm:
+            raise RuntimeError(f"{path}: cannot parse struct field {line!r}")
+        ctype, name, dim = fm.groups()
+        n = 1 if dim is None else (int(dim) if dim.isdigit() else defines[dim])
+        base = _CTYPES[ctype]
+        if ctype == "char":
+            fields.append((name, f"S{n}"))
+        elif n == 1:
+            fields.append((name, base))
+        else:
+            fields.append((name, base, (n,)))
+    return defines, enums, fields
+
+
+DEFINES, ENUMS, _FIELDS = _parse_header()
+RECORD_DTYPE = np.dtype(_FIELDS)
+ABI_VERSION = DEFINES["SS_ABI_VERSION"]
+PATH_LEN = DEFINES["SS_PATH_LEN"]
+HIST_SLOTS = DEFINES["SS_HIST_SLOTS"]
+NOPS = DEFINES["SS_NOPS"]
+
+# enum ss_type -> JSON "type"
+T_VFS = ENUMS["SS_T_VFS"]
+T_TCP = ENUMS["SS_T_TCP_RETRANS"]
+T_BLOCK = ENUMS["SS_T_BLOCK"]
+T_NFS = ENUMS["SS_T_NFS"]
+T_NFS_RPC = ENUMS["SS_T_NFS_RPC"]
+T_RDMA = ENUMS["SS_T_RDMA"]
+
+#: enum ss_op value -> op name shown to users ("read", "fsync", "retransmit", ...)
+OP_NAMES = {v: k[len("SS_OP_"):].lower() for k, v in ENUMS.items() if k.startswith("SS_OP_")}
+OP_NAMES.update({ENUMS["SS_OP_RETRANS"]: "retransmit", ENUMS["SS_OP_RETRANS_SYNACK"]: "retransmit_synack"})
+OP_CODES = {v: k for k, v in OP_NAMES.items()}
+
+COUNTER_NAMES = {
+    DEFINES["SS_C_LOST_RINGBUF"]: "lost_ringbuf",
+    DEFINES["SS_C_INFLIGHT_COLLISION"]: "lost_inflight_collision",
+    DEFINES["SS_C_EMITTED"]: "emitted",
+    DEFINES["SS_C_BELOW"]: "below_threshold",
+    DEFINES["SS_C_NO_START"]: "exit_without_enter",
+}
+
+# ---------------------------------------------------------------- event tables
+# Column kinds: "u" unsigned int, "i" signed int, "s" string (interned on the wire).
+COMMON = {"ts_ns": "u", "dur_ns": "u", "pid": "u", "tid": "u", "comm": "s"}
+TABLES = {
+    # VFS read/write/fsync...: path and filesystem of the file
+    "io": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "dev": "u", "ino": "u",
+           "cgroup": "u", "method": "s"},
+    # NFS client ops and RPCs: same as io plus the server and RPC retransmits
+    "nfs": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "server": "s",
+            "xid": "u", "rpc_retrans": "u", "method": "s"},
+    # block requests by device
+    "block": {**COMMON, "op": "s", "bytes": "i", "device": "s", "sector": "u"},
+    # a TCP loss episode: retransmits of one flow close together (first..last + RTO)
+    "net": {**COMMON, "op": "s", "saddr": "s", "sport": "u", "daddr": "s", "dport": "u",
+            "state": "s", "retransmits": "u", "sock_ino": "u"},
+    # RDMA/verbs waits and completions
+    "rdma": {**COMMON, "op": "s", "device": "s", "qp": "u", "bytes": "i"},
+    # RDMA hardware counters (sampled from sysfs): deltas over the interval
+    "rdma_counter": {"ts_ns": "u", "dur_ns": "u", "device": "s", "port": "u", "counter": "s",
+                     "delta": "u"},
+    # NVML utilization samples (ts_ns = NVML's own timestamp, on the wall clock)
+    "gpu": {"ts_ns": "u", "gpu": "u", "util": "u", "synth": "u"},
+    # compute processes seen on each GPU at ts_ns
+    "gpu_proc": {"ts_ns": "u", "gpu": "u", "pid": "u"},
+    # process lineage and job identity for every pid that appears in the batch
+    "proc": {"pid": "u", "ppid": "u", "comm": "s", "start_ns": "u", "job": "s", "rank": "i"},
+}
+#: tables whose rows are stalls (candidates for blame)
+STALL_TABLES = ("io", "nfs", "block", "net", "rdma")
+
+
+class Cat(np.ndarray):
+    """An object array of strings that also remembers them as ``codes`` into
+    ``cats`` (its distinct values), as the decoder found them. The encoder
+    interns ``cats`` instead of every element; any derived array (a slice, a
+    mask) is a plain object array again."""
+
+    codes = None
+    cats = None
+
+    @staticmethod
+    def make(cats: np.ndarray, codes: np.ndarray) -> "Cat":
+        arr = cats[codes].view(Cat)
+        arr.cats, arr.codes = cats, codes
+        return arr
+
+    def __array_finalize__(self, obj):
+        self.codes = self.cats = None
+
+
+def _concat_col(parts):
+    if len(parts) > 1 and all(getattr(p, "codes", None) is not None for p in parts):
+        index, cats, codes = {}, [], []
+        for p in parts:
+            remap = np.empty(len(p.cats), dtype=np.intp)
+            for i, c in enumerate(p.cats):
+                j = index.get(c)
+                if j is None:
+                    j = index[c] = len(cats)
+                    cats.append(c)
+                remap[i] = j
+            codes.append(remap[p.codes])
+        arr = np.empty(len(cats), dtype=object)
+        arr[:] = cats
+        return Cat.make(arr, np.concatenate(codes))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def empty_table(kind: str) -> dict:
+    cols = TABLES[kind]
+    return {c: (np.empty(0, dtype=object) if k == "s" else
+                np.empty(0, dtype=np.int64 if k == "i" else np.uint64)) for c, k in cols.items()}
+
+
+def table_len(table: dict) -> int:
+    for v in table.values():
+        return len(v)
+    return 0
+
+
+def concat_tables(kind: str, tables: list) -> dict:
+    tables = [t for t in tables if table_len(t)]
+    if not tables:
+        return empty_table(kind)
+    return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
+
+
+def rows(kind: str, table: dict, node: str = ""):
+    """Yield each row of a table as a JSON-ready dict (DESIGN.md field names)."""
+    cols = list(TABLES[kind])
+    arrays = [table[c] for c in cols]
+    for vals in zip(*arrays):
+        d = {"type": kind}
+        for c, v in zip(cols, vals):
+            d[c] = v.item() if hasattr(v, "item") else v
+        if node:
+            d["node"] = node
+        yield d
+
+
+class Batch:
+    """One unit of transport: a node's events and samples over a short span.
+
+    ``tables`` maps a type from :data:`TABLES` to its columns. ``counters`` are
+    cumulative since the tracer started (lost events included), so a lost batch
+    cannot hide a loss. ``meta`` carries the clock mapping, attach methods,
+    GPU identities and sample periods.
+    """
+
+    __slots__ = ("node", "seq", "tables", "counters", "hist", "meta")
+
+    def __init__(self, node, seq=0, tables=None, counters=None, hist=None, meta=None):
+        self.node = node
+        self.seq = seq
+        self.tables = tables or {}
+        self.counters = counters or {}
+        self.hist = hist or {}
+        self.meta = meta or {}
+
+    def n_events(self) -> int:
+        return sum(table_len(t) for k, t in self.tables.items() if k in STALL_TABLES)
+
+    def __repr__(self):
+        sizes = {k: table_len(t) for k, t in self.tables.items()}
+        return f"Batch(node={self.node!r}, seq={self.seq}, tables={sizes})"
