@@ -10,7 +10,7 @@
 #ifndef STALLSCOPE_H
 #define STALLSCOPE_H
 
-#define SS_ABI_VERSION 1
+#define SS_ABI_VERSION 2
 
 #define SS_PATH_LEN 128        /* NUL-separated path components, leaf first */
 #define SS_COMM_LEN 16
@@ -26,11 +26,17 @@ enum ss_type {
 	SS_T_NFS_RPC = 5,      /* one sunrpc task (RPC-level latency, retransmits) */
 	SS_T_RDMA = 6,         /* verbs/CM wait or completion */
 	SS_T_RDMA_COUNTER = 7, /* reserved: hardware counters come from sysfs */
+	SS_T_PROC = 8,         /* process fork/exec/exit (lineage at event time) */
+	SS_T_SCHED = 9,        /* an owner thread off-CPU: blocked (D state) or runnable waiting */
 };
 
 enum ss_op {
 	SS_OP_READ = 1, SS_OP_WRITE = 2, SS_OP_PREAD = 3, SS_OP_PWRITE = 4,
 	SS_OP_READV = 5, SS_OP_WRITEV = 6, SS_OP_FSYNC = 7, SS_OP_FDATASYNC = 8,
+	SS_OP_SENDFILE = 9, SS_OP_SPLICE = 10, SS_OP_COPY_FILE_RANGE = 11,
+	SS_OP_OPENAT = 12, SS_OP_STAT = 13, SS_OP_GETDENTS = 14,
+	SS_OP_IO_URING_ENTER = 15, SS_OP_IO_GETEVENTS = 19,
+	SS_OP_PAGE_FAULT = 26,
 	SS_OP_RETRANS = 16, SS_OP_RETRANS_SYNACK = 17, SS_OP_RETRANS_CLOSE = 18,
 	SS_OP_BLK_READ = 20, SS_OP_BLK_WRITE = 21, SS_OP_BLK_FLUSH = 22,
 	SS_OP_BLK_DISCARD = 23, SS_OP_BLK_OTHER = 24,
@@ -39,11 +45,18 @@ enum ss_op {
 	SS_OP_NFS_RPC = 38,
 	SS_OP_RDMA_POLL_CQ = 48, SS_OP_RDMA_POST_SEND = 49, SS_OP_RDMA_POST_RECV = 50,
 	SS_OP_RDMA_CM = 51, SS_OP_RDMA_GET_CQ_EVENT = 52, SS_OP_RDMA_REQ = 53,
+	SS_OP_FORK = 56, SS_OP_EXEC = 57, SS_OP_EXIT = 58,
+	SS_OP_BLOCKED = 60, SS_OP_RUNQ = 61,
 };
 
 /* flags */
 #define SS_F_PATH_TRUNC 0x01   /* path walk hit SS_PATH_LEN or the depth limit */
 #define SS_F_KERNEL_OWNER 0x02 /* pid was taken in process context */
+#define SS_F_AGGREGATE 0x04    /* many ops of one thread on one file, each below the
+                                  threshold, back to back: ts_ns/dur_ns span first start to
+                                  last end, aux = op count, key = summed op latency (ns) */
+#define SS_F_PATH_RAW 0x08     /* path holds a plain NUL-terminated string (e.g. the
+                                  user's argument to stat), not leaf-first components */
 
 /* counters[] indexes (per-CPU array "counters") */
 #define SS_C_LOST_RINGBUF 0    /* ring buffer full: record dropped */
@@ -53,6 +66,18 @@ enum ss_op {
 #define SS_C_NO_START 4        /* exit without a matching enter */
 #define SS_NCOUNTERS 8
 
+/* Fields whose meaning depends on the record type (decoders in tracer/families/):
+ *   ino   file inode; TCP: socket inode
+ *   key   block: sector; NFS: rpc xid; RDMA: qp number; TCP: struct sock address;
+ *         VFS aggregate: summed latency; PROC: parent tgid; SCHED: kernel stack id
+ *         (-1 none) ; PAGE_FAULT: faulting address
+ *   dev   VFS/NFS: s_dev; block: dev_t; TCP: tcp_sock.total_retrans
+ *   aux   NFS: rpc retransmits; block: bytes; TCP: rto (jiffies); VFS aggregate: op
+ *         count; SCHED: number of off-CPU spells merged; SCHED runq: pid that ran instead
+ *   state TCP: socket state; NFS_RPC: program version
+ *   path  VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
+ *         name; SCHED runq: comm of the task that ran instead
+ */
 struct ss_event {
 	__u64 ts_ns;       /* start, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 dur_ns;

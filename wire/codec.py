@@ -25,7 +25,10 @@ import itertools
 import msgpack
 import numpy as np
 
-from .schema import SCHEMA_VERSION, TABLES, Batch
+from .schema import OPTIONAL, SCHEMA_VERSION, TABLES, Batch, complete
+
+#: versions this build reads: schema 1 lacks only columns that OPTIONAL fills in
+SUPPORTED_VERSIONS = (1, SCHEMA_VERSION)
 
 MAX_FRAME_BYTES = 64 << 20   # a batch larger than this is refused on both sides
 MAX_ROWS = 4 << 20           # rows per table
@@ -95,6 +98,7 @@ def encode(batch: Batch) -> list:
     tables = {}
     for kind, table in batch.tables.items():
         spec = TABLES[kind]
+        table = complete(kind, table)
         n = len(next(iter(table.values()))) if table else 0
         if n == 0:
             continue
@@ -142,7 +146,7 @@ def decode_obj(env) -> Batch:
     if not isinstance(env, dict):
         raise CodecError(f"malformed batch: top level is {type(env).__name__}, expected a map")
     v = env.get("v")
-    if v != SCHEMA_VERSION:
+    if v not in SUPPORTED_VERSIONS:
         raise CodecError(f"unsupported schema version {v!r} (this build speaks {SCHEMA_VERSION}); "
                          "upgrade the older side")
     node = _req(env, "node", str, "batch")
@@ -160,8 +164,11 @@ def decode_obj(env) -> Batch:
             raise CodecError(f"malformed batch: tables.{kind}.n={n} out of range")
         cols_in = _req(t, "cols", dict, f"tables.{kind}")
         out = {}
+        optional = OPTIONAL.get(kind, {})
         for name, k in TABLES[kind].items():
             c = cols_in.get(name)
+            if c is None and name in optional:
+                continue        # an older tracer's batch: filled in below
             if not (isinstance(c, list) and len(c) in (3, 5) and isinstance(c[0], str)
                     and isinstance(c[1], int) and isinstance(c[2], bytes)):
                 raise CodecError(f"malformed batch: tables.{kind}.cols.{name} missing or not "
@@ -203,7 +210,7 @@ def decode_obj(env) -> Batch:
                 out[name] = a.astype(np.int64)
             else:
                 out[name] = a.astype(np.uint64)
-        tables[kind] = out
+        tables[kind] = complete(kind, out)
     meta = env.get("meta") or {}
     counters = env.get("counters") or {}
     hist = env.get("hist") or {}

@@ -21,7 +21,7 @@ import numpy as np
 
 from stallscope.bpf import BPF_DIR
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HEADER = os.path.join(BPF_DIR, "stallscope.h")
 
 _CTYPES = {
@@ -80,6 +80,8 @@ T_BLOCK = ENUMS["SS_T_BLOCK"]
 T_NFS = ENUMS["SS_T_NFS"]
 T_NFS_RPC = ENUMS["SS_T_NFS_RPC"]
 T_RDMA = ENUMS["SS_T_RDMA"]
+T_PROC = ENUMS["SS_T_PROC"]
+T_SCHED = ENUMS["SS_T_SCHED"]
 
 #: enum ss_op value -> op name shown to users ("read", "fsync", "retransmit", ...)
 OP_NAMES = {v: k[len("SS_OP_"):].lower() for k, v in ENUMS.items() if k.startswith("SS_OP_")}
@@ -99,8 +101,10 @@ COUNTER_NAMES = {
 COMMON = {"ts_ns": "u", "dur_ns": "u", "pid": "u", "tid": "u", "comm": "s"}
 TABLES = {
     # VFS read/write/fsync...: path and filesystem of the file
+    # (count > 1: an aggregate of back-to-back ops each below the threshold; blocked_ns is
+    # their summed latency, ts_ns/dur_ns span the first start to the last end)
     "io": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "dev": "u", "ino": "u",
-           "cgroup": "u", "method": "s"},
+           "cgroup": "u", "method": "s", "count": "u", "blocked_ns": "u"},
     # NFS client ops and RPCs: same as io plus the server and RPC retransmits
     "nfs": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "server": "s",
             "xid": "u", "rpc_retrans": "u", "method": "s"},
@@ -111,6 +115,10 @@ TABLES = {
             "state": "s", "retransmits": "u", "sock_ino": "u"},
     # RDMA/verbs waits and completions
     "rdma": {**COMMON, "op": "s", "device": "s", "qp": "u", "bytes": "i"},
+    # an owner thread off-CPU: "blocked" (uninterruptible sleep; reason = the kernel
+    # function it waited in) or "runq" (runnable but not running; other = who ran instead)
+    "sched": {**COMMON, "op": "s", "reason": "s", "count": "u", "blocked_ns": "u",
+              "other_pid": "u", "other_comm": "s"},
     # RDMA hardware counters (sampled from sysfs): deltas over the interval
     "rdma_counter": {"ts_ns": "u", "dur_ns": "u", "device": "s", "port": "u", "counter": "s",
                      "delta": "u"},
@@ -121,8 +129,28 @@ TABLES = {
     # process lineage and job identity for every pid that appears in the batch
     "proc": {"pid": "u", "ppid": "u", "comm": "s", "start_ns": "u", "job": "s", "rank": "i"},
 }
+#: columns added after schema 1, with how to fill them where a table lacks them (a batch
+#: from an older tracer, a table built by hand): the value is a function of the table
+OPTIONAL = {
+    "io": {"count": lambda t: np.ones(table_len(t), dtype=np.uint64),
+           "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64)},
+}
+
+
+def complete(kind: str, table: dict) -> dict:
+    """The table with every optional column present (filled per OPTIONAL)."""
+    opt = OPTIONAL.get(kind)
+    if not opt or not table or all(c in table for c in opt):
+        return table
+    out = dict(table)
+    for c, fill in opt.items():
+        if c not in out:
+            out[c] = fill(table)
+    return out
+
+
 #: tables whose rows are stalls (candidates for blame)
-STALL_TABLES = ("io", "nfs", "block", "net", "rdma")
+STALL_TABLES = ("io", "nfs", "block", "net", "rdma", "sched")
 
 
 class Cat(np.ndarray):
@@ -180,6 +208,7 @@ def concat_tables(kind: str, tables: list) -> dict:
     tables = [t for t in tables if table_len(t)]
     if not tables:
         return empty_table(kind)
+    tables = [complete(kind, t) for t in tables]
     return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
 
 

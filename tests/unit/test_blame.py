@@ -605,7 +605,7 @@ def random_world(rng: random.Random):
         pids += [900, 4000, 0, 4242]
         rng.shuffle(w["samples"])
         for _ in range(rng.randint(100, 400)):
-            kind = rng.choice(STALL_TABLES)
+            kind = rng.choice(("io", "nfs", "block", "net", "rdma"))
             d = rng.choice([rng.randint(1, 80) * tick, rng.randint(1, 8) * 100 * MS,
                             rng.randint(100, 4000) * tick])
             r = {"ts_ns": T0 + rng.randint(0, span * 10) * tick, "dur_ns": d,

@@ -14,10 +14,11 @@ import numpy as np
 from stallscope.tracer import kernel
 from stallscope.tracer.bpfload import ProbeError, base_cflags, fentry_works, load_bpf
 from stallscope.tracer.decode import fs_names, ops, paths
-from stallscope.wire.schema import T_VFS
+from stallscope.wire.schema import DEFINES, T_VFS
 
 NAME = "vfs"
 RECORD_TYPES = (T_VFS,)
+AGGREGATE = DEFINES["SS_F_AGGREGATE"]
 KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
            ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"),
            ("vfs_fsync_range", "ss_kp_fsync"))
@@ -55,7 +56,10 @@ def methods(cfg, tracefs):
 
 
 def decode(rtype, r, base, method) -> dict:
+    agg = (r["flags"] & AGGREGATE) != 0
     return {"io": {**base, "op": ops(r["op"]), "bytes": r["ret"].astype(np.int64), "path": paths(r),
                    "fs": fs_names(r["fs_magic"]), "dev": r["dev"].astype(np.uint64),
                    "ino": r["ino"].astype(np.uint64), "cgroup": r["cgroup_id"].astype(np.uint64),
-                   "method": method}}
+                   "method": method,
+                   "count": np.where(agg, r["aux"], 1).astype(np.uint64),
+                   "blocked_ns": np.where(agg, r["key"], r["dur_ns"]).astype(np.uint64)}}
