@@ -74,6 +74,8 @@ enum ss_op {
  *   dev   VFS/NFS: s_dev; block: dev_t; TCP: tcp_sock.total_retrans
  *   aux   NFS: rpc retransmits; block: bytes; TCP: rto (jiffies); VFS aggregate: op
  *         count; SCHED: number of off-CPU spells merged; SCHED runq: pid that ran instead
+ *   tid   TCP retransmit: congestion state (icsk_ca_state; 4 = Loss, an RTO fired)
+ *   fs_magic TCP retransmit: smoothed RTT (us)
  *   state TCP: socket state; NFS_RPC: program version
  *   path  VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
  *         name; SCHED runq: comm of the task that ran instead

@@ -19,6 +19,15 @@
  * that counter, and sock:inet_sock_set_state -> TCP_CLOSE emits a last record
  * for every socket that retransmitted, so a trailing untraced retransmit is
  * still counted.
+ * Where the application's wait began and ended: a retransmit fires an RTO
+ * (timeout, congestion state Loss) or about an RTT (fast retransmit, tail loss
+ * probe) after the lost data was first sent, and the wait ends when the last
+ * retransmit is acknowledged, about an RTT after it. So each record also
+ * carries the congestion-avoidance state (icsk_ca_state) in `tid` and the
+ * smoothed RTT (tcp_sock.srtt_us >> 3, us) in `fs_magic`; user space places
+ * the episode from the first transmission to the last acknowledgement
+ * (tracer/net.py). (tcp_sock.retrans_stamp does not help: the kernel sets it
+ * after the first retransmit, to that retransmit's own time.)
  * Retransmits are rare: every one is emitted, the threshold does not apply.
  * Filters: --pid/--cgroup cannot apply in softirq context and are applied in
  * user space after the owner is known.
@@ -110,6 +119,14 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	u32 tot = total_retrans(args->skaddr);
 	e->dev = tot;
 	rtx_seen.update(&skp, &tot);
+	{
+		u8 ca = 0;
+		u32 srtt8 = 0;
+		ss_read(ca, args->skaddr + OFF_ICSK_CA_STATE);
+		ss_read(srtt8, args->skaddr + OFF_TP_SRTT_US);
+		e->tid = ca & 0x1f;       /* icsk_ca_state: the low 5 bits of its byte */
+		e->fs_magic = srtt8 >> 3;
+	}
 	if (args->skbaddr) {
 		u16 segs = 0;
 		ss_read(segs, (void *)args->skbaddr + OFF_SKB_CB + OFF_TCB_GSO_SEGS);

@@ -147,6 +147,8 @@ FIELDS = {
     "OFF_ICSK_RTO": ("inet_connection_sock", "icsk_rto"),
     "OFF_SKB_CB": ("sk_buff", "cb"),
     "OFF_TP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
+    "OFF_ICSK_CA_STATE": ("inet_connection_sock", "icsk_ca_state"),   # first bitfield of its byte
+    "OFF_TP_SRTT_US": ("tcp_sock", "srtt_us"),
     "OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
 }
 

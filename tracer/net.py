@@ -1,8 +1,11 @@
 """TCP loss episodes: retransmits of one flow close together become one stall.
 
-An episode runs from its first retransmit to its last plus the retransmission
-timeout then in force (the time the flow sat waiting before the last one was
-sent again and, presumably, delivered). A retransmit joins the open episode of
+An episode covers the time the application waited: from the first transmission
+of the lost data to the acknowledgement of its last retransmit. The first
+transmission is one RTO before the first retransmit when a timeout fired
+(congestion state Loss), about two smoothed RTTs before it otherwise (fast
+retransmit, tail loss probe); the acknowledgement comes about one smoothed RTT
+after the last retransmit. A retransmit joins the open episode of
 its flow when it comes within ``max(gap_ns, 2 * RTO)`` of the previous one.
 Episodes are emitted once closed, so a ``net`` event appears at most
 ``gap_ns`` after the flow recovers.
@@ -16,6 +19,24 @@ import platform
 import numpy as np
 
 from .decode import TCP_STATES
+
+CA_OPEN, CA_LOSS = 0, 4     # icsk_ca_state: no loss seen yet / the retransmission timer fired
+DELACK_MAX_NS = 200_000_000
+
+
+def first_tx_lead(op: str, ca_state: int, rto_ns: int, srtt_ns: int) -> int:
+    """How long before a flow's first retransmit its lost data was first sent.
+
+    Loss (an RTO fired) and SYN-ACKs: one RTO. Open: a tail loss probe, whose timeout is
+    about two RTTs, or for a lone segment 1.5 RTT + the delayed-ACK maximum, never more
+    than the RTO (Linux's tcp_schedule_loss_probe). Otherwise (fast retransmit on
+    duplicate ACKs or SACKs): about two RTTs.
+    """
+    if op == "retransmit_synack" or ca_state == CA_LOSS:
+        return rto_ns
+    if ca_state == CA_OPEN:
+        return min(rto_ns, max(2 * srtt_ns, srtt_ns + srtt_ns // 2 + DELACK_MAX_NS)) if rto_ns else 2 * srtt_ns
+    return 2 * srtt_ns
 
 
 def kernel_hz(release: str | None = None) -> int:
@@ -92,6 +113,7 @@ class EpisodeBuilder:
             if ep is None:
                 ep = self._new(key, r, i, ts)
             ep["last"] = ts
+            ep["srtt_ns"] = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else ep["srtt_ns"]
             ep["n"] += count
             ep["rto_ns"] = rto_ns or ep["rto_ns"]
             if not ep["pid"] and ep["ino"]:
@@ -101,7 +123,11 @@ class EpisodeBuilder:
     def _new(self, key, r, i, ts):
         ino = int(r["sock_ino"][i])
         rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
-        ep = self.open[key] = {"first": ts, "last": ts, "n": 0, "rto_ns": rto_ns, "ino": ino,
+        srtt_ns = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0
+        ca = int(r["ca_state"][i]) if "ca_state" in r else CA_LOSS
+        lead = first_tx_lead(r["op"][i], ca, rto_ns, srtt_ns)
+        ep = self.open[key] = {"first": ts, "start": ts - lead, "last": ts, "n": 0, "rto_ns": rto_ns,
+                               "srtt_ns": srtt_ns, "ino": ino,
                                "pid": self.owners.owner(ino),
                                "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
         return ep
@@ -123,8 +149,8 @@ class EpisodeBuilder:
                                 "daddr", "dport", "state", "retransmits", "sock_ino")}
         for ep in closed:
             _sk, saddr, sport, daddr, dport = ep["key"]
-            cols["ts_ns"].append(ep["first"])
-            cols["dur_ns"].append(ep["last"] - ep["first"] + ep["rto_ns"])
+            cols["ts_ns"].append(ep["start"])
+            cols["dur_ns"].append(ep["last"] + ep["srtt_ns"] - ep["start"])
             cols["pid"].append(ep["pid"])
             cols["tid"].append(0)
             cols["comm"].append(proc_comm(ep["pid"]) if ep["pid"] else "")

@@ -35,3 +35,75 @@ def test_retransmits_match_nstat_with_ports_and_owner():
         assert e["dur_ns"] > 0 and e["state"]
         for k in ("ts_ns", "dur_ns", "pid", "tid", "comm", "node", "saddr", "sport", "daddr", "dport"):
             assert k in e
+
+
+WAIT_PORT = 47013
+# A client inside the namespace: connect, then on each line from stdin send one 512-byte
+# request and wait for its echo; print the wall-clock send and reply times.
+_WAITER = r"""
+import json, socket, sys, threading, time
+port = int(sys.argv[1])
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", port)); ls.listen(1)
+def echo():
+    c, _ = ls.accept()
+    while True:
+        d = c.recv(65536)
+        if not d:
+            return
+        c.sendall(d)
+threading.Thread(target=echo, daemon=True).start()
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+print(json.dumps({"ready": True, "sport": s.getsockname()[1]}), flush=True)
+for line in sys.stdin:
+    t0 = time.time_ns()
+    s.sendall(b"x" * 512)
+    got = 0
+    while got < 512:
+        got += len(s.recv(512 - got))
+    print(json.dumps({"send_ns": t0, "reply_ns": time.time_ns()}), flush=True)
+"""
+
+
+def test_loss_episode_covers_the_applications_wait():
+    """A request whose packets are dropped for 0.5 s: the loss episode must span the
+    application's own wait (first transmission -> acknowledgement), not start one RTO
+    late and end one RTO after the data got through."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with LossyNetns(port=WAIT_PORT, drop_percent=0) as ns:
+        with Trace("--families", "tcp", families="tcp") as t:
+            p = subprocess.Popen(ns.exec_argv([sys.executable, "-c", _WAITER, str(WAIT_PORT)]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                sport = json.loads(p.stdout.readline())["sport"]
+                waits = []
+                for _ in range(3):
+                    ns.set_drop(100)
+                    threading.Timer(0.5, ns.set_drop, args=(0,)).start()
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                    waits.append(json.loads(p.stdout.readline()))
+                    time.sleep(1.5)          # the episode closes after a 1 s gap
+            finally:
+                p.kill()
+                p.wait()
+        t.stop(timeout_s=60)
+    assert t.rc == 0, t.stderr
+    eps = [e for e in t.events if e["type"] == "net" and e["sport"] == sport and e["dport"] == WAIT_PORT]
+    for w in waits:
+        wait_ms = (w["reply_ns"] - w["send_ns"]) / 1e6
+        assert wait_ms >= 450, w                   # the drop really held the request back
+        mine = [e for e in eps if e["ts_ns"] < w["reply_ns"] and e["ts_ns"] + e["dur_ns"] > w["send_ns"]]
+        assert len(mine) == 1, (w, eps)
+        e = mine[0]
+        start_err = (e["ts_ns"] - w["send_ns"]) / 1e6
+        end_err = (e["ts_ns"] + e["dur_ns"] - w["reply_ns"]) / 1e6
+        # the first transmission is the application's send; the ack comes with the reply
+        assert -20 <= start_err <= 20, (start_err, e, w)
+        assert -20 <= end_err <= 20, (end_err, e, w)
