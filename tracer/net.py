@@ -2,13 +2,13 @@
 
 An episode covers the time the application waited: from the first transmission
 of the lost data to the acknowledgement of its last retransmit. The first
-transmission is one RTO before the first retransmit when a timeout fired
-(congestion state Loss), about two smoothed RTTs before it otherwise (fast
-retransmit, tail loss probe); the acknowledgement comes about one smoothed RTT
-after the last retransmit. A retransmit joins the open episode of
-its flow when it comes within ``max(gap_ns, 2 * RTO)`` of the previous one.
-Episodes are emitted once closed, so a ``net`` event appears at most
-``gap_ns`` after the flow recovers.
+transmission is :func:`first_tx_lead` before the first retransmit; the acknowledgement comes about one smoothed RTT
+after the last retransmit. A retransmit joins the open episode of its flow
+when the data it resends was first sent before that episode ended (so a
+long outage with backed-off RTOs is one episode, while a new loss after the
+application computed for a while is another). Episodes are emitted once no
+retransmit came for ``max(gap_ns, 2 * RTO)``, so a ``net`` event appears that
+long after the flow recovers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .decode import TCP_STATES
 
 CA_OPEN, CA_LOSS = 0, 4     # icsk_ca_state: no loss seen yet / the retransmission timer fired
 DELACK_MAX_NS = 200_000_000
+JOIN_SLACK_NS = 20_000_000
 
 
 def first_tx_lead(op: str, ca_state: int, rto_ns: int, srtt_ns: int) -> int:
@@ -107,9 +108,14 @@ class EpisodeBuilder:
             self.total_retransmits += count
             rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
             ep = self.open.get(key)
-            if ep and ts - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
-                self._close(key)
-                ep = None
+            if ep is not None:
+                # the same wait if this data was first sent before the last retransmit was acked
+                lead = first_tx_lead(op, int(r["ca_state"][i]) if "ca_state" in r else CA_LOSS, rto_ns,
+                                     int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0)
+                # (slack: timers fire on jiffies, late by a tick or more under load)
+                if ts - lead > ep["last"] + ep["srtt_ns"] + max(JOIN_SLACK_NS, lead // 4):
+                    self._close(key)
+                    ep = None
             if ep is None:
                 ep = self._new(key, r, i, ts)
             ep["last"] = ts

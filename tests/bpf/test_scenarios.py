@@ -208,6 +208,11 @@ def test_network_stall_names_the_flow(tmp_path, simlib):
         c = v["culprit"]
         assert c["type"] == "net" and port in (c["sport"], c["dport"]), v
         assert c["pid"] == trainer_pid and c["retransmits"] >= 1
+        # the loss episode lies within the application's own wait (send .. reply), not an
+        # RTO later: first transmission to the acknowledgement of the last retransmit
+        ar = next(a for a in ars if a["start_ns"] < v["idle_end_ns"] and a["end_ns"] > v["idle_start_ns"])
+        assert c["ts_ns"] >= ar["start_ns"] - 20_000_000, (c, ar)
+        assert c["ts_ns"] + c["dur_ns"] <= ar["end_ns"] + 50_000_000, (c, ar)
 
 
 def test_collector_prints_live_verdicts_within_seconds(tmp_path, simlib):
