@@ -1,4 +1,4 @@
-"""`python -m bench [tracer|blame|ingest] [--quick]`: run the benchmarks, one JSON line per figure.
+"""`python -m bench [tracer|blame|ingest|accuracy] [--quick]`: run the benchmarks, one JSON line per figure.
 
 Every figure comes with its same-run baseline (a ratio), since these machines
 are shared and noisy. The tracer figures need root (they load real probes).
@@ -7,7 +7,8 @@ are shared and noisy. The tracer figures need root (they load real probes).
 import importlib
 import sys
 
-SUITES = {"tracer": "bench.tracer_bench", "blame": "bench.bench_blame", "ingest": "bench.bench_ingest"}
+SUITES = {"tracer": "bench.tracer_bench", "blame": "bench.bench_blame", "ingest": "bench.bench_ingest",
+          "accuracy": "bench.bench_accuracy"}
 
 
 def main(argv):

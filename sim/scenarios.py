@@ -1,0 +1,286 @@
+"""Idle windows with known causes on the simulated GPU: the accuracy benchmark's workload.
+
+A *plan* is a list of windows; each window is a busy phase (the GPU computes) followed by an
+idle phase of a chosen length caused by one thing, as a training process meets it:
+
+  worker_read   a dataloader worker forked for the window reads a stalled shard and exits
+                (PyTorch re-forks its workers every epoch)
+  thread_read   a thread of the training process reads a stalled shard
+  write_fsync   a checkpoint written then fsynced, both stalled (a chain)
+  storm         many small reads of one shard, each below the tracer's threshold
+  mmap          page faults on a memory-mapped, stalled dataset file
+  copy          a checkpoint copied with shutil.copyfile (copy_file_range / sendfile)
+  metadata      stat() of a file on a filesystem whose metadata is slow
+  cpu           the data thread is runnable but a CPU hog holds its CPU
+  nothing       the process just waits (no IO): the verdict must be "unexplained"
+
+With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
+kind of stall on its own file at the same time: it must never be blamed.
+
+The trainer (:func:`trainer_main`) writes ground truth as JSON lines: per window its
+cause, the idle phase's wall-clock start and end, the pids that may be blamed and the file,
+and the distractor's pid and file. The files and their stalls are prepared by the caller
+(``bench/bench_accuracy.py``, ``tests/bpf/test_accuracy.py``) with :func:`prepare`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+
+CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy", "metadata", "cpu",
+          "nothing")
+STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
+MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
+BUSY_S = (0.5, 0.9)        # busy phase before each idle window
+CPU_SHARE = 0.25           # what a nice-0 thread gets beside a nice -5 hog (weights 1024:3121)
+
+
+def make_plan(n: int, seed: int = 1, causes=CAUSES, min_ms: int = 300, max_ms: int = 3000,
+              distractor_share: float = 0.5) -> list:
+    """``n`` windows with random causes, lengths and distractors (reproducible by seed)."""
+    rng = random.Random(seed)
+    plan = []
+    for i in range(n):
+        cause = causes[i % len(causes)] if i < len(causes) else rng.choice(causes)
+        plan.append({"idx": i, "cause": cause, "dur_ms": rng.randint(min_ms, max_ms),
+                     "busy_s": round(rng.uniform(*BUSY_S), 3),
+                     "distractor": cause not in ("nothing", "cpu") and rng.random() < distractor_share})
+    return plan
+
+
+def file_name(w: dict, other: bool = False) -> str:
+    return f"w{w['idx']:03d}-{w['cause']}{'-other' if other else ''}.bin"
+
+
+def prepare(fs, plan: list) -> None:
+    """Create every window's files on a SlowFS and give each its own stall."""
+    for w in plan:
+        d = w["dur_ms"]
+        for other in (False, True):
+            if other and not w["distractor"]:
+                continue
+            name = file_name(w, other)
+            c = w["cause"]
+            if c in ("worker_read", "thread_read", "copy", "metadata"):
+                fs.make_file(name, 64 << 10)
+                fs.set_delay(d, path=name)
+            elif c == "write_fsync":
+                fs.make_file(name, 0)
+                fs.set_delay(d / 2, path=name)
+            elif c == "storm":
+                n = max(2, int(d / (STORM_OP_MS + 0.5)))
+                fs.make_file(name, n * 4096)
+                fs.set_delay(STORM_OP_MS, path=name)
+            elif c == "mmap":
+                fs.make_file(name, MMAP_PAGES << 20)
+                fs.set_delay(d / MMAP_PAGES, path=name)
+
+
+# ----------------------------------------------------------------------------- the stalls
+
+def _read(path: str) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.read(64 << 10)
+
+
+def _write_fsync(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"\x5a" * (64 << 10))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storm(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for off in range(0, size, 4096):
+            os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+
+
+def _mmap(path: str) -> None:
+    with open(path, "rb") as f:
+        # MAP_PRIVATE: FUSE refuses shared maps of its direct_io (stalled) files
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        try:
+            total = 0
+            for p in range(MMAP_PAGES):
+                total += m[p << 20]
+        finally:
+            m.close()
+
+
+def _copy(path: str, scratch: str) -> None:
+    shutil.copyfile(path, os.path.join(scratch, os.path.basename(path) + ".copy"))
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def stall(cause: str, path: str, dur_ms: float, scratch: str) -> None:
+    """Do one window's stall in the calling thread (the distractor uses this too)."""
+    if cause in ("worker_read", "thread_read"):
+        _read(path)
+    elif cause == "metadata":
+        os.stat(path)
+    elif cause == "write_fsync":
+        _write_fsync(path)
+    elif cause == "storm":
+        _storm(path)
+    elif cause == "mmap":
+        _mmap(path)
+    elif cause == "copy":
+        _copy(path, scratch)
+    elif cause == "nothing":
+        time.sleep(dur_ms / 1000)
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _set_comm(name: str) -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(15, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass
+
+
+def distractor_main(argv=None) -> None:
+    """An unrelated process: does each stall named on its stdin (``cause path dur_ms``), says
+    ``done`` after each. Started by the caller, not by the trainer, so it is no descendant."""
+    _set_comm("backup-agent")
+    scratch = argv[0] if argv else "/tmp"
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        cause, path, dur = line.split()
+        try:
+            stall(cause, path, float(dur), scratch)
+        except OSError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            continue
+        print("done", flush=True)
+
+
+def hog_main(argv=None) -> None:
+    """A CPU hog pinned to one CPU at high priority: spins while its file says so."""
+    _set_comm("cpu-hog")
+    cpu, flag = int(argv[0]), argv[1]
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.nice(-5)
+    except OSError:
+        pass
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    while True:
+        if os.path.exists(flag):
+            _spin(0.05)
+        else:
+            time.sleep(0.005)
+
+
+def trainer_main(argv=None) -> None:
+    """Run a plan on the simulated GPU: ``state gpu plan.json fs_root scratch log [distractor
+    stdin/stdout fds] [hog flag file]`` (see bench/bench_accuracy.py for the wiring)."""
+    import argparse
+
+    from stallscope.sim import nvmlsim
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--fs", required=True, help="SlowFS mountpoint")
+    ap.add_argument("--scratch", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--distractor-in", type=int, default=-1, help="fd: write commands")
+    ap.add_argument("--distractor-out", type=int, default=-1, help="fd: read 'done'")
+    ap.add_argument("--distractor-pid", type=int, default=0)
+    ap.add_argument("--hog-flag", default="", help="file whose presence makes the hog spin")
+    ap.add_argument("--hog-pid", type=int, default=0)
+    ap.add_argument("--hog-cpu", type=int, default=0)
+    a = ap.parse_args(argv)
+    _set_comm("trainer")
+    plan = json.load(open(a.plan))
+    gpu = nvmlsim.SimGpu(a.gpu, a.state)
+    gpu.register()
+    din = os.fdopen(a.distractor_in, "w") if a.distractor_in >= 0 else None
+    dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
+    me = os.getpid()
+    with open(a.log, "a") as log:
+        log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
+        for w in plan:
+            t_busy = time.monotonic() + w["busy_s"]
+            with gpu.busy():
+                _spin(max(0.0, t_busy - time.monotonic()))
+            cause, d = w["cause"], w["dur_ms"]
+            path = os.path.join(a.fs, file_name(w))
+            other = os.path.join(a.fs, file_name(w, True)) if w["distractor"] else ""
+            if other and din is not None:
+                din.write(f"{cause} {other} {d}\n")
+                din.flush()
+            start = time.time_ns()
+            pids = [me]
+            if cause == "worker_read":
+                pid = os.fork()
+                if pid == 0:                       # the short-lived worker
+                    try:
+                        _set_comm("pt_data_worker")
+                        _read(path)
+                    finally:
+                        os._exit(0)
+                pids.append(pid)
+                os.waitpid(pid, 0)
+            elif cause == "thread_read":
+                t = threading.Thread(target=_read, args=(path,), name="pt_pin_memory")
+                t.start()
+                t.join()
+            elif cause == "cpu":
+                # the data thread, pinned where the hog spins, must do dur_ms of CPU work
+                open(a.hog_flag, "w").close()
+                def work():
+                    os.sched_setaffinity(0, {a.hog_cpu})
+                    _spin_cpu(d / 1000 * CPU_SHARE)
+                t = threading.Thread(target=work, name="pt_data_thread")
+                t.start()
+                t.join()
+                os.unlink(a.hog_flag)
+            else:
+                stall(cause, path, d, a.scratch)
+            end = time.time_ns()
+            rec = {"kind": "window", "idx": w["idx"], "cause": cause, "start_ns": start, "end_ns": end,
+                   "dur_ms": d, "pids": pids, "path": "" if cause in ("nothing", "cpu") else path,
+                   "other_pid": a.distractor_pid if other else 0, "other_path": other,
+                   "hog_pid": a.hog_pid if cause == "cpu" else 0}
+            if other and dout is not None:
+                rec["other_done"] = dout.readline().strip() == "done"
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        with gpu.busy():
+            _spin(0.8)
+    gpu.unregister()
+
+
+def _spin_cpu(cpu_seconds: float) -> None:
+    """Burn this much CPU time (thread CPU clock), however long the wall clock takes."""
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        pass
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    trainer_main(sys.argv[1:])

@@ -1,0 +1,70 @@
+"""Blame on the ways a training process really waits, each paired with a distractor.
+
+Each test runs the accuracy benchmark's workload (sim/scenarios.py) with a short plan of one
+cause: the real tracer with default settings records it, `stallscope report` judges it. The
+culprit must be the trainer's (or its short-lived worker's) stall on the right file, and the
+distractor, an unrelated process doing the same stall at the same time, must never be blamed:
+its stalls must have been traced, so "not blamed" cannot pass by not seeing them.
+"""
+
+import os
+
+import pytest
+
+from bench.bench_accuracy import run
+from stallscope.collector.store import load_batches
+from stallscope.wire.schema import STALL_TABLES
+
+pytestmark = pytest.mark.bpf
+
+
+def plan_of(cause, n=2, dur_ms=(900, 1400), distractor=True):
+    return [{"idx": i, "cause": cause, "dur_ms": dur_ms[i % len(dur_ms)], "busy_s": 0.6,
+             "distractor": distractor and i % 2 == 0} for i in range(n)]
+
+
+def traced_rows(rec, pid):
+    rows = []
+    for b in load_batches(rec):
+        for kind in STALL_TABLES:
+            t = b.tables.get(kind)
+            if t is None or not len(t["pid"]):
+                continue
+            for i in range(len(t["pid"])):
+                if int(t["pid"][i]) == pid:
+                    rows.append({"kind": kind, "op": t["op"][i], "path": t["path"][i] if "path" in t else "",
+                                 "ts_ns": int(t["ts_ns"][i]), "dur_ns": int(t["dur_ns"][i])})
+    return rows
+
+
+def check(res, cause):
+    bad = [d for d in res["details"] if not d["ok"]]
+    assert not bad, (cause, bad, res["verdicts"])
+    assert res["false_blames"] == 0, res["verdicts"]
+    others = [w for w in res["truth"] if w.get("other_path")]
+    if others:
+        assert all(w.get("other_done") for w in others), others
+        mine = traced_rows(res["rec"], res["distractor_pid"])
+        names = {os.path.basename(w["other_path"]) for w in others}
+        seen = {os.path.basename(r["path"]) for r in mine if r["path"]}
+        assert names <= seen, (names, mine)        # the distractor's stall was traced, not blamed
+
+
+@pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy",
+                                   "metadata"])
+def test_culprit_is_the_trainers_stall_not_the_distractors(cause):
+    check(run(0, 0, plan=plan_of(cause), log=lambda m: None), cause)
+
+
+def test_cpu_contention_names_the_hog():
+    res = run(0, 0, plan=plan_of("cpu", distractor=False), log=lambda m: None)
+    check(res, "cpu")
+    for v in res["verdicts"]:
+        c = v.get("culprit")
+        if c and c.get("op") == "runq":
+            assert c.get("other_pid") == res["hog_pid"], c
+
+
+def test_nothing_is_unexplained():
+    res = run(0, 0, plan=plan_of("nothing", distractor=False), log=lambda m: None)
+    check(res, "nothing")
