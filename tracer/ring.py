@@ -116,10 +116,6 @@ class RingReader:
     def _commit(self, cons: int):
         struct.pack_into("<Q", self._cons, 0, cons)
 
-    def pending_bytes(self) -> int:
-        cons, prod = self._pos()
-        return prod - cons
-
     def close(self):
         for m in (self._cons, self._prod):
             try:
