@@ -57,6 +57,11 @@ if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+if [ -z "${STALLSCOPE_SETUP_MINIMAL:-}" ] && ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    # the bpf tier drives a real PyTorch DataLoader (CPU build; pip takes it from the local wheel cache)
+    log "installing torch (CPU) for the DataLoader scenario"
+    .venv/bin/pip install -q --disable-pip-version-check 'torch==2.13.0' 2>&1 | grep -v "^WARNING: Location" || true
+fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for d in /usr/lib/python3/dist-packages/bcc /usr/lib/python3*/site-packages/bcc; do
     if [ -d "$d" ]; then ln -sfn "$d" "$site/bcc"; break; fi

@@ -1,0 +1,70 @@
+"""A real PyTorch DataLoader (workers re-forked every epoch, prefetching) over shards of
+which some stall: every wait of the training loop for a stalled shard must be blamed on the
+short-lived worker's read of that shard."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stallscope.sim import nvmlsim
+from stallscope.sim.slowfs import SlowFS
+from tests.bpf.tracerun import ROOT, Trace, run_cli
+
+pytestmark = pytest.mark.bpf
+SLOW = (3, 7)
+DELAY_MS = 1000
+
+
+def _torch_or_fail():
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("STALLSCOPE_REQUIRE_BPF") == "1":
+            pytest.fail(f"torch is needed for the DataLoader scenario (.ci/setup.sh installs it): {e}")
+        pytest.skip(f"torch not installed: {e}")
+
+
+def test_real_dataloader_waits_are_blamed_on_the_workers_reads(tmp_path):
+    _torch_or_fail()
+    lib = nvmlsim.build()
+    state = nvmlsim.create_state(str(tmp_path / "sim.state"), n_gpus=1, period_ms=100)
+    env = {"STALLSCOPE_NVMLSIM_STATE": state}
+    rec = str(tmp_path / "rec.ssrec")
+    log = tmp_path / "gt.jsonl"
+    with SlowFS(delay_ms=0, slow_prefix="\0none", ops=("read",)) as fs:
+        for i in range(10):
+            name = f"shard-{i:02d}.bin"
+            fs.make_file(name, 64 << 10)
+            if i in SLOW:
+                fs.set_delay(DELAY_MS, path=name)
+        with Trace("--quiet", "--output", rec, "--nvml-lib", lib, families="vfs", gpu=True, env=env) as t:
+            p = subprocess.run([sys.executable, "-m", "tests.fixtures.torch_train", "--state", state,
+                                "--data", fs.mountpoint, "--log", str(log), "--compute-ms", "150"], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": ROOT, **env}, capture_output=True, text=True,
+                               timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+    assert t.rc == 0, t.stderr[-3000:]
+    gt = [json.loads(x) for x in open(log)]
+    trainer = next(e["pid"] for e in gt if e["kind"] == "start")
+    reads = {(e["idx"], e["pid"]): e for e in gt if e["kind"] == "read"}
+    worker_pids = {e["pid"] for e in gt if e["kind"] == "read"}
+    assert trainer not in worker_pids and len(worker_pids) >= 4       # re-forked each epoch
+    waits = [e for e in gt if e["kind"] == "wait" and e["end_ns"] - e["start_ns"] >= 300_000_000]
+    assert len(waits) >= 2, [e for e in gt if e["kind"] == "wait"]
+    r = run_cli("report", "--json", rec)
+    assert r.returncode == 0, r.stderr
+    vs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    for w in waits:
+        over = [v for v in vs if v["idle_start_ns"] < w["end_ns"] and v["idle_end_ns"] > w["start_ns"]]
+        assert over, (w, vs)
+        v = max(over, key=lambda v: min(v["idle_end_ns"], w["end_ns"]) - max(v["idle_start_ns"], w["start_ns"]))
+        c = v["culprit"]
+        assert c is not None, (w, v)
+        assert c["pid"] in worker_pids, (w, v)                   # a worker, not the trainer
+        assert os.path.basename(c["path"]) in {f"shard-{i:02d}.bin" for i in SLOW}, (w, v)
+        read = next(e for (i, pid), e in reads.items() if pid == c["pid"] and e["path"].endswith(
+            os.path.basename(c["path"])))
+        assert read["end_ns"] - read["start_ns"] >= DELAY_MS * 1e6 * 0.9
