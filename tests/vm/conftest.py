@@ -13,7 +13,7 @@ mmdebstrap/root while no image is cached, the tier is skipped with the reason;
 with ``STALLSCOPE_REQUIRE_VM=1`` (CI) it fails instead.
 
 Environment: ``STALLSCOPE_VM_TIMEOUT`` (seconds for boot plus all guest tests,
-default 600), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg), ``STALLSCOPE_VM_CACHE``
+default 1080: the guest suite takes 5-6 min on an idle 2-core host, and the tracers it starts compile every default probe family), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg), ``STALLSCOPE_VM_CACHE``
 (image cache root).
 
 Inside the guest (``/etc/stallscope-vm-guest`` exists, written by
@@ -187,7 +187,7 @@ def vm_guest_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         pytest.skip(unmet)
 
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "600"))
+    timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "1080"))
     run_dir = tmp_path_factory.mktemp("vm-guest-session")
     with capture.global_and_fixture_disabled():  # show build and boot progress live
         try:
