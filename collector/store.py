@@ -68,7 +68,7 @@ class Store:
     def batches(self, node: str | None = None, since_id: int = 0):
         """Yield (id, Batch) in arrival order."""
         q = "SELECT id, payload FROM batches WHERE id > ?"
-        args = [since_id]
+        args: list = [since_id]
         if node:
             q += " AND node = ?"
             args.append(node)

@@ -233,7 +233,7 @@ class GpuSampler:
             g.source = "rates"
             self._poll_rates(g, emit)
             return
-        field = _VALUE_FIELDS.get(vtype, "uiVal") if samples else None
+        field = _VALUE_FIELDS.get(vtype, "uiVal") if samples else "uiVal"
         fresh = sorted((s.timeStamp, getattr(s.sampleValue, field))
                        for s in samples if s.timeStamp > g.last_ts_us)
         if fresh:

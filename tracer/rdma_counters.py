@@ -41,7 +41,7 @@ class RdmaCounterSampler:
     def __init__(self, root: str = ROOT):
         self.root = root
         self.last: dict = {}          # (device, port, counter) -> value
-        self.last_ns = None
+        self.last_ns: int | None = None
         self.errors = 0
 
     @classmethod
@@ -95,7 +95,7 @@ class RdmaCounterSampler:
                 rows.append((key, value - old))
         self.last = cur
         self.last_ns = now_ns
-        if not rows:
+        if not rows or prev_ns is None:
             return None
         n = len(rows)
         return {"rdma_counter": {

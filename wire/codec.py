@@ -179,10 +179,10 @@ def decode_obj(env) -> Batch:
                 mode, code = code[0], code[1:]
             if (mode == "d") != (len(c) == 5):
                 raise CodecError(f"malformed batch: tables.{kind}.cols.{name} dictionary form wrong")
-            dt = _CODES.get(code)
-            if dt is None:
+            dt_name = _CODES.get(code)
+            if dt_name is None:
                 raise CodecError(f"malformed batch: tables.{kind}.cols.{name} has unknown type {code!r}")
-            dt = _DTYPES[dt]
+            dt = _DTYPES[dt_name]
             if len(raw) != n * dt.itemsize:
                 raise CodecError(f"truncated batch: tables.{kind}.cols.{name} has {len(raw)} bytes, "
                                  f"expected {n * dt.itemsize}")

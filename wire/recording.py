@@ -46,7 +46,7 @@ class RecordingWriter:
         self.dropped_batches = 0
         self.dropped_events = 0
         self.last_error = ""
-        self._last_errno = None
+        self._last_errno: int | None = None
 
     def __call__(self, batch: Batch):
         try:

@@ -46,7 +46,7 @@ def _parse_header(path: str = HEADER):
     m = re.search(r"struct\s+ss_event\s*\{(.*?)\};", text_nc, flags=re.S)
     if not m:
         raise RuntimeError(f"{path}: struct ss_event not found")
-    fields = []
+    fields: list[tuple] = []
     for line in m.group(1).split(";"):
         line = line.strip()
         if not line:
