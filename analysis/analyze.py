@@ -1,8 +1,9 @@
-"""From tracer batches to verdicts: one per GPU idle interval, as JSON-ready dicts and as text.
+"""From tracer batches to verdicts: one :class:`~stallscope.analysis.verdict.Verdict` per GPU
+idle interval.
 
 The glue between ``stallscope.wire.schema`` batches and the array code in :mod:`stallscope.analysis.blame`:
 gather each node's tables, give nodes small ids, build GPU and pid keys, run the four blame
-steps, and turn stall indexes back into event dicts (DESIGN.md field names).
+steps, and turn stall indexes back into event dicts (DESIGN.md field names) and chains.
 
 ``analyze(batches)`` does a whole store or recording at once; :class:`LiveAnalyzer` does the
 same over a sliding window as batches arrive and hands back each verdict once, as soon as its
@@ -18,24 +19,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stallscope.wire.schema import STALL_TABLES, TABLES, concat_tables, empty_table, table_len
+from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len
 
 from . import blame
+from .verdict import Verdict, build_chain
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
 DEFAULTS = {
-    "idle_threshold": blame.IDLE_THRESHOLD,      # util (%) below which a sample is idle
+    "idle_threshold": blame.IDLE_THRESHOLD,      # util (%) below which a sample is fully idle
+    "partial_threshold": blame.PARTIAL_THRESHOLD,  # ... mostly idle: joins an idle run
     "min_periods": blame.MIN_PERIODS,            # shortest interval, in sample periods ...
     "min_idle_ns": blame.MIN_IDLE_NS,            # ... and in ns (both must hold)
     "max_gap_ns": blame.MAX_GAP_NS,              # samples further apart: a hole in the data
     "owner_slack_ns": blame.OWNER_SLACK_NS,      # NVML process lists this close count as owners
     "min_explained": blame.MIN_EXPLAINED,        # below this share: "unexplained"
+    "link_gap_ns": blame.LINK_GAP_NS,            # stalls this close are back to back (or one period)
     "max_contributors": blame.MAX_CONTRIBUTORS,  # contributors listed per verdict
     "remote_same_node": True,                    # other GPUs of a job on the culprit's node too
     "clock_skew_ns": 0,                          # extra per-node wall-clock error to assume
 }
 VERDICTS = ("culprit", "remote", "unexplained")
+#: stall kind codes for the alignment: one per table, scheduler rows split by op
 _KIND_CODE = {k: i for i, k in enumerate(STALL_TABLES)}
+_RUNQ_CODE = len(STALL_TABLES)
+_BASIS = (None, "specific", "backstop")
 
 
 def _params(params: dict) -> dict:
@@ -50,6 +57,7 @@ def _params(params: dict) -> dict:
 
 def _normalize(kind: str, table: dict) -> dict:
     """All of the kind's columns, at one length (a hand-made table may omit some)."""
+    table = complete(kind, table)
     n = table_len(table)
     out = {}
     for c, k in TABLES[kind].items():
@@ -135,8 +143,8 @@ class _Node:
 
 @dataclass
 class Result:
-    """``verdicts``: one dict per idle interval, sorted by node, gpu, idle_start_ns.
-    ``summary``: counts, sample periods, lost-event counters, nodes."""
+    """``verdicts``: one :class:`Verdict` per idle interval, sorted by node, gpu,
+    idle_start_ns.  ``summary``: counts, sample periods, lost-event counters, nodes."""
 
     verdicts: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -162,7 +170,7 @@ class _Stalls:
 
     def __init__(self, names, nodes):
         self.segments = []   # (first index, node name, kind, table)
-        starts, durs, keys = [], [], []
+        starts, durs, keys, codes = [], [], [], []
         n = 0
         for nid, name in enumerate(names):
             for kind in STALL_TABLES:
@@ -174,11 +182,17 @@ class _Stalls:
                 starts.append(np.asarray(t["ts_ns"], dtype=np.int64))
                 durs.append(np.asarray(t["dur_ns"], dtype=np.int64))
                 keys.append(blame.pid_key(nid, np.asarray(t["pid"], dtype=np.int64)))
+                code = np.full(m, _KIND_CODE[kind], dtype=np.int64)
+                if kind == "sched":
+                    code[np.asarray(t["op"], dtype=object) == "runq"] = _RUNQ_CODE
+                codes.append(code)
                 n += m
         self.n = n
         cat = (lambda xs: np.concatenate(xs) if xs else np.empty(0, np.int64))
-        self.start, self.dur, self.key = cat(starts), cat(durs), cat(keys)
+        self.start, self.dur, self.key, self.code = cat(starts), cat(durs), cat(keys), cat(codes)
+        self.backstop = self.code >= _KIND_CODE["sched"]
         self._firsts = [s[0] for s in self.segments]
+        self._seen = {}
 
     def counts(self) -> dict:
         c = collections.Counter()
@@ -189,12 +203,16 @@ class _Stalls:
     def event(self, i: int, overlap_ns=None) -> dict:
         """Stall ``i`` as a DESIGN.md event dict (type, ts_ns, dur_ns, pid, tid, comm, node,
         type fields), plus ``overlap_ns`` with the interval when given."""
-        f, name, kind, t = self.segments[bisect_right(self._firsts, i) - 1]
-        r = i - f
-        d = {"type": kind}
-        for c in TABLES[kind]:
-            d[c] = _py(t[c][r])
-        d["node"] = name
+        d = self._seen.get(i)
+        if d is None:                # a culprit is also a link of its chain: built once
+            f, name, kind, t = self.segments[bisect_right(self._firsts, i) - 1]
+            r = i - f
+            d = {"type": kind}
+            for c in TABLES[kind]:
+                d[c] = _py(t[c][r])
+            d["node"] = name
+            self._seen[i] = d
+        d = dict(d)
         if overlap_ns is not None:
             d["overlap_ns"] = int(overlap_ns)
         return d
@@ -231,6 +249,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
     cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.empty(0, dt))
     keys, ts, util, synth = cat(keys), cat(ts), cat(util), cat(synth)
     idle = blame.find_idle(keys, ts, util, synth, periods, threshold=p["idle_threshold"],
+                           partial_threshold=p["partial_threshold"],
                            min_periods=p["min_periods"], min_ns=p["min_idle_ns"],
                            max_gap_ns=p["max_gap_ns"])
 
@@ -256,9 +275,10 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
     st = _Stalls(names, nodes)
     al = blame.align(idle.start, idle.end, idle.res, own.group, st.start, st.dur, st.key,
                      own.pair_key, own.pair_group, min_explained=p["min_explained"],
-                     max_contributors=p["max_contributors"])
+                     max_contributors=p["max_contributors"], iv_lost=idle.lost,
+                     st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
 
-    # jobs -> remote verdicts
+    # jobs -> remote verdicts: a local culprit chain, as one span, for the other ranks
     g_job = [_job_of([int(r) for r in roots], info[nd]) for nd, roots in zip(own.node, own.roots)]
     job_names = sorted({j for j, _r in g_job if j})
     job_code = {j: i for i, j in enumerate(job_names)}
@@ -266,8 +286,9 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
     iv_job = g_code[own.group]      # group -1 picks the trailing -1
     unc = np.array([nodes[n].unc_ns + int(p["clock_skew_ns"]) for n in names] or [0],
                    dtype=np.int64)
+    local = np.where(al.culprit >= 0, np.arange(len(idle)), -1)
     src, src_unc = blame.remote_blame(idle.key, iv_job, idle.start, idle.end, idle.res,
-                                      al.culprit, st.start, st.dur, unc,
+                                      local, al.best_start, al.best_end - al.best_start, unc,
                                       same_node=p["remote_same_node"])
 
     kind = np.where(al.culprit >= 0, 0, np.where(src >= 0, 1, 2))
@@ -279,45 +300,63 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
             "node": iv_names, "gpu": blame.key_low(idle.key), "idle_end_ns": idle.end,
             "resolution_ns": idle.res, "open": idle.open,
             "verdict": np.array(VERDICTS, dtype=object)[kind], "job": iv_jobs}), dtype=bool)
+
+    def chain_of(i, s=None, e=None):
+        """The top chain of interval i (its stalls, by start); covered within [s, e) if given."""
+        a, b = al.chain_ptr[i], al.chain_ptr[i + 1]
+        idx = [int(x) for x in al.chain_stall[a:b]]
+        if s is None:
+            cover = int(al.best_cover[i])
+        else:
+            cover, reach = 0, s
+            for j in idx:
+                lo, hi = max(int(st.start[j]), reach), min(int(st.start[j] + st.dur[j]), e)
+                if hi > lo:
+                    cover += hi - lo
+                reach = max(reach, hi)
+        return build_chain([st.event(j) for j in idx], cover)
+
     verdicts = []
     for i in np.flatnonzero(build):
         nid, gpu = int(blame.key_node(idle.key[i])), int(blame.key_low(idle.key[i]))
         name = names[nid]
         s, e = int(idle.start[i]), int(idle.end[i])
-        length = max(e - s, 1)
+        lost_ns = max(int(idle.lost[i]), 1)
         g = int(own.group[i])
         job, rank = g_job[g] if g >= 0 else ("", -1)
         a, b = al.contrib_ptr[i], al.contrib_ptr[i + 1]
         contributors = [st.event(int(x), ov) for x, ov in
                         zip(al.contrib_stall[a:b], al.contrib_overlap[a:b])]
-        local = float(al.explained[i])
-        remote, culprit_node, c_unc = False, None, 0
+        local_x = float(al.explained[i])
+        remote, culprit_node, c_unc, chain, basis = False, None, 0, None, None
         if al.culprit[i] >= 0:
             verdict, culprit = "culprit", st.event(int(al.culprit[i]), al.best_overlap[i])
-            explained, culprit_node = local, name
+            explained, culprit_node = local_x, name
+            chain, basis = chain_of(i), _BASIS[int(al.basis[i])]
         elif src[i] >= 0:
-            c = int(al.culprit[src[i]])
+            si = int(src[i])
+            c = int(al.culprit[si])
             cs, ce = int(st.start[c]), int(st.start[c] + st.dur[c])
             ov = max(0, min(ce, e) - max(cs, s))
             verdict, culprit, remote = "remote", st.event(c, ov), True
             culprit_node = culprit["node"]
             c_unc = int(src_unc[i])
-            explained = min(ov / length, 1.0)
+            chain, basis = chain_of(si, s, e), _BASIS[int(al.basis[si])]
+            explained = min(chain.covered_ns / lost_ns, 1.0)
         else:
-            verdict, culprit, explained = "unexplained", None, local
-        verdicts.append({
-            "node": name, "gpu": gpu, "gpu_uuid": nodes[name].uuids.get(gpu, ""),
-            "idle_start_ns": s, "idle_end_ns": e, "duration_ns": e - s,
-            "resolution_ns": int(idle.res[i]), "open": bool(idle.open[i]),
-            "open_start": bool(idle.open_start[i]), "synth_samples": int(idle.n_synth[i]),
-            "verdict": verdict, "culprit": culprit, "remote": remote,
-            "culprit_node": culprit_node, "clock_uncertainty_ns": c_unc,
-            "explained_fraction": float(explained), "local_explained_fraction": local,
-            "contributors": contributors,
-            "owners": [int(x) for x in own.members[g]] if g >= 0 else [],
-            "gpu_pids": [int(x) for x in own.roots[g]] if g >= 0 else [],
-            "job": job, "rank": int(rank),
-        })
+            verdict, culprit, explained = "unexplained", None, local_x
+        verdicts.append(Verdict(
+            node=name, gpu=gpu, gpu_uuid=nodes[name].uuids.get(gpu, ""),
+            idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),
+            open=bool(idle.open[i]), open_start=bool(idle.open_start[i]),
+            synth_samples=int(idle.n_synth[i]), verdict=verdict, culprit=culprit, remote=remote,
+            culprit_node=culprit_node, clock_uncertainty_ns=c_unc,
+            explained_fraction=float(explained), local_explained_fraction=local_x,
+            contributors=contributors,
+            owners=[int(x) for x in own.members[g]] if g >= 0 else [],
+            gpu_pids=[int(x) for x in own.roots[g]] if g >= 0 else [],
+            job=job, rank=int(rank), klass=None if chain is None else chain.klass,
+            chain=chain, basis=basis, lost_ns=int(idle.lost[i])))
 
     lost = collections.Counter()
     for nd in nodes.values():
@@ -334,6 +373,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
         "intervals": len(idle),
         "verdicts": {v: int(np.sum(kind == k)) for k, v in enumerate(VERDICTS)},
         "idle_ns": int(np.sum(idle.end - idle.start)) if len(idle) else 0,
+        "lost_ns": int(np.sum(idle.lost)) if len(idle) else 0,
         "stalls": st.counts(),
         "sample_period_ns": sample_period,
         "clock_uncertainty_ns": {n: nodes[n].unc_ns for n in names},
@@ -437,7 +477,7 @@ class LiveAnalyzer:
             return mask
 
         out = _analyze_nodes(self.nodes, self.params, select=ready).verdicts
-        self.reported.update((v["node"], v["gpu"], v["idle_end_ns"]) for v in out)
+        self.reported.update((v.node, v.gpu, v.idle_end_ns) for v in out)
         return out
 
     def _trim(self, cutoff: int) -> None:

@@ -2,7 +2,8 @@
 
 This is the join DESIGN.md calls "Blame: the core semantics", kept free of sockets, BCC, NVML
 and storage so it can be tested against a plain-Python reference and benchmarked alone
-(``analysis/analyze.py`` turns tracer batches into these arrays and verdicts back into dicts).
+(``analysis/analyze.py`` turns tracer batches into these arrays and the results into typed
+verdicts).
 
 Conventions shared by every function here:
 
@@ -14,17 +15,18 @@ Conventions shared by every function here:
 
 The steps, each one function:
 
-1. :func:`find_idle`: NVML samples -> idle intervals.  A sample stamped ``ts`` covers
-   ``(previous ts, ts]``; an interval runs from the last busy sample before a run of idle
-   samples to the first busy sample after it, so its edges are as precise as the sample
-   period, which travels with it (``res``).
+1. :func:`find_idle`: NVML samples -> idle intervals.  A sample carries ``(100 - util)%`` of
+   its window as idle time; a run of mostly idle samples (and missing ones) is an interval
+   whose edges lie inside the straddling samples, proportionally, and whose *lost* time is
+   the idle its samples carry.  The sample period travels with it (``res``).
 2. :func:`owner_groups`: the processes NVML listed on the GPU around the interval, plus all
    their descendants (dataloader workers are children of the training process).  Intervals
    with the same owner set share an *owner group*, so a stall is matched against a group
    once, not against every interval.
-3. :func:`align`: for each interval, the candidate stalls (owned, overlapping it, starting
-   no later than its start plus the resolution), the share of the interval their union
-   covers, the culprit (largest overlap, then earliest start) and the contributors.
+3. :func:`align`: for each interval, the candidate stalls (owned, overlapping it, the set
+   beginning within one resolution of its start and extended by stalls back to back with
+   it), the share of the lost time their union covers, the chains (one process's stalls of
+   one kind), the culprit chain and the contributors; scheduler rows only as a backstop.
 4. :func:`remote_blame`: a rank that stalls makes every rank of the job idle at the next
    collective; an unexplained interval inherits the earliest-starting local culprit of an
    overlapping interval of the same job on another GPU, with the clock uncertainty stated.
@@ -44,10 +46,12 @@ NODE_SHIFT = 32
 _PID_MASK = (1 << NODE_SHIFT) - 1
 _I64 = np.int64
 
-#: idle means utilization strictly below this (percent)
+#: a sample below this utilization (percent) is fully idle
 IDLE_THRESHOLD = 5
+#: a sample below this is mostly idle: it joins an idle run (its busy share inside it)
+PARTIAL_THRESHOLD = 50
 #: an idle interval must last at least this many sample periods ...
-MIN_PERIODS = 2
+MIN_PERIODS = 1.5
 #: ... and at least this long
 MIN_IDLE_NS = 200_000_000
 #: consecutive samples of a GPU further apart than this are a hole in the data (tracer down),
@@ -117,15 +121,16 @@ class Idle:
     """Idle intervals, one row per interval, ordered by (GPU key, start)."""
 
     key: np.ndarray         # GPU key
-    start: np.ndarray       # ts of the last busy sample before the idle run
-    end: np.ndarray         # ts of the first busy sample after it (last idle sample if open)
+    start: np.ndarray       # where the idle run begins (inside its straddling sample)
+    end: np.ndarray         # where it ends (last sample's ts if open)
     res: np.ndarray         # sample period of the GPU: how precise start and end are
     open: np.ndarray        # bool: the samples stop (end of data or a hole) while idle, so
                             # the true end is later; end = last idle sample
     open_start: np.ndarray  # bool: the samples start (or resume) idle; start = first idle
                             # sample - period
-    n_idle: np.ndarray      # idle samples in the run
+    n_idle: np.ndarray      # samples in the run
     n_synth: np.ndarray     # of which synthesized (driver buffer empty while processes ran)
+    lost: np.ndarray = None  # idle time the samples carry inside [start, end): the GPU time lost
     periods: dict = field(default_factory=dict)  # GPU key -> period used
 
     def __len__(self):
@@ -140,16 +145,35 @@ def sample_period(ts) -> int:
 
 
 def find_idle(key, ts, util, synth=None, period=None, threshold=IDLE_THRESHOLD,
-              min_periods=MIN_PERIODS, min_ns=MIN_IDLE_NS, max_gap_ns=MAX_GAP_NS) -> Idle:
+              partial_threshold=PARTIAL_THRESHOLD, min_periods=MIN_PERIODS, min_ns=MIN_IDLE_NS,
+              max_gap_ns=MAX_GAP_NS) -> Idle:
     """Idle intervals from utilization samples of any number of GPUs.
 
     ``key``/``ts``/``util``/``synth`` are one row per sample, any order (duplicates of a
-    (key, ts) are dropped, the last kept).  ``period`` maps GPU key -> sample period in ns; a
-    GPU missing from it or at 0 gets the median spacing of its own samples.  A run of samples
-    with ``util < threshold`` becomes an interval when ``end - start`` is at least
-    ``max(min_periods * period, min_ns)``.  Samples more than ``max_gap_ns`` apart (and more
-    than 3 periods) bound a hole in the data: a run of idle samples does not continue across
-    it, and the intervals on either side are ``open`` / ``open_start``.
+    (key, ts) are dropped, the last kept).  ``period`` maps GPU key -> sample period ``p`` in
+    ns; a GPU missing from it or at 0 gets the median spacing of its own samples.
+
+    A sample stamped ``ts`` covers ``(ts - d, ts]`` and carries ``d * (100 - util) // 100`` ns
+    of idle time: ``d`` is the spacing to the previous sample, or ``p`` when that spacing is
+    over ``1.5 p`` (samples missing: the driver records nothing while the GPU idles), and then
+    the time before the sample's window is a *gap*, idle.  Samples more than
+    ``max(max_gap_ns, 3 p)`` apart bound a hole in the data instead; the first sample after
+    one covers ``p``.  In time order,
+    the *elements* of a stretch without holes are its gaps and samples; a gap or a sample
+    below ``partial_threshold`` is *low*, below ``threshold`` (or a gap) *full*.  A run is a
+    maximal sequence of low elements:
+
+    * start: a partial (low, not full) first element holds the start, its idle at its end;
+      otherwise the sample before the run adds its idle (at its end), half of it when that
+      sample also ends the previous run (whose last element is full); none: ``open_start``;
+    * end: a partial last element holds the end, its idle at its start; otherwise the sample
+      after adds its idle (at its start), the other half when shared; none: ``open``, end =
+      the last sample;
+    * a run of one partial sample holds only one edge: its idle lies toward the neighbour
+      with more idle (the next one on ties), which adds its own as above;
+    * ``lost`` = the idle of the run's elements plus those edge shares.
+
+    A run becomes an interval when ``end - start >= max(min_periods * p, min_ns)``.
     """
     key, ts = _i64(key), _i64(ts)
     util = np.asarray(util)
@@ -174,24 +198,116 @@ def find_idle(key, ts, util, synth=None, period=None, threshold=IDLE_THRESHOLD,
         periods[k] = p
         per[a:b] = p
 
-    idle = util < threshold
-    cont = (key[1:] == key[:-1]) & (ts[1:] - ts[:-1] <= np.maximum(max_gap_ns, 3 * per[1:]))
-    same_prev = np.r_[False, cont]
-    same_next = np.r_[cont, False]
-    idle_prev = np.r_[False, idle[:-1]]
-    idle_next = np.r_[idle[1:], False]
-    rs = np.flatnonzero(idle & ~(same_prev & idle_prev))
-    re = np.flatnonzero(idle & ~(same_next & idle_next))
-    open_start = ~same_prev[rs]
-    start = np.where(open_start, ts[rs] - per[rs], ts[np.maximum(rs - 1, 0)])
-    is_open = ~same_next[re]
-    end = np.where(is_open, ts[re], ts[np.minimum(re + 1, len(ts) - 1)])
-    csyn = np.r_[0, np.cumsum(synth, dtype=_I64)]
-    n_synth = csyn[re + 1] - csyn[rs]
-    res = per[rs]
-    keep = (end - start) >= np.maximum(min_periods * res, min_ns)
-    return Idle(key[rs][keep], start[keep], end[keep], res[keep], is_open[keep],
-                open_start[keep], (re - rs + 1)[keep], n_synth[keep], periods)
+    # whole GPUs in passes of about _IDLE_CHUNK samples: temporaries stay small, in cache
+    parts, lo = [], 0
+    for b in ends:
+        if b - lo >= _IDLE_CHUNK or b == len(key):
+            parts.append(_idle_runs(key[lo:b], ts[lo:b], util[lo:b], synth[lo:b], per[lo:b],
+                                    threshold, partial_threshold, min_periods, min_ns, max_gap_ns))
+            lo = b
+    if not parts:
+        e = np.empty(0, dtype=_I64)
+        return Idle(e, e, e, e, e.astype(bool), e.astype(bool), e, e, e, periods)
+    cols = [np.concatenate(c) for c in zip(*parts)]
+    return Idle(*cols, periods)
+
+
+#: samples per pass of find_idle
+_IDLE_CHUNK = 1 << 18
+
+
+def _idle_runs(key, ts, util, synth, per, threshold, partial_threshold, min_periods, min_ns,
+               max_gap_ns):
+    """find_idle on whole GPUs' sorted samples, ``per`` the period of each: the Idle columns
+    before ``periods``."""
+    n = len(ts)
+    u = np.clip(util, 0, 100).astype(np.int16)
+    dt = np.zeros(n, dtype=_I64)
+    np.subtract(ts[1:], ts[:-1], out=dt[1:])
+    cont = np.r_[False, (key[1:] == key[:-1]) & (dt[1:] <= np.maximum(max_gap_ns, 3 * per[1:]))]
+    # a spacing over 1.5 periods: samples missing (a gap, idle); under it, jitter: the sample
+    # covers the whole spacing
+    has_gap = cont & (2 * (dt - per) > per)
+    gk = np.flatnonzero(has_gap)                       # gaps are few: kept sparse
+    gval = dt[gk] - per[gk]
+    d = dt                                             # (in place: fresh big arrays are slow)
+    np.copyto(d, per, where=has_gap | ~cont)
+    idle = np.multiply(d, 100 - u, dtype=_I64)
+    np.floor_divide(idle, 100, out=idle)
+    full = u < threshold
+    low = u < max(partial_threshold, threshold)
+    partial = low & ~full
+
+    def gap_of(k):
+        """The gap before samples ``k`` (0 where none)."""
+        j = np.minimum(np.searchsorted(gk, k), max(len(gk) - 1, 0))
+        return np.where(has_gap[k], gval[j] if len(gk) else 0, 0)
+
+    # elements in time order: gap k (when there is one) then sample k, keys 2k and 2k + 1
+    low_prev = np.r_[False, low[:-1]]
+    gap_next = np.r_[has_gap[1:], False]
+    cont_next = np.r_[cont[1:], False]
+    low_next = np.r_[low[1:], False]
+    starts = np.zeros(2 * n, dtype=bool)
+    starts[0::2] = has_gap & ~low_prev
+    starts[1::2] = low & ~has_gap & ~(cont & low_prev)
+    ends = np.zeros(2 * n, dtype=bool)
+    ends[0::2] = has_gap & ~low
+    ends[1::2] = low & ~gap_next & ~(cont_next & low_next)
+    ks, ke = np.flatnonzero(starts), np.flatnonzero(ends)
+    k0, k1 = ks >> 1, ke >> 1
+    s_is, e_is = (ks & 1).astype(bool), (ke & 1).astype(bool)     # a sample (else a gap)
+    f_b = np.where(s_is, ts[k0], ts[k0] - d[k0])                  # first element's end ...
+    g_k0, g_k1 = gap_of(k0), gap_of(k1)
+    f_len = np.where(s_is, d[k0], g_k0)
+    f_idle = np.where(s_is, idle[k0], g_k0)
+    l_b = np.where(e_is, ts[k1], ts[k1] - d[k1])
+    l_len = np.where(e_is, d[k1], g_k1)
+    l_idle = np.where(e_is, idle[k1], g_k1)
+
+    # the edge samples: a partial first element holds the start (its idle at its end), a
+    # partial last one the end (its idle at its start); a run of one partial sample turns
+    # its idle toward the neighbour with more idle (the next one on ties)
+    has_before = ~s_is | cont[k0]
+    kb = np.maximum(k0 - 1, 0)                                    # the sample before
+    has_after = ~e_is | cont_next[k1]
+    ka = np.minimum(np.where(e_is, k1 + 1, k1), max(n - 1, 0))    # the sample after
+    x, y = idle[kb], idle[ka]
+    single = (ks == ke) & s_is & partial[k0]
+    at_end = np.where(has_after, y, 0) >= np.where(has_before, x, 0)
+    f_part = s_is & partial[k0] & ~(single & ~at_end)
+    l_part = e_is & partial[k1] & ~(single & at_end)
+
+    # start edge: otherwise the sample before adds its idle, half of it when it also ends the
+    # previous run (whose last element is full)
+    shared_b = has_before & (has_gap[kb] | (cont[kb] & full[np.maximum(kb - 1, 0)]))
+    pre = np.where(~f_part & has_before, np.where(shared_b, x - x // 2, x), 0)
+    start = np.where(f_part, f_b - f_idle, f_b - f_len - pre)
+    open_start = ~f_part & ~has_before
+
+    # end edge, the same way round
+    shared_a = has_after & (gap_next[ka] | (cont_next[ka] & full[np.minimum(ka + 1, max(n - 1, 0))]))
+    post = np.where(~l_part & has_after, np.where(shared_a, y // 2, y), 0)
+    end = np.where(l_part, l_b - l_len + l_idle, l_b + post)
+    is_open = ~l_part & ~has_after
+
+    # samples s0 .. s1 of the run, gaps g0 .. g1
+    s0, s1 = ks >> 1, (ke - 1) >> 1
+    g0, g1 = (ks + 1) >> 1, ke >> 1
+    cidle = np.cumsum(idle, out=idle)                  # idle is not needed any more
+    lost = cidle[s1] - np.where(s0 > 0, cidle[np.maximum(s0 - 1, 0)], 0) + pre + post
+    if len(gk):
+        cgap = np.r_[0, np.cumsum(gval)]
+        lost += cgap[np.searchsorted(gk, g1, side="right")] - cgap[np.searchsorted(gk, g0)]
+    if synth.any():
+        csyn = np.r_[0, np.cumsum(synth, dtype=_I64)]
+        n_synth = csyn[s1 + 1] - csyn[s0]
+    else:
+        n_synth = np.zeros(len(ks), dtype=_I64)
+    res = per[k0]
+    keep = (end - start) >= np.maximum(np.ceil(min_periods * res).astype(_I64), min_ns)
+    return (key[k0][keep], start[keep], end[keep], res[keep], is_open[keep], open_start[keep],
+            (s1 - s0 + 1)[keep], n_synth[keep], lost[keep])
 
 
 # --------------------------------------------------------------------------- 2. owners
@@ -330,17 +446,27 @@ def owner_groups(iv_key, iv_start, iv_end, gp_key, gp_ts, gp_pid, proc_node, pro
 
 @dataclass
 class Alignment:
-    """Per interval (same order as the input): what explains it."""
+    """Per interval (same order as the input): what explains it.
 
-    explained: np.ndarray        # |union of candidate stalls ∩ interval| / interval length
+    A *chain* is one owner process's candidate stalls of one kind (``st_kind``) in the
+    interval: blocked through stalls back to back (write then fsync, read after read)."""
+
+    explained: np.ndarray        # |union of candidate stalls ∩ interval| / idle time lost
     union_ns: np.ndarray         # that union, ns
-    n_candidates: np.ndarray
-    best: np.ndarray             # stall index with the largest overlap (-1: no candidate)
-    best_overlap: np.ndarray
+    n_candidates: np.ndarray     # candidate stalls
+    best: np.ndarray             # the top chain's representative stall (largest overlap; -1: none)
+    best_overlap: np.ndarray     # that stall's overlap
     culprit: np.ndarray          # = best when explained >= min_explained, else -1
     contrib_ptr: np.ndarray      # CSR over intervals: contributors of i are [ptr[i], ptr[i+1])
-    contrib_stall: np.ndarray
-    contrib_overlap: np.ndarray
+    contrib_stall: np.ndarray    # other chains, ranked: representative stall
+    contrib_overlap: np.ndarray  # ... and the chain's coverage of the interval
+    best_cover: np.ndarray = None    # the top chain's coverage of the interval (union), ns
+    best_start: np.ndarray = None    # its first stall's start
+    best_end: np.ndarray = None      # its last end
+    chain_ptr: np.ndarray = None     # CSR over intervals: the top chain's stalls, by start
+    chain_stall: np.ndarray = None
+    chain_overlap: np.ndarray = None
+    basis: np.ndarray = None         # 0: no culprit, 1: specific stalls, 2: backstop needed
 
 
 def _dense(codes):
@@ -368,6 +494,59 @@ def _order(major, minor, minor_max):
     """Stable order by (major, minor), minor >= 0."""
     k = _sort_key(major, minor, minor_max)
     return np.argsort(k, kind="stable") if k is not None else np.lexsort((minor, major))
+
+
+def _prev_max(gs, gcount, vals, span):
+    """For elements in groups (``gs`` starts, ``gcount`` sizes; ``0 <= vals <= span[g]``), the
+    max of ``vals`` over the earlier elements of the same group (0 for a group's first).
+
+    One cumulative max over values shifted by per-group offsets, in chunks that keep the
+    offsets inside int64."""
+    out = np.empty(len(vals), dtype=_I64)
+    c0 = 0
+    span = span + 1
+    while c0 < len(gs):
+        cum = np.cumsum(span[c0:])
+        c1 = c0 + max(1, int(np.searchsorted(cum, 1 << 61, side="right")))
+        off_g = np.r_[0, cum[: c1 - c0 - 1]]
+        p0, p1 = gs[c0], (gs[c1] if c1 < len(gs) else len(vals))
+        off = np.repeat(off_g, gcount[c0:c1])
+        v = vals[p0:p1] + off
+        prev = np.empty_like(v)
+        prev[1:] = np.maximum.accumulate(v)[:-1]
+        prev[gs[c0:c1] - p0] = off_g
+        out[p0:p1] = prev - off
+        c0 = c1
+    return out
+
+
+def _union(gs, gcount, rel_s, rel_e, span):
+    """Per group, the length of the union of ``[rel_s, rel_e)`` (each group sorted by
+    ``rel_s``; values within ``[0, span[g]]``)."""
+    if len(gs) == 0:
+        return np.zeros(0, dtype=_I64)
+    multi = gcount > 1
+    if multi.sum() * 2 < len(gs):               # mostly single spans: only the rest
+        out = rel_e[gs] - rel_s[gs]
+        m = np.flatnonzero(multi)
+        if len(m):
+            _i, j = _expand(gs[m], gs[m] + gcount[m])
+            sub_gs = np.r_[0, np.cumsum(gcount[m])[:-1]]
+            out[m] = _union(sub_gs, gcount[m], rel_s[j], rel_e[j], span[m])
+        return out
+    prev = _prev_max(gs, gcount, rel_e, span)
+    gain = np.maximum(rel_e - np.maximum(rel_s, prev), 0)
+    return np.add.reduceat(gain, gs)
+
+
+def _take_csr(ptr_a, cols_a, ptr_b, cols_b, use_b):
+    """CSR rows from ``a`` or, where ``use_b``, from ``b`` (same number of rows)."""
+    n_a = len(cols_a[0])
+    lo = np.where(use_b, ptr_b[:-1] + n_a, ptr_a[:-1])
+    cnt = np.where(use_b, np.diff(ptr_b), np.diff(ptr_a))
+    _i, j = _expand(lo, lo + cnt)
+    ptr = np.r_[0, np.cumsum(cnt)].astype(_I64)
+    return ptr, [np.concatenate([a, b])[j] for a, b in zip(cols_a, cols_b)]
 
 
 def _owned_stalls(st_key, pair_key, pair_group):
@@ -424,22 +603,39 @@ def _owned_stalls(st_key, pair_key, pair_group):
 #: owned stalls handled per pass of the alignment: keeps every temporary a few MB, so it is
 #: reused from the heap and stays in cache instead of being mapped fresh from the kernel
 _CHUNK = 1 << 20
+#: two stalls this close (or closer) are back to back even when the sample period is shorter
+LINK_GAP_NS = 10_000_000
+#: stall kinds (``st_kind``): at most this many
+_KINDS = 8
 
 
 def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key, pair_group,
-          min_explained=MIN_EXPLAINED, max_contributors=MAX_CONTRIBUTORS) -> Alignment:
+          min_explained=MIN_EXPLAINED, max_contributors=MAX_CONTRIBUTORS, iv_lost=None,
+          st_kind=None, st_backstop=None, link_gap_ns=LINK_GAP_NS) -> Alignment:
     """Match stalls to idle intervals.
 
     Intervals: ``iv_start``, ``iv_end``, ``iv_res`` (resolution), ``iv_group`` (owner group,
-    -1 = none).  Stalls: ``st_start``, ``st_dur``, ``st_key`` (pid key).  Owners: pairs
-    (``pair_key``, ``pair_group``) from :func:`owner_groups`.
+    -1 = none), ``iv_lost`` (idle time lost; default the length).  Stalls: ``st_start``,
+    ``st_dur``, ``st_key`` (pid key), ``st_kind`` (small int < 8, default 0),
+    ``st_backstop`` (bool: a scheduler row).  Owners: pairs (``pair_key``, ``pair_group``)
+    from :func:`owner_groups`.
 
-    A stall is a candidate for interval i when its pid key is in i's owner group, it overlaps
-    i (positive overlap) and it starts no later than ``start + res``.  The culprit is the
-    candidate with the largest overlap, ties to the earliest start, then the lowest stall
-    index; it stands only when the union of all candidates covers at least ``min_explained``
-    of the interval.  Contributors: the other candidates (all of them when there is no
-    culprit) in that same order, at most ``max_contributors``.
+    Candidates of interval i: its owners' stalls with a positive overlap, taken in order of
+    start while each starts no later than ``max(start + res, reach + gap)``, where reach is
+    the latest end (at least ``start``) of the candidates before it and ``gap =
+    max(res, link_gap_ns)``: the candidate set begins within one resolution of the idle start
+    and stalls back to back with it extend it; the first stall that starts after a hole ends
+    the set (the owner was idle for another reason).  Explained = |union| / lost, at most 1.
+    Chains: candidates grouped by (pid, kind); a chain's coverage is the union of its stalls
+    in the interval.  The top chain has the largest coverage, ties to the earliest first start,
+    then the lowest stall index; it is the culprit when explained >= ``min_explained``.
+    Contributors: the other chains (all of them without a culprit) in that order, at most
+    ``max_contributors``, as (representative stall, coverage); a chain's representative is
+    its stall with the largest overlap (ties: earliest start, lowest index).
+
+    Backstop: scheduler rows are left out first; intervals that this leaves below
+    ``min_explained`` are aligned again with them, and keep that result (``basis`` 2 when it
+    finds a culprit).
 
     Owner groups are independent, so they are aligned in passes of about ``_CHUNK`` owned
     stalls.  Fastest when stalls come node by node, each node's roughly in time order (as
@@ -447,11 +643,47 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     """
     iv_start, iv_end, iv_res, iv_group = map(_i64, (iv_start, iv_end, iv_res, iv_group))
     st_start, st_dur, st_key = map(_i64, (st_start, st_dur, st_key))
+    iv_lost = np.maximum(iv_end - iv_start, 0) if iv_lost is None else _i64(iv_lost)
+    st_kind = np.zeros(len(st_start), _I64) if st_kind is None else _i64(st_kind)
+    pair_key, pair_group = _i64(pair_key), _i64(pair_group)
+    st_chain = (st_key & _PID_MASK) * _KINDS + st_kind         # chain of a stall in its group
+    if len(st_chain) and int(st_chain.max()) < (1 << 31):
+        st_chain = st_chain.astype(np.int32)                   # half the bytes to gather
+    args = (iv_start, iv_end, iv_res, iv_lost, st_start, st_dur, st_chain, pair_key, pair_group,
+            min_explained, max_contributors, int(link_gap_ns))
+    back = None if st_backstop is None else np.asarray(st_backstop, dtype=bool)
+    if back is None or not back.any():
+        out = _align_all(iv_group, st_key, *args)
+        out.basis = np.where(out.culprit >= 0, 1, 0)
+        return out
+    out = _align_all(iv_group, np.where(back, -1, st_key), *args)
+    out.basis = np.where(out.culprit >= 0, 1, 0)
+    again = (out.culprit < 0) & (iv_group >= 0)
+    if not again.any():
+        return out
+    b = _align_all(np.where(again, iv_group, -1), st_key, *args)
+    for f in ("explained", "union_ns", "n_candidates", "best", "best_overlap", "culprit",
+              "best_cover", "best_start", "best_end"):
+        getattr(out, f)[again] = getattr(b, f)[again]
+    out.basis[again] = np.where(b.culprit[again] >= 0, 2, 0)
+    out.contrib_ptr, (out.contrib_stall, out.contrib_overlap) = _take_csr(
+        out.contrib_ptr, [out.contrib_stall, out.contrib_overlap],
+        b.contrib_ptr, [b.contrib_stall, b.contrib_overlap], again)
+    out.chain_ptr, (out.chain_stall, out.chain_overlap) = _take_csr(
+        out.chain_ptr, [out.chain_stall, out.chain_overlap],
+        b.chain_ptr, [b.chain_stall, b.chain_overlap], again)
+    return out
+
+
+def _align_all(iv_group, st_key, iv_start, iv_end, iv_res, iv_lost, st_start, st_dur, st_chain,
+               pair_key, pair_group, min_explained, max_contributors, link_gap_ns):
     n = len(iv_start)
-    out = Alignment(np.zeros(n), np.zeros(n, _I64), np.zeros(n, _I64),
-                    np.full(n, -1, _I64), np.zeros(n, _I64), np.full(n, -1, _I64),
-                    np.zeros(n + 1, _I64), np.empty(0, _I64), np.empty(0, _I64))
-    pieces = _owned_stalls(st_key, _i64(pair_key), _i64(pair_group))
+    z = lambda: np.zeros(n, _I64)
+    neg = lambda: np.full(n, -1, _I64)
+    out = Alignment(np.zeros(n), z(), z(), neg(), z(), neg(), np.zeros(n + 1, _I64),
+                    np.empty(0, _I64), np.empty(0, _I64), z(), z(), z(), np.zeros(n + 1, _I64),
+                    np.empty(0, _I64), np.empty(0, _I64))
+    pieces = _owned_stalls(st_key, pair_key, pair_group)
     if not pieces or not np.any(iv_group >= 0):
         return out
 
@@ -473,7 +705,7 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
     iv_chunk = chunk_of[iv_group[has]]
     bounds = np.searchsorted(iv_chunk, np.arange(c + 2))
 
-    contrib = []
+    contrib, chains = [], []
     for ci in range(c + 1):
         ivs = has[bounds[ci]:bounds[ci + 1]]
         if len(ivs) == 0:
@@ -487,28 +719,34 @@ def align(iv_start, iv_end, iv_res, iv_group, st_start, st_dur, st_key, pair_key
         if not ex:
             continue
         ex = np.concatenate(ex)
-        part = _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, np.concatenate(ex_group),
-                           st_start, st_dur, min_explained, max_contributors, out)
+        part = _align_pass(ivs, iv_start, iv_end, iv_res, iv_lost, iv_group, ex,
+                           np.concatenate(ex_group), st_start, st_dur, st_chain,
+                           min_explained, max_contributors, link_gap_ns, out)
         if part is not None:
-            contrib.append(part)
+            contrib.append(part[0])
+            chains.append(part[1])
 
-    if contrib and max_contributors > 0:
-        civ, r, stall, ov = (np.concatenate(x) for x in zip(*contrib))
+    for parts, ptr_f, cols in ((contrib, "contrib_ptr", ("contrib_stall", "contrib_overlap")),
+                               (chains, "chain_ptr", ("chain_stall", "chain_overlap"))):
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            continue
+        civ, r, stall, ov = (np.concatenate(x) for x in zip(*parts))
         ptr = np.r_[0, np.cumsum(np.bincount(civ, minlength=n))].astype(_I64)
         dest = ptr[civ] + r
-        out.contrib_ptr = ptr
-        out.contrib_stall = np.empty(len(dest), dtype=_I64)
-        out.contrib_overlap = np.empty(len(dest), dtype=_I64)
-        out.contrib_stall[dest] = stall
-        out.contrib_overlap[dest] = ov
+        setattr(out, ptr_f, ptr)
+        for f, v in zip(cols, (stall, ov)):
+            arr = np.empty(len(dest), dtype=_I64)
+            arr[dest] = v
+            setattr(out, f, arr)
     return out
 
 
-def _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, ex_group, st_start, st_dur,
-                min_explained, max_contributors, out):
+def _align_pass(ivs, iv_start, iv_end, iv_res, iv_lost, iv_group, ex, ex_group, st_start, st_dur,
+                st_chain, min_explained, max_contributors, link_gap_ns, out):
     """Align intervals ``ivs`` with owned stalls ``ex`` (stall indexes, with their groups),
-    all of the same owner groups.  Fills ``out`` for those intervals; returns contributors as
-    (interval, rank, stall, overlap) arrays, or None."""
+    all of the same owner groups.  Fills ``out`` for those intervals; returns (contributors,
+    top chain stalls) as (interval, rank, stall, overlap) arrays, or None."""
     t_ex, d_ex = st_start[ex], st_dur[ex]
     keep = d_ex > 0                                   # an empty span overlaps nothing
     if not keep.all():
@@ -533,8 +771,7 @@ def _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, ex_group, st_start,
     # the intervals sorted by (group, start); qp = position in that order
     s0 = int(iv_start[ivs].min())
     ivo = ivs[_order(iv_group[ivs], iv_start[ivs] - s0, int(iv_start[ivs].max()) - s0)]
-    q_group, q_s = iv_group[ivo], iv_start[ivo]
-    q_hi = np.minimum(q_s + iv_res[ivo], iv_end[ivo] - 1)
+    q_group, q_s, q_e = iv_group[ivo], iv_start[ivo], iv_end[ivo]
     g_lo = np.searchsorted(q_group, b_group, side="left")
     g_hi = np.searchsorted(q_group, b_group, side="right")
 
@@ -553,7 +790,7 @@ def _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, ex_group, st_start,
             continue
         cm = np.maximum.accumulate(end_ex[idx])
         lo = a + np.searchsorted(cm, q_s[ga:gb], side="right")   # first whose running end > s
-        hi = a + np.searchsorted(tt, q_hi[ga:gb], side="right")
+        hi = a + np.searchsorted(tt, q_e[ga:gb], side="left")    # starts before the end
         m = hi > lo
         if np.any(m):
             qs.append(np.arange(ga, gb, dtype=_I64)[m])
@@ -571,79 +808,91 @@ def _align_pass(ivs, iv_start, iv_end, iv_res, iv_group, ex, ex_group, st_start,
     if len(qp) == 0:
         return None
 
-    # pairs by (interval, start, stall index): all of one interval's pairs from one bucket
-    # already are; a stable sort merges the buckets (ties across buckets: fixed below)
-    back = pt - s                                    # <= res; negative when started before
+    # pairs by (interval, start, stall index)
+    back = pt - s                                    # negative when started before
     rel = back - back.min()
     o = _order(qp, rel, int(rel.max()))
     qp, pe, s, pt, pend = qp[o], pe[o], s[o], pt[o], pend[o]
-    iv = ivo[qp]
-    e = iv_end[iv]
-    cs, ce = np.maximum(pt, s), np.minimum(pend, e)
-    ov = ce - cs
     sidx = ex[pe]
+    same = (qp[1:] == qp[:-1]) & (pt[1:] == pt[:-1])
+    if np.any(same):                                 # equal starts from different buckets
+        tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+        sub = tied[np.lexsort((sidx[tied], pt[tied], qp[tied]))]
+        for arr in (qp, pe, s, pt, pend, sidx):
+            arr[tied] = arr[sub]
+
+    # admission: in start order, while each starts by max(start + res, reach + gap)
+    q_len = np.maximum(q_e - q_s, 1)
+    q_res = iv_res[ivo]
+    rcs, rce = np.maximum(pt - s, 0), np.minimum(pend, q_e[qp]) - s   # clipped, relative
     gs = _group_starts(qp)
     gcount = np.diff(np.r_[gs, len(qp)])
-    g_iv = iv[gs]
-    g_len = np.maximum(iv_end[g_iv] - iv_start[g_iv], 1)
-
-    # union of [cs, ce) per interval: a running max of ends that restarts at each interval,
-    # done as one cumulative max over ends shifted by per-interval offsets (chunked so the
-    # offsets stay inside int64)
-    union = np.zeros(len(gs), dtype=_I64)
-    rel_s, rel_e = cs - s, ce - s
-    span = g_len + 1
-    c0 = 0
-    while c0 < len(gs):
-        cum = np.cumsum(span[c0:])
-        c1 = c0 + max(1, int(np.searchsorted(cum, 1 << 61, side="right")))
-        off_g = np.r_[0, cum[: c1 - c0 - 1]]
-        p0, p1 = gs[c0], (gs[c1] if c1 < len(gs) else len(qp))
-        off = np.repeat(off_g, gcount[c0:c1])
-        v = rel_e[p0:p1] + off
-        prev = np.empty_like(v)
-        prev[1:] = np.maximum.accumulate(v)[:-1]
-        first = gs[c0:c1] - p0
-        prev[first] = off_g
-        gain = np.maximum(v - np.maximum(rel_s[p0:p1] + off, prev), 0)
-        union[c0:c1] = np.add.reduceat(gain, first)
-        c0 = c1
-    explained = np.minimum(union / g_len, 1.0)
+    reach = _prev_max(gs, gcount, rce, q_len[qp[gs]])  # 0 (= start) for the first
+    res = q_res[qp]
+    late = pt - s > np.maximum(res, reach + np.maximum(res, link_gap_ns))
+    if np.any(late):
+        nlate = np.cumsum(late)
+        ok = nlate == np.repeat(nlate[gs] - late[gs], gcount)
+        qp, pe, pt, pend, sidx, rcs, rce = (x[ok] for x in (qp, pe, pt, pend, sidx, rcs, rce))
+        if len(qp) == 0:
+            return None
+        gs = _group_starts(qp)
+        gcount = np.diff(np.r_[gs, len(qp)])
+    ov = rce - rcs
+    g_q = qp[gs]
+    g_iv = ivo[g_q]
+    union = _union(gs, gcount, rcs, rce, q_len[g_q])
+    explained = np.minimum(union / np.maximum(iv_lost[g_iv], 1), 1.0)
     has_culprit = explained >= min_explained
 
-    # rank each interval's candidates by (overlap desc, start, stall index): a stable sort by
-    # (interval, -overlap) of pairs in (interval, start) order, then exact ties (same overlap
-    # and start, from different buckets or nodes) put in stall-index order
-    multi = np.repeat(gcount > 1, gcount)
-    ranked = np.flatnonzero(multi)
-    if len(ranked):
-        rov = ov[ranked]
-        top = int(rov.max())
-        ranked = ranked[_order(qp[ranked], top - rov, top)]
-        k_q, k_ov, k_t = qp[ranked], ov[ranked], pt[ranked]
-        same = (k_q[1:] == k_q[:-1]) & (k_ov[1:] == k_ov[:-1]) & (k_t[1:] == k_t[:-1])
-        if np.any(same):
-            tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
-            sub = ranked[tied]
-            ranked[tied] = sub[np.lexsort((sidx[sub], pt[sub], -ov[sub], qp[sub]))]
-    order = np.arange(len(qp))
-    order[multi] = ranked                           # groups of one stay where they are
-    best = order[gs]
+    # chains: pairs by (interval, pid, kind), start order kept
+    ckey = st_chain[ex][pe].astype(_I64)            # ex is in stall order: gathered once
+    o2 = _order(qp, ckey, int(ckey.max()))
+    cq, ck2 = qp[o2], ckey[o2]
+    c_gs = np.flatnonzero(np.r_[True, (cq[1:] != cq[:-1]) | (ck2[1:] != ck2[:-1])])
+    c_cnt = np.diff(np.r_[c_gs, len(o2)])
+    c_q = cq[c_gs]
+    rcs2, rce2 = rcs[o2], rce[o2]
+    c_cover = _union(c_gs, c_cnt, rcs2, rce2, q_len[c_q])
+    ov2 = rce2 - rcs2
+    c_top = np.repeat(np.maximum.reduceat(ov2, c_gs), c_cnt)
+    cand = np.where(ov2 == c_top, np.arange(len(o2)), len(o2))
+    c_rep = o2[np.minimum.reduceat(cand, c_gs)]      # pair index of the representative
+    c_first = o2[c_gs]                               # its first pair: (start, index) order
 
+    # rank chains per interval: coverage desc, then first pair order
+    co = np.argsort(c_first, kind="stable")
+    top = int(c_cover.max())
+    co = co[_order(c_q[co], top - c_cover[co], top)]
+    c_gq = _group_starts(c_q[co])
+    nch = np.diff(np.r_[c_gq, len(co)])
+    best_c = co[c_gq]
+
+    # per interval (the groups gs, in qp order, match c_gq)
     out.explained[g_iv] = explained
     out.union_ns[g_iv] = union
     out.n_candidates[g_iv] = gcount
-    out.best[g_iv] = sidx[best]
-    out.best_overlap[g_iv] = ov[best]
-    out.culprit[g_iv[has_culprit]] = sidx[best[has_culprit]]
+    out.best[g_iv] = sidx[c_rep[best_c]]
+    out.best_overlap[g_iv] = ov[c_rep[best_c]]
+    out.best_cover[g_iv] = c_cover[best_c]
+    out.best_start[g_iv] = pt[c_first[best_c]]
+    out.culprit[g_iv[has_culprit]] = sidx[c_rep[best_c[has_culprit]]]
+
+    # the top chain's stalls, and its last end
+    ci, cj = _expand(c_gs[best_c], c_gs[best_c] + c_cnt[best_c])
+    cpair = o2[cj]
+    chain = (g_iv[ci], cj - c_gs[best_c][ci], sidx[cpair], ov[cpair])
+    out.best_end[g_iv] = np.maximum.reduceat(pend[cpair], np.r_[0, np.cumsum(c_cnt[best_c])[:-1]])
     if max_contributors <= 0:
-        return None
+        return None, chain
     # contributors: ranks 1.. after a culprit, 0.. without one
-    rank = np.arange(len(qp)) - np.repeat(gs, gcount)
-    skip = np.repeat(has_culprit.astype(_I64), gcount)
+    rank = np.arange(len(co)) - np.repeat(c_gq, nch)
+    skip = np.repeat(has_culprit.astype(_I64), nch)
     take = (rank >= skip) & (rank < skip + max_contributors)
-    pick = order[take]
-    return np.repeat(g_iv, gcount)[take], (rank - skip)[take], sidx[pick], ov[pick]
+    pick = co[take]
+    contrib = (g_iv[np.repeat(np.arange(len(nch)), nch)[take]], (rank - skip)[take],
+               sidx[c_rep[pick]], c_cover[pick])
+    return contrib, chain
 
 
 # --------------------------------------------------------------------------- 4. across nodes

@@ -1,4 +1,5 @@
-"""Text for people: one renderer for stall events, verdict lines and the report table."""
+"""Text for people: one renderer for stall events, chains, verdict lines, the report table and
+its repeated-culprit groups."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import time
 
 from .analyze import VERDICTS, Result
+from .verdict import Chain, Verdict, group_verdicts
 
 
 def _clock(ns: int) -> str:
@@ -19,7 +21,8 @@ def describe(e: dict) -> str:
     kind = e.get("type", "")
     op = e.get("op", "") or kind
     if kind in ("io", "nfs"):
-        what = f"{op} {e.get('path') or '?'}"
+        n = int(e.get("count", 1) or 1)
+        what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
         fs = e.get("server") or e.get("fs")
         if fs:
             what += f" ({fs})"
@@ -30,39 +33,105 @@ def describe(e: dict) -> str:
         what = f"{op} {e.get('device') or '?'} sector {e.get('sector', 0)}"
     elif kind == "rdma":
         what = f"{op} {e.get('device') or '?'} qp {e.get('qp', 0)}"
+    elif kind == "sched" and op == "runq":
+        what = f"runnable while {e.get('other_comm') or '?'} pid {e.get('other_pid', 0)} ran:"
+    elif kind == "sched":
+        what = f"blocked in kernel ({e.get('reason') or '?'}):"
     else:
         what = op
     return (f"{what} pid {e.get('pid', 0)} {e.get('comm', '')} "
             f"{e.get('dur_ns', 0) / 1e6:.1f}ms").rstrip()
 
 
+def _dur(ns: int) -> str:
+    """``0.9 s`` from 100 ms on, ``12.3ms`` below."""
+    return f"{ns / 1e6:.1f}ms" if ns < 100_000_000 else f"{ns / 1e9:.1f} s"
+
+
+def describe_chain(ch: Chain) -> str:
+    """What a chain waited on, for people: ``120 reads of /data/shard-17.bin (fuse) 0.9 s``,
+    ``write+fsync /ckpt/step-1200.pt (nfs) 1.2 s``, ``blocked in kernel
+    (fuse_simple_request) 0.8 s``, ``CPU contention: runnable 0.7 s while python pid 9 ran``."""
+    blocked = _dur(ch.blocked_ns)
+    if ch.kind == "sched":
+        if "runq" in ch.ops:
+            return (f"CPU contention: runnable {blocked} while {ch.other_comm or '?'} "
+                    f"pid {ch.other_pid} ran")
+        return f"blocked in kernel ({ch.targets[0].name if ch.targets else '?'}) {blocked}"
+    t = ch.targets[0]
+    where = f" ({t.server or t.fs})" if (t.server or t.fs) and ch.kind in ("io", "nfs") else ""
+    more = f" (+{len(ch.targets) - 1} more)" if len(ch.targets) > 1 else ""
+    if len(ch.ops) == 1 and ch.count > 1:
+        op = next(iter(ch.ops))
+        return f"{ch.count} {op}s of {t.name}{more}{where} {blocked}"
+    if ch.kind == "net":
+        what = f"{'+'.join(ch.ops)} {t.name}"
+    else:
+        what = f"{'+'.join(ch.ops)} {t.name}{more}{where}"
+    return f"{what} {blocked}"
+
+
+def _culprit_text(v: Verdict) -> str:
+    """The culprit of a verdict: a single stall as :func:`describe`, a chain as
+    :func:`describe_chain` plus its process; says when the backstop was needed."""
+    ch = v.chain
+    if ch is None or (ch.links == 1 and ch.count == 1 and ch.kind != "sched"):
+        what = describe(v.culprit)
+    else:
+        what = f"{describe_chain(ch)}, pid {ch.pid} {ch.comm}".rstrip()
+    if v.basis == "backstop" and (ch is None or ch.kind != "sched"):
+        what += " [with the scheduler backstop]"
+    return what
+
+
+def format_groups(groups: list, limit: int = 20) -> list:
+    """Lines for repeated culprits: ``dataset_read /data/shard-#.bin on nfs-server-3: 250
+    intervals, 41.0 GPU-minutes``."""
+    lines = []
+    for g in groups[:limit]:
+        where = f" on {g['where']}" if g["where"] else ""
+        mins = g["explained_ns"] / 60e9
+        cost = f"{mins:.1f} GPU-minutes" if mins >= 1 else f"{g['explained_ns'] / 1e9:.1f} GPU-seconds"
+        ranks = f", ranks {','.join(map(str, g['ranks'][:8]))}" if g["ranks"] else ""
+        lines.append(f"  {g['class']} {g['pattern']}{where}: {g['intervals']} intervals on "
+                     f"{g['gpus']} GPUs cost {cost}{ranks}")
+        for b in g.get("breakdown", [])[:5]:
+            lines.append(f"      rank {b['rank']} {b['file']} ({b['where'] or '?'}) "
+                         f"{b['explained_ns'] / 1e9:.1f} s")
+    return lines
+
+
 def format_text(result: Result) -> str:
-    """A table of verdicts (NODE GPU IDLE-START DUR(ms) VERDICT EXPLAINED CULPRIT) and a
-    summary: counts, edge precision per GPU, lost events."""
+    """A table of verdicts (NODE GPU IDLE-START DUR(ms) VERDICT EXPLAINED CULPRIT), the
+    repeated culprits, and a summary: counts, edge precision per GPU, lost events."""
     vs = result.verdicts
     s = result.summary
     lines = []
     if vs:
-        day = time.strftime("%Y-%m-%d %Z", time.localtime(vs[0]["idle_start_ns"] // 10 ** 9))
+        day = time.strftime("%Y-%m-%d %Z", time.localtime(vs[0].idle_start_ns // 10 ** 9))
         lines.append(f"GPU idle intervals (times local, {day}):")
-    nw = max([4] + [len(v["node"]) for v in vs])
+    nw = max([4] + [len(v.node) for v in vs])
     lines.append(f"{'NODE':<{nw}} {'GPU':>3} {'IDLE-START':<12} {'DUR(ms)':>9} "
                  f"{'VERDICT':<11} {'EXPLAINED':>9}  CULPRIT")
     for v in vs:
-        dur = f"{v['duration_ns'] / 1e6:.1f}" + ("+" if v["open"] else "")
-        c = v["culprit"]
-        if c is not None:
-            what = describe(c)
-            if v["remote"]:
-                what = f"[{v['culprit_node']}, clock +-{v['clock_uncertainty_ns'] / 1e6:.3f}ms] " + what
-        elif v["contributors"]:
-            what = f"(partly: {describe(v['contributors'][0])})"
-        elif not v["owners"]:
+        dur = f"{v.duration_ns / 1e6:.1f}" + ("+" if v.open else "")
+        if v.culprit is not None:
+            what = _culprit_text(v)
+            if v.remote:
+                what = f"[{v.culprit_node}, clock +-{v.clock_uncertainty_ns / 1e6:.3f}ms] " + what
+        elif v.contributors:
+            what = f"(partly: {describe(v.contributors[0])})"
+        elif not v.owners:
             what = "(no process on the GPU)"
         else:
             what = "-"
-        lines.append(f"{v['node']:<{nw}} {v['gpu']:>3} {_clock(v['idle_start_ns']):<12} "
-                     f"{dur:>9} {v['verdict']:<11} {v['explained_fraction'] * 100:>8.0f}%  {what}")
+        lines.append(f"{v.node:<{nw}} {v.gpu:>3} {_clock(v.idle_start_ns):<12} "
+                     f"{dur:>9} {v.verdict:<11} {v.explained_fraction * 100:>8.0f}%  {what}")
+    groups = group_verdicts(vs)
+    if groups:
+        lines.append("")
+        lines.append("Repeated culprits (idle GPU time explained, summed):")
+        lines.extend(format_groups(groups))
     counts = s.get("verdicts", {})
     lines.append("")
     lines.append(f"{s.get('intervals', 0)} idle intervals on {s.get('gpus', 0)} GPUs, "
@@ -108,18 +177,17 @@ EVENT_HEADER = (f"{'TIME':<12} {'COMM':<16} {'PID':>7} {'TID':>7} {'OP':<12} {'L
                 f"{'BYTES':>9} FILE/FLOW")
 
 
-def verdict_line(v: dict) -> str:
+def verdict_line(v: Verdict) -> str:
     """One live verdict: ``VERDICT node gpuN idle 800ms explained 96% (+-100ms): <culprit>``."""
-    c = v.get("culprit")
-    if c is not None:
-        what = describe(c)
-        if v.get("remote"):
-            what = f"[remote: {v.get('culprit_node')}] {what}"
-    elif v.get("contributors"):
-        what = f"unexplained (partly: {describe(v['contributors'][0])})"
-    elif not v.get("owners"):
+    if v.culprit is not None:
+        what = _culprit_text(v)
+        if v.remote:
+            what = f"[remote: {v.culprit_node}] {what}"
+    elif v.contributors:
+        what = f"unexplained (partly: {describe(v.contributors[0])})"
+    elif not v.owners:
         what = "unexplained (no process on the GPU)"
     else:
         what = "unexplained: nothing traced explains it"
-    return (f"VERDICT {v['node']} gpu{v['gpu']} idle {v['duration_ns'] / 1e6:.0f}ms "
-            f"explained {v['explained_fraction'] * 100:.0f}% (+-{v['resolution_ns'] / 1e6:.0f}ms): {what}")
+    return (f"VERDICT {v.node} gpu{v.gpu} idle {v.duration_ns / 1e6:.0f}ms "
+            f"explained {v.explained_fraction * 100:.0f}% (+-{v.resolution_ns / 1e6:.0f}ms): {what}")

@@ -6,10 +6,14 @@ the blame code itself is single-threaded numpy).  Each figure carries a same-run
 these run on are shared and their speed drifts.
 
 Figures:
-  align     stallscope.analysis.blame.align: owned-stall join, union of overlaps, culprit and
+  align     stallscope.analysis.blame.align: owned-stall join, candidate sweep (stalls back
+            to back extend the set), union of overlaps, chains (per pid and kind), culprit and
             contributors, for (stalls, intervals) from 1M/100k to 10M/1M; stalls in tracer
             emission order (per node, by end time) and, once, shuffled (worst case)
-  idle      find_idle on NVML samples producing the same number of intervals
+  backstop  align at the largest size plus 10% scheduler rows (blocked, runq) and three
+            stall kinds: the intervals the specific stalls leave unexplained are aligned again
+  idle      find_idle on NVML samples producing the same number of intervals (busy samples
+            at 80%: partial samples everywhere)
   owners    owner_groups from NVML process lists polled every second over the whole span
   remote    remote_blame across the nodes of one job
   analyze   analyze() end to end from tracer batches (verdict dicts included), small sizes
@@ -162,6 +166,29 @@ def bench_align(n_st, n_iv, shuffled=False, repeat=1):
     return iv, st, al
 
 
+def bench_backstop(n_st, n_iv, repeat=1):
+    iv, ow, st = cluster(n_st, n_iv)
+    rng = np.random.default_rng(5)
+    n_sc = n_st // 10
+    pick = rng.integers(0, n_st, n_sc)                # scheduler rows over some of the stalls
+    lead = rng.integers(0, 200 * MS, n_sc)
+    start = np.concatenate([st["start"], st["start"][pick] - lead])
+    dur = np.concatenate([st["dur"], st["dur"][pick] + 2 * lead])
+    key = np.concatenate([st["key"], st["key"][pick]])
+    kind = np.concatenate([rng.integers(0, 3, n_st), 5 + rng.integers(0, 2, n_sc)])
+    back = kind >= 5
+    o = np.lexsort((start + dur, key >> blame.NODE_SHIFT))      # emission order again
+    start, dur, key, kind, back = start[o], dur[o], key[o], kind[o], back[o]
+    base = _baseline(len(start))
+    w, c, al = _time(lambda: blame.align(iv["start"], iv["end"], iv["res"], iv["group"], start,
+                                         dur, key, ow["key"], ow["group"], st_kind=kind,
+                                         st_backstop=back), repeat)
+    _emit({"figure": "backstop", "stalls": len(start), "sched_rows": n_sc, "intervals": n_iv,
+           "seconds": round(w, 3), "cpu_seconds": round(c, 3),
+           "explained": int((al.culprit >= 0).sum()), "by_backstop": int((al.basis == 2).sum()),
+           "baseline_sort_seconds": round(base, 3), "ratio_to_baseline": round(w / base, 2)})
+
+
 def bench_remote(iv, st, al, repeat=1):
     job = np.zeros(len(iv["start"]), dtype=np.int64)   # one job across every node
     unc = np.full(NODES, 50_000, dtype=np.int64)
@@ -311,6 +338,7 @@ def main(quick: bool = False) -> None:
         del iv, st, al
     n_st, n_iv = sizes[-1]
     bench_align(n_st, n_iv, shuffled=True, repeat=repeat)
+    bench_backstop(n_st, n_iv, repeat=repeat)
     a_st, a_iv = (20_000, 2_000) if quick else (200_000, 20_000)
     bench_analyze(a_st, a_iv)
     bench_live(*((2, 60, 50) if quick else (8, 600, 50)))

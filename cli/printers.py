@@ -40,7 +40,7 @@ class EventPrinter:
 
 
 class VerdictPrinter:
-    """Prints a list of verdicts (dicts), as lines or JSON; counts them."""
+    """Prints a list of verdicts (:class:`Verdict`), as lines or JSON; counts them."""
 
     def __init__(self, as_json: bool = False, out=None):
         self.as_json = as_json
@@ -50,7 +50,8 @@ class VerdictPrinter:
     def __call__(self, verdicts: list):
         for v in verdicts:
             self.count += 1
-            self.out.write(json.dumps(v, separators=(",", ":")) + "\n" if self.as_json else verdict_line(v) + "\n")
+            self.out.write(json.dumps(v.to_json(), separators=(",", ":")) + "\n" if self.as_json
+                           else verdict_line(v) + "\n")
         if verdicts:
             self.out.flush()
 

@@ -324,11 +324,12 @@ def check(samples: dict, truth: dict, period_ns: int | None = None,
             # informational: edges placed inside the edge samples' windows by their busy
             # share (window (ts - period, ts], busy at its start / end), not what blame does
             first, last = min(hit, key=lambda iv: iv["start_ns"]), max(hit, key=lambda iv: iv["end_ns"])
-            if not first["open_start"]:
-                r["refined_start_err_ms"] = round(
+            if not first["open_start"]:        # (an edge off the stamps is placed already)
+                r["refined_start_err_ms"] = r["start_err_ms"] if u0 not in util_at else round(
                     (u0 - p + min(util_at[u0], 100) * p / 100 - t0) / MS, 1)
             if not tail and not last["open"]:
-                r["refined_end_err_ms"] = round((u1 - min(util_at[u1], 100) * p / 100 - t1) / MS, 1)
+                r["refined_end_err_ms"] = r["end_err_ms"] if u1 not in util_at else round(
+                    (u1 - min(util_at[u1], 100) * p / 100 - t1) / MS, 1)
             if not r["edges_ok"]:
                 edge_bad.append(j)
         elif required:

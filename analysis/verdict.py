@@ -1,0 +1,273 @@
+"""Typed verdicts: one :class:`Verdict` per GPU idle interval, its culprit :class:`Chain`, the
+failure-mode class of a chain, and the grouping of repeated culprits for reports.
+
+``Verdict.to_json()`` gives the DESIGN.md field names (plus ``class``, ``chain``, ``basis``);
+everything else reads the attributes.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field
+
+#: failure modes a culprit chain can be classed as
+CLASSES = ("dataset_read", "checkpoint_write", "metadata", "network", "cpu", "blocked")
+
+#: (stall type, op) -> class; ops not listed take the type's default (_TYPE_CLASS).
+#: Copies (sendfile, splice, copy_file_range) count as reads of their source: a row carries
+#: one path and nothing marks it as the destination.
+OP_CLASS = {
+    **{("io", op): "dataset_read" for op in (
+        "read", "pread", "readv", "page_fault", "sendfile", "splice", "copy_file_range",
+        "io_uring_enter", "io_getevents")},
+    **{("io", op): "checkpoint_write" for op in ("write", "pwrite", "writev", "fsync", "fdatasync")},
+    **{("io", op): "metadata" for op in ("openat", "stat", "getdents")},
+    ("nfs", "nfs_read"): "dataset_read",
+    **{("nfs", op): "checkpoint_write" for op in ("nfs_write", "nfs_commit", "nfs_fsync")},
+    **{("nfs", op): "metadata" for op in ("nfs_open", "nfs_getattr")},
+    ("nfs", "nfs_rpc"): "network",
+    ("block", "blk_read"): "dataset_read",
+    **{("block", op): "checkpoint_write" for op in ("blk_write", "blk_flush")},
+    ("sched", "runq"): "cpu",
+    ("sched", "blocked"): "blocked",
+}
+_TYPE_CLASS = {"io": "blocked", "nfs": "blocked", "block": "blocked", "net": "network",
+               "rdma": "network", "sched": "blocked"}
+
+
+def op_class(kind: str, op: str) -> str:
+    """Failure-mode class of one stall."""
+    return OP_CLASS.get((kind, op)) or _TYPE_CLASS.get(kind, "blocked")
+
+
+@dataclass
+class Target:
+    """What a chain waited on, one entry per file (io, nfs), flow (net), device (block,
+    rdma), kernel function (sched blocked) or process that ran instead (sched runq)."""
+
+    name: str
+    fs: str = ""
+    server: str = ""
+    ops: dict = field(default_factory=dict)   # op -> summed count
+    count: int = 0
+    blocked_ns: int = 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "fs": self.fs, "server": self.server, "ops": dict(self.ops),
+                "count": self.count, "blocked_ns": self.blocked_ns}
+
+
+@dataclass
+class Chain:
+    """One owner process's stalls of one type that explain an interval, back to back."""
+
+    kind: str                      # stall type: io, nfs, block, net, rdma, sched
+    pid: int
+    comm: str
+    klass: str                     # failure mode (CLASSES)
+    ops: dict                      # op -> summed count, first seen first
+    count: int                     # sum of the stalls' ``count`` (1 for a plain row)
+    links: int                     # rows
+    blocked_ns: int                # summed time blocked (``blocked_ns``, else the duration)
+    covered_ns: int                # the union of its stalls inside the interval
+    start_ns: int                  # first stall's start
+    end_ns: int                    # last end
+    targets: list = field(default_factory=list)   # Target, most blocked first
+    other_pid: int = 0             # sched runq: who held the CPU longest
+    other_comm: str = ""
+
+    @property
+    def files(self) -> list:
+        return [t.name for t in self.targets] if self.kind in ("io", "nfs") else []
+
+    def to_json(self) -> dict:
+        d = {"kind": self.kind, "class": self.klass, "pid": self.pid, "comm": self.comm,
+             "ops": dict(self.ops), "count": self.count, "links": self.links,
+             "blocked_ns": self.blocked_ns, "covered_ns": self.covered_ns,
+             "start_ns": self.start_ns, "end_ns": self.end_ns, "files": self.files,
+             "targets": [t.to_json() for t in self.targets]}
+        if self.kind == "sched" and "runq" in self.ops:
+            d.update(other_pid=self.other_pid, other_comm=self.other_comm)
+        return d
+
+
+def _target_name(e: dict) -> tuple:
+    """(name, fs, server) of one stall event dict."""
+    kind = e["type"]
+    if kind in ("io", "nfs"):
+        return e.get("path") or "?", e.get("fs", ""), e.get("server", "") or ""
+    if kind == "net":
+        return f"{e.get('saddr')}:{e.get('sport')}->{e.get('daddr')}:{e.get('dport')}", "", \
+            f"{e.get('daddr')}:{e.get('dport')}"
+    if kind == "rdma":
+        return f"{e.get('device') or '?'} qp {e.get('qp', 0)}", "", e.get("device", "")
+    if kind == "block":
+        return e.get("device") or "?", "", ""
+    if kind == "sched" and e.get("op") == "runq":
+        return f"{e.get('other_comm') or '?'} pid {e.get('other_pid', 0)}", "", ""
+    if kind == "sched":
+        return e.get("reason") or "?", "", ""
+    return e.get("op", "?"), "", ""
+
+
+def build_chain(links: list, covered_ns: int) -> Chain:
+    """A :class:`Chain` from its stall event dicts (one pid, one type, by start)."""
+    first = links[0]
+    kind = first["type"]
+    ops = {}
+    by_class = collections.Counter()
+    targets = {}
+    count = blocked = 0
+    end = 0
+    for e in links:
+        c = max(int(e.get("count", 1) or 1), 1)
+        b = int(e.get("blocked_ns", 0) or 0) or int(e["dur_ns"])
+        op = e.get("op", "") or kind
+        ops[op] = ops.get(op, 0) + c
+        count += c
+        blocked += b
+        end = max(end, int(e["ts_ns"]) + int(e["dur_ns"]))
+        by_class[op_class(kind, op)] += b
+        name, fs, server = _target_name(e)
+        t = targets.get(name)
+        if t is None:
+            t = targets[name] = Target(name, fs, server)
+        t.ops[op] = t.ops.get(op, 0) + c
+        t.count += c
+        t.blocked_ns += b
+    klass = max(by_class, key=lambda k: (by_class[k], -CLASSES.index(k)))
+    ts = sorted(targets.values(), key=lambda t: -t.blocked_ns)
+    ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, len(links),
+               blocked, int(covered_ns), int(first["ts_ns"]), end, ts)
+    if kind == "sched" and "runq" in ops:
+        ch.other_comm = ts[0].name.rsplit(" pid ", 1)[0]
+        ch.other_pid = int(ts[0].name.rsplit(" pid ", 1)[1])
+    return ch
+
+
+@dataclass
+class Verdict:
+    """What stallscope says about one GPU idle interval."""
+
+    node: str
+    gpu: int
+    gpu_uuid: str
+    idle_start_ns: int
+    idle_end_ns: int
+    resolution_ns: int
+    open: bool
+    open_start: bool
+    synth_samples: int
+    verdict: str                   # culprit | remote | unexplained
+    culprit: dict = None           # the culprit chain's representative stall (event dict)
+    remote: bool = False
+    culprit_node: str = None
+    clock_uncertainty_ns: int = 0
+    explained_fraction: float = 0.0
+    local_explained_fraction: float = 0.0
+    contributors: list = field(default_factory=list)   # other chains' representative stalls
+    owners: list = field(default_factory=list)
+    gpu_pids: list = field(default_factory=list)
+    job: str = ""
+    rank: int = -1
+    klass: str = None              # JSON "class": the culprit chain's failure mode
+    chain: Chain = None            # the culprit chain (None when unexplained)
+    basis: str = None              # "specific" | "backstop" (scheduler rows needed); None
+    lost_ns: int = 0               # idle time the samples carry: the explained fraction's base
+
+    @property
+    def duration_ns(self) -> int:
+        return self.idle_end_ns - self.idle_start_ns
+
+    @property
+    def explained_ns(self) -> int:
+        """Idle time explained: ``explained_fraction`` of the time lost."""
+        return int(round(self.explained_fraction * self.lost_ns))
+
+    def to_json(self) -> dict:
+        return {
+            "node": self.node, "gpu": self.gpu, "gpu_uuid": self.gpu_uuid,
+            "idle_start_ns": self.idle_start_ns, "idle_end_ns": self.idle_end_ns,
+            "duration_ns": self.duration_ns, "resolution_ns": self.resolution_ns,
+            "open": self.open, "open_start": self.open_start,
+            "synth_samples": self.synth_samples, "verdict": self.verdict,
+            "culprit": self.culprit, "remote": self.remote, "culprit_node": self.culprit_node,
+            "clock_uncertainty_ns": self.clock_uncertainty_ns,
+            "explained_fraction": self.explained_fraction,
+            "local_explained_fraction": self.local_explained_fraction,
+            "contributors": self.contributors, "owners": self.owners,
+            "gpu_pids": self.gpu_pids, "job": self.job, "rank": self.rank,
+            "class": self.klass, "chain": None if self.chain is None else self.chain.to_json(),
+            "basis": self.basis,
+        }
+
+
+# --------------------------------------------------------------------------- groups
+
+def path_pattern(name: str) -> str:
+    """A path with every run of digits collapsed: ``/data/shard-17.bin`` -> ``/data/shard-#.bin``."""
+    return re.sub(r"\d+", "#", name)
+
+
+def group_key(v: Verdict) -> tuple:
+    """(class, where, pattern) of a verdict's culprit chain: where = NFS server or filesystem
+    (io, nfs), peer (net), device (rdma); pattern = its main target with digits collapsed."""
+    ch = v.chain
+    t = ch.targets[0] if ch.targets else Target("?")
+    where = t.server or t.fs
+    if ch.kind == "sched" and "runq" in ch.ops:
+        pattern = path_pattern(ch.other_comm or t.name)
+    elif ch.kind == "net":
+        pattern = path_pattern(t.server)
+        where = ""
+    else:
+        pattern = path_pattern(t.name)
+    return ch.klass, where, pattern
+
+
+def group_verdicts(verdicts) -> list:
+    """Repeated culprits: verdicts with a culprit (local or remote) grouped by
+    :func:`group_key`, most idle time explained first.  Each group is a dict: ``class``,
+    ``where``, ``pattern``, ``intervals``, ``explained_ns`` (GPU time, summed), ``lost_ns``,
+    ``blocked_ns`` (the chains'), ``count``, ``nodes``, ``gpus``, ``ranks``, ``files`` (up to
+    10 examples) and, for checkpoint writes, ``breakdown``: explained time by (rank, file,
+    filesystem or server)."""
+    groups = {}
+    for v in verdicts:
+        if v.verdict == "unexplained" or v.chain is None:
+            continue
+        k = group_key(v)
+        g = groups.get(k)
+        if g is None:
+            g = groups[k] = {"class": k[0], "where": k[1], "pattern": k[2], "intervals": 0,
+                             "explained_ns": 0, "lost_ns": 0, "blocked_ns": 0, "count": 0,
+                             "nodes": set(), "gpus": set(), "ranks": set(), "files": [],
+                             "_bd": collections.Counter()}
+        g["intervals"] += 1
+        g["explained_ns"] += v.explained_ns
+        g["lost_ns"] += v.lost_ns
+        g["blocked_ns"] += v.chain.blocked_ns
+        g["count"] += v.chain.count
+        g["nodes"].add(v.node)
+        g["gpus"].add(f"{v.node}/{v.gpu}")
+        if v.rank >= 0:
+            g["ranks"].add(v.rank)
+        for t in v.chain.targets:
+            if len(g["files"]) < 10 and t.name not in g["files"]:
+                g["files"].append(t.name)
+            if k[0] == "checkpoint_write":
+                share = v.explained_ns * t.blocked_ns // max(v.chain.blocked_ns, 1)
+                g["_bd"][(v.rank, t.name, t.server or t.fs)] += share
+    out = []
+    for g in groups.values():
+        bd = g.pop("_bd")
+        g["nodes"] = sorted(g["nodes"])
+        g["gpus"] = len(g["gpus"])
+        g["ranks"] = sorted(g["ranks"])
+        if g["class"] == "checkpoint_write":
+            g["breakdown"] = [{"rank": r, "file": f, "where": w, "explained_ns": int(ns)}
+                              for (r, f, w), ns in sorted(bd.items(), key=lambda kv: (-kv[1], kv[0]))]
+        out.append(g)
+    out.sort(key=lambda g: (-g["explained_ns"], g["class"], g["where"], g["pattern"]))
+    return out
