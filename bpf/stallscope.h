@@ -71,12 +71,17 @@ enum ss_op {
  *   key   block: sector; NFS: rpc xid; RDMA: qp number; TCP: struct sock address;
  *         VFS aggregate: summed latency; PROC: parent tgid; SCHED: kernel stack id
  *         (-1 none) ; PAGE_FAULT: faulting address
- *   dev   VFS/NFS: s_dev; block: dev_t; TCP: tcp_sock.total_retrans
+ *   dev   VFS/NFS: s_dev; block: dev_t; TCP: tcp_sock.total_retrans; SCHED runq: spells
+ *         merged
+ *   ret   SCHED: off-CPU ns summed over the merged spells (ts_ns/dur_ns span them)
  *   aux   NFS: rpc retransmits; block: bytes; TCP: rto (jiffies); VFS aggregate: op
  *         count; SCHED: number of off-CPU spells merged; SCHED runq: pid that ran instead
- *   tid   TCP retransmit: congestion state (icsk_ca_state; 4 = Loss, an RTO fired)
+ *   tid   TCP retransmit: icsk_ca_state | icsk_pending << 8 (what triggered it)
  *   fs_magic TCP retransmit: smoothed RTT (us)
- *   state TCP: socket state; NFS_RPC: program version
+ *   cgroup_id TCP retransmit: packets in flight (tcp_sock.packets_out)
+ *   state TCP: socket state; NFS_RPC: program version; SCHED: the longest spell's kind,
+ *         1 D state, 2 S state in a wait that stalls, 3 S state not classified yet (one
+ *         spell; user space classifies its stack), 4 preempted, 5 runnable after a wakeup
  *   path  VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
  *         name; SCHED runq: comm of the task that ran instead
  */

@@ -23,7 +23,9 @@
  * (timeout, congestion state Loss) or about an RTT (fast retransmit, tail loss
  * probe) after the lost data was first sent, and the wait ends when the last
  * retransmit is acknowledged, about an RTT after it. So each record also
- * carries the congestion-avoidance state (icsk_ca_state) in `tid` and the
+ * carries the congestion-avoidance state (icsk_ca_state) and the pending
+ * timer (icsk_pending: 0 inside the RTO handler, the loss-probe timer while a
+ * tail loss probe is sent, the armed timer for ACK-driven retransmits) in `tid` and the
  * smoothed RTT (tcp_sock.srtt_us >> 3, us) in `fs_magic`; user space places
  * the episode from the first transmission to the last acknowledgement
  * (tracer/net.py). (tcp_sock.retrans_stamp does not help: the kernel sets it
@@ -120,12 +122,17 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	e->dev = tot;
 	rtx_seen.update(&skp, &tot);
 	{
-		u8 ca = 0;
+		u8 ca = 0, pending = 0;
 		u32 srtt8 = 0;
 		ss_read(ca, args->skaddr + OFF_ICSK_CA_STATE);
+		ss_read(pending, args->skaddr + OFF_ICSK_PENDING);
 		ss_read(srtt8, args->skaddr + OFF_TP_SRTT_US);
-		e->tid = ca & 0x1f;       /* icsk_ca_state: the low 5 bits of its byte */
+		/* icsk_ca_state (the low 5 bits of its byte) | icsk_pending << 8 */
+		e->tid = (ca & 0x1f) | ((u32)pending << 8);
 		e->fs_magic = srtt8 >> 3;
+		u32 out = 0;
+		ss_read(out, args->skaddr + OFF_TP_PACKETS_OUT);
+		e->cgroup_id = out;       /* a lone segment waits longer for its loss probe */
 	}
 	if (args->skbaddr) {
 		u16 segs = 0;

@@ -148,9 +148,27 @@ FIELDS = {
     "OFF_SKB_CB": ("sk_buff", "cb"),
     "OFF_TP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
     "OFF_ICSK_CA_STATE": ("inet_connection_sock", "icsk_ca_state"),   # first bitfield of its byte
+    "OFF_ICSK_PENDING": ("inet_connection_sock", "icsk_pending"),
+    "OFF_TP_PACKETS_OUT": ("tcp_sock", "packets_out"),
     "OFF_TP_SRTT_US": ("tcp_sock", "srtt_us"),
     "OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
 }
+
+#: The fields the sched family walks (bpf/sched.bpf.c). ``a|b``: the first member that
+#: exists (task_struct.state became __state in 5.14). The pt_regs fields are x86-64's: the
+#: syscall number of a task's kernel entry (-1 for an exception or interrupt), its first
+#: argument.
+SCHED_FIELDS = {
+    "OFF_TASK_PID": ("task_struct", "pid"),
+    "OFF_TASK_TGID": ("task_struct", "tgid"),
+    "OFF_TASK_COMM": ("task_struct", "comm"),
+    "OFF_TASK_REAL_PARENT": ("task_struct", "real_parent"),
+    "OFF_TASK_SIGNAL": ("task_struct", "signal"),
+    "OFF_TASK_STATE": ("task_struct", "__state|state"),
+    "OFF_TASK_FLAGS": ("task_struct", "flags"),
+    "OFF_SIGNAL_LIVE": ("signal_struct", "live"),
+}
+SCHED_FIELDS_X86_64 = {"OFF_PT_REGS_ORIG_AX": ("pt_regs", "orig_ax"), "OFF_PT_REGS_DI": ("pt_regs", "di")}
 
 _cache: dict = {}
 _parsed: dict = {}
@@ -168,5 +186,16 @@ def offset_cflags(path: str = BTF_PATH, fields: dict = FIELDS) -> list:
     key = (path, tuple(sorted(fields)))
     if key not in _cache:
         btf = load(path)
-        _cache[key] = [f"-D{macro}={btf.offset(s, m)}" for macro, (s, m) in fields.items()]
+        _cache[key] = [f"-D{macro}={_first_offset(btf, s, m)}" for macro, (s, m) in fields.items()]
     return list(_cache[key])
+
+
+def _first_offset(btf: Btf, struct_name: str, members: str) -> int:
+    """Offset of the first of ``a|b|...`` that the struct has."""
+    alts = members.split("|")
+    for m in alts[:-1]:
+        try:
+            return btf.offset(struct_name, m)
+        except BtfError:
+            continue
+    return btf.offset(struct_name, alts[-1])

@@ -20,24 +20,36 @@ import numpy as np
 
 from .decode import TCP_STATES
 
-CA_OPEN, CA_LOSS = 0, 4     # icsk_ca_state: no loss seen yet / the retransmission timer fired
-DELACK_MAX_NS = 200_000_000
+CA_OPEN = 0                 # icsk_ca_state: no loss seen yet
+TIME_LOSS_PROBE = 5         # icsk_pending while a tail loss probe is sent (ICSK_TIME_LOSS_PROBE)
+TIMER_FIRED = 0             # icsk_pending inside the RTO handler (cleared before it retransmits)
+RTO_MIN_NS = 200_000_000    # TCP_RTO_MIN
 JOIN_SLACK_NS = 20_000_000
 
 
-def first_tx_lead(op: str, ca_state: int, rto_ns: int, srtt_ns: int) -> int:
-    """How long before a flow's first retransmit its lost data was first sent.
+def first_tx_lead(op: str, ca_state: int, pending: int, rto_ns: int, srtt_ns: int,
+                  packets_out: int = 0, jiffy_ns: int = 4_000_000) -> int:
+    """How long before a retransmit its data was first sent, by what triggered it.
 
-    Loss (an RTO fired) and SYN-ACKs: one RTO. Open: a tail loss probe, whose timeout is
-    about two RTTs, or for a lone segment 1.5 RTT + the delayed-ACK maximum, never more
-    than the RTO (Linux's tcp_schedule_loss_probe). Otherwise (fast retransmit on
-    duplicate ACKs or SACKs): about two RTTs.
+    The RTO timer (icsk_pending already cleared) and SYN-ACKs: one RTO. A tail loss probe
+    (the loss-probe timer, state Open): its timeout, two RTTs plus two jiffies, or plus the
+    minimum RTO for a lone segment in flight, never more than the RTO (Linux's
+    tcp_schedule_loss_probe). Anything ACK-driven (fast retransmit, RACK, retransmits
+    clocked out after an RTO): about two RTTs.
     """
-    if op == "retransmit_synack" or ca_state == CA_LOSS:
+    if op == "retransmit_synack" or pending == TIMER_FIRED:
         return rto_ns
-    if ca_state == CA_OPEN:
-        return min(rto_ns, max(2 * srtt_ns, srtt_ns + srtt_ns // 2 + DELACK_MAX_NS)) if rto_ns else 2 * srtt_ns
+    if pending == TIME_LOSS_PROBE and ca_state == CA_OPEN:
+        pto = 2 * srtt_ns + (RTO_MIN_NS if packets_out == 1 else 2 * jiffy_ns)
+        return min(rto_ns, pto) if rto_ns else pto
     return 2 * srtt_ns
+
+
+def _lead(r: dict, i: int, rto_ns: int, srtt_ns: int, hz: int) -> int:
+    if "pending" not in r:          # records without the trigger: assume a timeout
+        return rto_ns
+    return first_tx_lead(r["op"][i], int(r["ca_state"][i]), int(r["pending"][i]), rto_ns, srtt_ns,
+                         int(r["packets_out"][i]) if "packets_out" in r else 0, 1_000_000_000 // hz)
 
 
 def kernel_hz(release: str | None = None) -> int:
@@ -110,8 +122,7 @@ class EpisodeBuilder:
             ep = self.open.get(key)
             if ep is not None:
                 # the same wait if this data was first sent before the last retransmit was acked
-                lead = first_tx_lead(op, int(r["ca_state"][i]) if "ca_state" in r else CA_LOSS, rto_ns,
-                                     int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0)
+                lead = _lead(r, i, rto_ns, int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0, self.hz)
                 # (slack: timers fire on jiffies, late by a tick or more under load)
                 if ts - lead > ep["last"] + ep["srtt_ns"] + max(JOIN_SLACK_NS, lead // 4):
                     self._close(key)
@@ -130,8 +141,7 @@ class EpisodeBuilder:
         ino = int(r["sock_ino"][i])
         rto_ns = int(r["rto_jiffies"][i]) * 1_000_000_000 // self.hz
         srtt_ns = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0
-        ca = int(r["ca_state"][i]) if "ca_state" in r else CA_LOSS
-        lead = first_tx_lead(r["op"][i], ca, rto_ns, srtt_ns)
+        lead = _lead(r, i, rto_ns, srtt_ns, self.hz)
         ep = self.open[key] = {"first": ts, "start": ts - lead, "last": ts, "n": 0, "rto_ns": rto_ns,
                                "srtt_ns": srtt_ns, "ino": ino,
                                "pid": self.owners.owner(ino),

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from stallscope.tracer.net import CA_LOSS, EpisodeBuilder
+from stallscope.tracer.net import EpisodeBuilder
+
+RTO_FIRED, RETRANS_ARMED, PROBE = 0, 1, 5      # icsk_pending at the retransmit
 
 MS = 1_000_000
 HZ = 1000
@@ -19,17 +21,19 @@ class Owners:
 
 
 def rtx(rows):
-    """rows: (ts_ns, op, total_retrans, rto_ms, ca_state, srtt_us[, sk, dport])."""
+    """rows: (ts_ns, op, total_retrans, rto_ms, pending, srtt_us[, sk, dport])."""
     cols = {c: [] for c in ("ts_ns", "sk", "sock_ino", "op", "state", "family", "sport", "dport",
-                            "saddr", "daddr", "rto_jiffies", "segs", "err", "total", "ca_state", "srtt_us")}
+                            "saddr", "daddr", "rto_jiffies", "segs", "err", "total", "ca_state", "pending",
+                            "srtt_us", "packets_out")}
     for row in rows:
-        ts, op, total, rto_ms, ca, srtt = row[:6]
+        ts, op, total, rto_ms, pending, srtt = row[:6]
+        ca = 0 if pending == PROBE else 4
         sk = row[6] if len(row) > 6 else 0xA0
         dport = row[7] if len(row) > 7 else 5000
         for c, v in (("ts_ns", ts), ("sk", sk), ("sock_ino", 77), ("op", op), ("state", 1), ("family", 2),
                      ("sport", 40000), ("dport", dport), ("saddr", "10.0.0.1"), ("daddr", "10.0.0.2"),
                      ("rto_jiffies", rto_ms * HZ // 1000), ("segs", 1), ("err", 0), ("total", total),
-                     ("ca_state", ca), ("srtt_us", srtt)):
+                     ("ca_state", ca), ("pending", pending), ("srtt_us", srtt), ("packets_out", 1)):
             cols[c].append(v)
     return {c: np.array(v, dtype=object if c in ("op", "saddr", "daddr") else np.int64) for c, v in cols.items()}
 
@@ -43,9 +47,9 @@ def build(rows, **kw):
 def test_timeout_episode_starts_at_the_first_transmission_and_ends_at_the_ack():
     # data sent at t=1000 ms and lost; RTO 200 ms fires at 1200, then backs off to 400 (1600),
     # 800 (2400): the application waited from 1000 ms to the ack of the 2400 ms retransmit
-    rows = [(1200 * MS, "retransmit", 1, 200, CA_LOSS, 300),
-            (1600 * MS, "retransmit", 2, 400, CA_LOSS, 300),
-            (2400 * MS, "retransmit", 3, 800, CA_LOSS, 300)]
+    rows = [(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300),
+            (1600 * MS, "retransmit", 2, 400, RTO_FIRED, 300),
+            (2400 * MS, "retransmit", 3, 800, RTO_FIRED, 300)]
     eb, net = build(rows)
     assert list(net["ts_ns"]) == [1000 * MS]
     assert list(net["dur_ns"]) == [2400 * MS + 300_000 - 1000 * MS]
@@ -54,19 +58,28 @@ def test_timeout_episode_starts_at_the_first_transmission_and_ends_at_the_ack():
 
 
 def test_tail_loss_probe_of_a_lone_segment_waits_about_the_rto():
-    eb, net = build([(5200 * MS, "retransmit", 1, 200, 0, 50)])       # TCP_CA_Open: a TLP
+    eb, net = build([(5200 * MS, "retransmit", 1, 200, PROBE, 50)])   # a tail loss probe
     assert list(net["ts_ns"]) == [5000 * MS]
 
 
+def test_tail_loss_probe_in_a_bulk_transfer_fires_after_two_rtts():
+    eb = EpisodeBuilder(Owners({77: 4242}), hz=HZ)
+    r = rtx([(5000 * MS, "retransmit", 1, 200, PROBE, 50)])
+    r["packets_out"][:] = 40
+    eb.add(r)
+    net = eb.flush(10**15, force=True)
+    assert list(net["ts_ns"]) == [5000 * MS - 100_000 - 2 * MS]      # 2 RTT + 2 jiffies (HZ 1000)
+
+
 def test_fast_retransmit_starts_a_couple_of_rtts_before():
-    eb, net = build([(5000 * MS, "retransmit", 1, 200, 3, 2000)])     # TCP_CA_Recovery, srtt 2 ms
+    eb, net = build([(5000 * MS, "retransmit", 1, 200, RETRANS_ARMED, 2000)])  # ACK-driven, srtt 2 ms
     assert list(net["ts_ns"]) == [5000 * MS - 4 * MS]
     assert list(net["dur_ns"]) == [4 * MS + 2 * MS]
 
 
 def test_far_apart_retransmits_are_two_episodes_and_counter_growth_is_counted():
-    rows = [(1000 * MS, "retransmit", 1, 200, CA_LOSS, 100),
-            (9000 * MS, "retransmit", 4, 200, CA_LOSS, 100),      # 3 counted: 2 never hit the tracepoint
+    rows = [(1000 * MS, "retransmit", 1, 200, RTO_FIRED, 100),
+            (9000 * MS, "retransmit", 4, 200, RTO_FIRED, 100),      # 3 counted: 2 never hit the tracepoint
             (9500 * MS, "retransmit_close", 5, 200, 0, 0)]        # one more counted at close
     eb, net = build(rows, gap_ns=1000 * MS)
     assert list(net["retransmits"]) == [1, 4]
@@ -75,7 +88,7 @@ def test_far_apart_retransmits_are_two_episodes_and_counter_growth_is_counted():
 
 
 def test_flows_are_kept_apart():
-    rows = [(1000 * MS, "retransmit", 1, 200, CA_LOSS, 100, 0xA0, 5000),
-            (1100 * MS, "retransmit", 1, 200, CA_LOSS, 100, 0xB0, 6000)]
+    rows = [(1000 * MS, "retransmit", 1, 200, RTO_FIRED, 100, 0xA0, 5000),
+            (1100 * MS, "retransmit", 1, 200, RTO_FIRED, 100, 0xB0, 6000)]
     _eb, net = build(rows)
     assert sorted(net["dport"].tolist()) == [5000, 6000] and list(net["retransmits"]) == [1, 1]

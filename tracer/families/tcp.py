@@ -37,5 +37,6 @@ def decode(rtype, r, base, method) -> dict:
         "rto_jiffies": r["aux"].astype(np.uint64),
         "segs": r["segs"].astype(np.uint64), "err": r["ret"].astype(np.int64),
         "total": r["dev"].astype(np.uint64),
-        "ca_state": r["tid"].astype(np.uint64), "srtt_us": r["fs_magic"].astype(np.uint64),
+        "ca_state": (r["tid"] & 0xFF).astype(np.uint64), "pending": (r["tid"] >> 8).astype(np.uint64),
+        "srtt_us": r["fs_magic"].astype(np.uint64), "packets_out": r["cgroup_id"].astype(np.uint64),
     }}
