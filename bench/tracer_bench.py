@@ -9,6 +9,9 @@ Figures, each against a baseline measured in the same run:
   overflow      a deliberately tiny ring and no draining: emitted + lost must
                 equal the number of calls exactly
   idle          CPU and RSS of `stallscope trace` when nothing is slow
+  sched_cost    ns per round trip of two processes ping-ponging a byte over pipes on one
+                CPU (two context switches, two wakeups): no program, a bare sched_switch
+                counter, the sched family with no owners and with both processes owners
 """
 
 from __future__ import annotations
@@ -197,7 +200,150 @@ def idle(seconds=20) -> dict:
             "rss_file_mib": round(int(st["RssFile"]) / 1024, 1), "goal_cpu_percent": 1.0}
 
 
-ALL = {"syscall_cost": syscall_cost, "drain": drain, "overflow": overflow, "idle": idle}
+def _pingpong_exe() -> str:
+    exe = os.path.join(tempfile.gettempdir(), "stallscope-pingpong")
+    src = os.path.join(HERE, "pingpong.c")
+    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def _pingpong(n, cpu, owners=None) -> tuple:
+    """(wall, CPU) ns per round trip; ``owners(pids)`` is called with both processes
+    before they start."""
+    if owners is None:
+        out = subprocess.run([_pingpong_exe(), str(n), str(cpu)], capture_output=True, text=True, check=True)
+        return tuple(float(x) for x in out.stdout.split())
+    proc = subprocess.Popen([_pingpong_exe(), str(n), str(cpu), "--wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    _ready, parent, child = proc.stdout.readline().split()
+    owners([int(parent), int(child)])
+    proc.stdin.write("g")
+    proc.stdin.flush()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    return tuple(float(x) for x in out.split())
+
+
+def _prog_stats(bpf) -> dict:
+    """{program: (run_time_ns, run_cnt)} of a BCC object's loaded programs, from their fds'
+    fdinfo (filled while kernel.bpf_stats_enabled is 1)."""
+    out = {}
+    for name, fn in bpf.funcs.items():
+        info = {}
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    info[k.strip()] = v.strip()
+        except OSError:
+            continue
+        if "run_cnt" in info:
+            out[name.decode()] = (int(info["run_time_ns"]), int(info["run_cnt"]))
+    return out
+
+
+class _BpfStats:
+    """kernel.bpf_stats_enabled = 1 for the block (the kernel then times every program run)."""
+    PATH = "/proc/sys/kernel/bpf_stats_enabled"
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            self.saved = f.read().strip()
+        with open(self.PATH, "w") as f:
+            f.write("1")
+
+    def __exit__(self, *exc):
+        with open(self.PATH, "w") as f:
+            f.write(self.saved)
+
+
+def _per_call(before: dict, after: dict) -> dict:
+    """ns per run of each program that ran in between, and its run count."""
+    out = {}
+    for name, (t1, c1) in after.items():
+        t0, c0 = before.get(name, (0, 0))
+        if c1 > c0:
+            short = name.replace("raw_tracepoint__", "")
+            out[short] = {"ns_per_run": round((t1 - t0) / (c1 - c0), 1), "runs": c1 - c0}
+    return out
+
+
+def sched_cost(n=50_000, reps=15) -> dict:
+    """The sched family on the hooks every context switch runs (sched_switch and
+    sched_wakeup; user page faults too): filtered in the kernel to GPU owners, so with no
+    owner among the ping-pong processes it should cost about what a bare counter costs;
+    with both owners every switch is traced.
+
+    Two measures. Per program run: the kernel's own BPF run-time statistics
+    (kernel.bpf_stats_enabled), ns per run of each program during the ping-pong, which no
+    other job of a shared machine disturbs. End to end: the CPU time of the two processes
+    per round trip (two switches, two wakeups), minimum and median over repetitions in
+    which the configurations take turns (wall medians too; on a shared machine the wall
+    clock also counts other jobs on that CPU)."""
+    from bcc import BPF
+
+    from stallscope.tracer import probes
+    from stallscope.tracer.families.sched import Runtime
+    _setup()
+    cpu = max(os.sched_getaffinity(0))
+    _pingpong(n // 4, cpu)                       # warm up
+    with open(os.path.join(HERE, "sched_counter.bpf.c")) as f:
+        counter_src = f.read().encode()
+    names = ("none", "bare_counter", "sched_no_owners", "sched_owners")
+    res = {k: [] for k in names}
+    runs = {k: [] for k in names[1:]}
+    switches = 0
+    with _BpfStats():
+        for _ in range(reps):
+            res["none"].append(_pingpong(n, cpu))
+            b = BPF(text=counter_src)
+            s0 = _prog_stats(b)
+            res["bare_counter"].append(_pingpong(n, cpu))
+            runs["bare_counter"].append(_per_call(s0, _prog_stats(b)))
+            switches = int(b[b"switches"][0].value)
+            b.cleanup()
+            loaded, failed = probes.load(probes.ProbeConfig(families=("sched",)))
+            if not loaded:
+                raise RuntimeError(f"sched probe did not load: {failed}")
+            p = loaded[0]
+            rt = Runtime(p.bpf, 10_000_000)
+            s0 = _prog_stats(p.bpf)
+            res["sched_no_owners"].append(_pingpong(n, cpu))
+            s1 = _prog_stats(p.bpf)
+            res["sched_owners"].append(_pingpong(n, cpu, owners=rt.add_owners))
+            runs["sched_no_owners"].append(_per_call(s0, s1))
+            runs["sched_owners"].append(_per_call(s1, _prog_stats(p.bpf)))
+            p.drain()
+            p.close()
+    cpu_med = {k: statistics.median(c for _w, c in v) for k, v in res.items()}
+    cpu_min = {k: min(c for _w, c in v) for k, v in res.items()}
+    wall_med = {k: statistics.median(w for w, _c in v) for k, v in res.items()}
+    per_run = {}
+    for k, rs in runs.items():
+        progs = sorted({p for r in rs for p in r})
+        per_run[k] = {p: round(statistics.median(r[p]["ns_per_run"] for r in rs if p in r), 1)
+                      for p in progs}
+
+    def ratios(m):
+        return {"no_owners_to_bare_counter": round(m["sched_no_owners"] / m["bare_counter"], 3),
+                "owners_to_bare_counter": round(m["sched_owners"] / m["bare_counter"], 3),
+                "bare_counter_to_none": round(m["bare_counter"] / m["none"], 3),
+                "added_ns_no_owners_over_bare": round(m["sched_no_owners"] - m["bare_counter"], 1),
+                "added_ns_owners_over_bare": round(m["sched_owners"] - m["bare_counter"], 1)}
+    sw = per_run["bare_counter"].get("sched_switch", 0) or 1
+    return {"bench": "sched_cost", "round_trips": n, "reps": reps, "cpu": cpu,
+            "bpf_ns_per_run_median": per_run,
+            "sched_switch_ratio_to_bare_counter": {
+                k: round(per_run[k].get("sched_switch", 0) / sw, 2) for k in ("sched_no_owners", "sched_owners")},
+            "cpu_ns_per_round_trip_min": cpu_min, "cpu_ns_per_round_trip_median": cpu_med,
+            "wall_ns_per_round_trip_median": wall_med, "ratios_min": ratios(cpu_min),
+            "ratios_median": ratios(cpu_med), "runs_wall_cpu": res, "runs_bpf": runs,
+            "switches_seen_by_counter": switches}
+
+
+ALL = {"syscall_cost": syscall_cost, "drain": drain, "overflow": overflow, "idle": idle,
+       "sched_cost": sched_cost}
 
 
 def main(names=None, quick=False):
@@ -206,7 +352,8 @@ def main(names=None, quick=False):
         kw = {}
         if quick:
             kw = {"syscall_cost": {"n": 200_000, "reps": 2}, "drain": {"n": 300_000},
-                  "overflow": {"n": 100_000}, "idle": {"seconds": 5}}[name]
+                  "overflow": {"n": 100_000}, "idle": {"seconds": 5},
+                  "sched_cost": {"n": 20_000, "reps": 3}}[name]
         r = fn(**kw)
         r["machine"] = f"{os.uname().nodename} {os.uname().release} {os.cpu_count()} cpus"
         print(json.dumps(r), flush=True)

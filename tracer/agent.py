@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from stallscope.wire.schema import ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, Batch, concat_tables
+from stallscope.wire.schema import ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, T_PROC, Batch, concat_tables
 from stallscope.wire.sink import loss_counters
 
 from . import decode, kernel, probes
@@ -40,6 +40,7 @@ class AgentConfig:
     rdma_root: str = "/sys/class/infiniband"
     proc_root: str = "/proc"
     net_gap_ms: int = 1000
+    sched_flush_ms: int = 200       # close off-CPU groups of threads gone quiet (sched family)
 
 
 def clock_mapping():
@@ -100,6 +101,8 @@ class Agent:
         self.tick_errors = 0
         self._last_tick_error = ""
         self.procs = ProcCache(cfg.proc_root)
+        self.sched = None               # the sched family's user-space half, when loaded
+        self._owner_roots = set()       # (pid, start_ns) of processes made owners from user space
         self.owners = SocketOwners(cfg.proc_root)
         self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000)
         self.headers = ""
@@ -121,6 +124,7 @@ class Agent:
                                      "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
         self.methods = {t: p.method for p in self.loaded for t in BY_NAME[p.family].RECORD_TYPES}
         self.started_ns = time.time_ns()
+        self._start_sched()
         if self.cfg.gpu != "off":
             self._open_gpu()
         if "rdma" in self.cfg.probe.families:
@@ -129,6 +133,33 @@ class Agent:
             if self.rdma_counters is None:
                 self.log(f"rdma counters: {self.cfg.rdma_root} absent (no RDMA devices)")
         _release_compiler_memory()
+
+    def _start_sched(self):
+        """Lineage from the kernel's fork/exec/exit records; owners seeded with --pid."""
+        probe = next((p for p in self.loaded if p.family == "sched"), None)
+        if probe is None:
+            return
+        from .families.sched import Runtime
+        self.sched = Runtime(probe.bpf, self.cfg.probe.min_latency_ns, self.cfg.proc_root)
+        self.procs.kernel_lineage(self.started_ns)
+        if self.cfg.probe.pid:
+            self._add_owners([self.cfg.probe.pid])
+
+    def _add_owners(self, pids):
+        """Make pids owners in the kernel (every call: a pid NVML lists may have been reused),
+        with the descendants they have now when a process is seen for the first time (the
+        kernel adds later children itself)."""
+        pids = [int(p) for p in pids if int(p) > 0]
+        new = []
+        for pid in pids:
+            inf = self.procs.lookup(pid)
+            ident = (pid, inf[2] if inf else 0)
+            if ident not in self._owner_roots:
+                self._owner_roots.add(ident)
+                new.append(pid)
+        self.sched.add_owners(pids)
+        if new:
+            self.sched.add_owners(self.procs.descendants(new))
 
     def _open_gpu(self):
         try:
@@ -151,7 +182,7 @@ class Agent:
     def run(self, duration: float | None = None, stop=lambda: False):
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
-        next_gpu = next_rdma = time.monotonic()
+        next_gpu = next_rdma = next_sched = time.monotonic()
         last_flush = time.monotonic()
         try:
             while not stop():
@@ -159,6 +190,9 @@ class Agent:
                 if deadline is not None and now >= deadline:
                     break
                 self._drained = 0
+                if self.sched is not None and now >= next_sched:
+                    self._guard(self.sched.flush)       # records land in the ring: drained now
+                    next_sched = now + self.cfg.sched_flush_ms / 1000
                 self._guard(self._drain)
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
@@ -174,6 +208,8 @@ class Agent:
         except KeyboardInterrupt:
             pass
         finally:
+            if self.sched is not None:
+                self._guard(lambda: self.sched.flush(force=True))
             self._guard(self._drain)
             if self.gpu is not None:
                 self._guard(self._sample_gpu)
@@ -195,9 +231,16 @@ class Agent:
         off, _unc = clock_mapping()
         for p in self.loaded:
             recs = p.drain()
-            self._drained += len(recs)
+            # lineage records (every fork on the node) do not make the loop poll faster
+            self._drained += len(recs) - int(np.count_nonzero(recs["type"] == T_PROC)) if len(recs) else 0
             if len(recs):
-                self.pending.append(decode.split(recs, off, self.methods))
+                tables = decode.split(recs, off, self.methods)
+                if "_proc" in tables:           # lineage first: later rows may name these pids
+                    self.procs.ingest(tables.pop("_proc"))
+                if "_sched" in tables:          # stack names, mapped files: while the process lives
+                    tables.update(self.sched.resolve(tables.pop("_sched")))
+                if tables:
+                    self.pending.append(tables)
 
     def _sample_gpu(self):
         got = self.gpu.poll()
@@ -209,6 +252,8 @@ class Agent:
             got["gpu"] = {k: v[keep] for k, v in g.items()}
         if got and any(len(t.get("ts_ns", ())) for t in got.values()):
             self.pending.append(got)
+        if self.sched is not None and got and len(got["gpu_proc"]["pid"]):
+            self._add_owners(np.unique(got["gpu_proc"]["pid"]))
 
     def _sample_rdma(self):
         got = self.rdma_counters.poll()
@@ -234,15 +279,20 @@ class Agent:
                 keep = net["pid"] == self.cfg.probe.pid
                 net = {k: v[keep] for k, v in net.items()}
             tables["net"] = net
-        pids = set()
-        for kind in STALL_TABLES:
-            if kind in tables:
-                pids.update(int(x) for x in np.unique(tables[kind]["pid"]))
-        if "gpu_proc" in tables:
-            pids.update(int(x) for x in np.unique(tables["gpu_proc"]["pid"]))
-        proc = self.procs.table_for(pids)
-        if proc:
-            tables["proc"] = proc
+        # lineage of every process in a stall or on a GPU, as it was at the row's time
+        pids, at = [], []
+        for kind in STALL_TABLES + ("gpu_proc",):
+            if kind in tables and len(tables[kind]["pid"]):
+                pids.append(np.asarray(tables[kind]["pid"], dtype=np.int64))
+                at.append(np.asarray(tables[kind]["ts_ns"], dtype=np.int64))
+        if pids:
+            proc = self.procs.table_for(np.concatenate(pids), np.concatenate(at))
+            if proc:
+                tables["proc"] = proc
+        if self.procs.kernel_since_ns:
+            self.procs.expire()
+        elif self.seq % 20 == 0:
+            self.procs.forget_dead()
         off, unc = clock_mapping()
         synced, maxerr = ntp_state()
         counters = {}

@@ -46,9 +46,16 @@ class LoadedProbe:
         ring = bpf[b"events"]
         size = int(ring.max_entries) if hasattr(ring, "max_entries") else 0
         self.ring = RingReader(ring.map_fd, size)
+        # records a family finishes in user space (vfs: storm tails of quiet threads)
+        self._sweep = getattr(BY_NAME.get(family), "sweep", None)
 
     def drain(self) -> np.ndarray:
-        return self.ring.drain()
+        recs = self.ring.drain()
+        if self._sweep is not None:
+            extra = self._sweep(self.bpf)
+            if len(extra):
+                recs = np.concatenate([recs, extra]) if len(recs) else extra
+        return recs
 
     def counters(self) -> dict:
         sums = percpu_array_sums(self.bpf[b"counters"], max(COUNTER_NAMES) + 1)

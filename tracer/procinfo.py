@@ -1,9 +1,10 @@
-"""Process facts from /proc: lineage, start time, job identity, socket owners.
+"""Process facts: lineage, start time, job identity, socket owners.
 
-Every function takes the proc root so tests can point it at a fixture tree.
-The collector needs lineage (a dataloader worker is a child of the training
-process that NVML lists on the GPU) and the job id/rank (to line up ranks of
-one job across nodes); the tracer ships both in a ``proc`` table.
+Lineage comes from the kernel (the sched family's fork/exec/exit records) where that
+family is loaded, else from /proc. Every function takes the proc root so tests can point
+it at a fixture tree. The collector needs lineage (a dataloader worker is a child of the
+training process that NVML lists on the GPU) and the job id/rank (to line up ranks of one
+job across nodes); the tracer ships both in a ``proc`` table.
 """
 
 from __future__ import annotations
@@ -74,57 +75,219 @@ def job_of(env: dict):
     return job, rank
 
 
-class ProcCache:
-    """Remembers what it learned about each pid and reports each pid (with its
-    ancestors) once to the collector."""
+class Proc:
+    """One incarnation of a pid: lineage and job identity, and whether it was reported."""
 
-    def __init__(self, proc: str = "/proc"):
+    __slots__ = ("pid", "ppid", "comm", "start_ns", "job", "rank", "exit_ns", "env", "sent", "kernel")
+
+    def __init__(self, pid, ppid, comm, start_ns, job="", rank=-1, env=False, kernel=False):
+        self.pid, self.ppid, self.comm, self.start_ns = pid, ppid, comm, start_ns
+        self.job, self.rank = job, rank
+        self.exit_ns = 0            # wall ns of its exit, 0 while alive (or not known to be dead)
+        self.env = env              # job/rank are final
+        self.sent = False           # reported in a proc table
+        self.kernel = kernel        # learned from a kernel fork record (else from /proc)
+
+    def row(self):
+        return (self.ppid, self.comm, self.start_ns, self.job, self.rank)
+
+
+class ProcCache:
+    """What the tracer knows about each process, reported once (with its ancestors) to the
+    collector in ``proc`` tables.
+
+    With the sched probe family loaded, the kernel reports every fork, exec and exit
+    (:meth:`ingest`), so a worker that lived for milliseconds is still known with its parent
+    and start time; /proc is then read only for processes that existed before (or whose fork
+    record was lost). A process is identified by (pid, start time): a pid reused after an
+    exit is a new incarnation, and a stall is matched to the incarnation alive at its time,
+    never to a later one. Exited incarnations are forgotten ``grace_s`` after their exit
+    (rows that still name them arrive well within that).
+    """
+
+    SLACK_NS = 200_000_000          # start times from /proc are precise to a clock tick
+
+    def __init__(self, proc: str = "/proc", grace_s: float = 30.0):
         self.proc = proc
         self.hz = os.sysconf("SC_CLK_TCK")
-        self.btime = boot_time_ns(proc)
-        self.info = {}          # pid -> (ppid, comm, start_ns, job, rank)
-        self.sent = set()
+        self.grace_ns = int(grace_s * 1e9)
+        self.info: dict = {}        # pid -> [Proc], oldest first
+        self.kernel_since_ns = 0    # wall ns since when forks come from the kernel (0: never)
 
-    def lookup(self, pid: int):
-        pid = int(pid)
-        if pid in self.info:
-            return self.info[pid]
+    # ---------------------------------------------------------------- kernel events
+    def kernel_lineage(self, since_ns: int):
+        """Forks, execs and exits will be ingested from the kernel from ``since_ns`` (wall) on."""
+        self.kernel_since_ns = int(since_ns)
+
+    def ingest(self, t: dict):
+        """Apply kernel lineage records, in ring order: columns ts_ns (wall), op
+        (fork|exec|exit), pid (the process), ppid, comm."""
+        for ts, op, pid, ppid, comm in zip(t["ts_ns"], t["op"], t["pid"], t["ppid"], t["comm"]):
+            ts, pid, ppid = int(ts), int(pid), int(ppid)
+            if op == "fork":
+                old = self._latest(pid)
+                if old is not None and not old.exit_ns:
+                    old.exit_ns = ts        # its exit record was lost: the pid is someone else's now
+                parent = self._find(ppid, ts)
+                p = Proc(pid, ppid, str(comm), ts, kernel=True)
+                if parent is not None and parent.env:
+                    p.job, p.rank, p.env = parent.job, parent.rank, True     # env is inherited
+                self.info.setdefault(pid, []).append(p)
+            elif op == "exec":
+                p = self._latest(pid)
+                if p is not None and not p.exit_ns:
+                    if p.comm != str(comm):
+                        p.comm = str(comm)
+                        p.sent = False      # report the new name with the next stall
+                    p.env = False           # exec may bring another environment (a rank)
+            elif op == "exit":
+                p = self._latest(pid)
+                if p is not None and not p.exit_ns:
+                    p.exit_ns = ts
+
+    # ---------------------------------------------------------------- lookups
+    def _latest(self, pid: int):
+        incs = self.info.get(pid)
+        return incs[-1] if incs else None
+
+    def _find(self, pid: int, at_ns=None):
+        """The known incarnation of pid alive at at_ns (None: the latest), or None."""
+        incs = self.info.get(pid)
+        if not incs:
+            return None
+        if at_ns is None:
+            return incs[-1]
+        for p in reversed(incs):
+            if p.start_ns <= at_ns + self.SLACK_NS:
+                return p
+        return None                 # older than anything known: never guess
+
+    def _read_proc(self, pid: int):
+        """A Proc from /proc/<pid> (start time from its stat), or None if gone."""
         st = read_stat(pid, self.proc)
         if st is None:
             return None
         ppid, comm, ticks = st
-        job, rank = job_of(read_env(pid, self.proc))
-        self.info[pid] = (ppid, comm, self.btime + ticks * 1_000_000_000 // self.hz, job, rank)
-        return self.info[pid]
+        # wall = now - age; precise to a clock tick (btime in /proc/stat is whole seconds)
+        start = time.time_ns() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ticks * 1_000_000_000 // self.hz)
+        return Proc(pid, ppid, comm, start)
 
-    def table_for(self, pids) -> dict:
-        """A ``proc`` table for pids (and their ancestors) not yet reported."""
-        rows = []
-        todo = [int(p) for p in set(int(p) for p in pids) if p]
+    def _get(self, pid: int, at_ns=None):
+        """The incarnation alive at at_ns: known, else read from /proc (if that process is not
+        younger than at_ns, which would mean the pid was reused)."""
+        p = self._find(pid, at_ns)
+        if p is not None and p.exit_ns and at_ns is not None and p.exit_ns < at_ns - self.SLACK_NS:
+            p = None                # gone before at_ns: a later incarnation whose fork was lost
+        elif p is not None or self.info.get(pid):
+            return p
+        p = self._read_proc(pid)
+        if p is None or (at_ns is not None and p.start_ns > at_ns + self.SLACK_NS):
+            return None
+        p.job, p.rank = job_of(read_env(pid, self.proc))
+        p.env = True
+        self.info.setdefault(pid, []).append(p)
+        return p
+
+    def _settle_env(self, p: Proc, depth: int = 0):
+        """Job and rank of a kernel-known process: its own environment while it lives (checked to
+        be the same incarnation), else its parent's (what fork hands down)."""
+        if p.env:
+            return
+        cur = None if p.exit_ns else self._read_proc(p.pid)
+        if cur is not None and abs(cur.start_ns - p.start_ns) <= self.SLACK_NS:
+            p.job, p.rank = job_of(read_env(p.pid, self.proc))
+        elif p.ppid > 0 and depth < 64:
+            parent = self._get(p.ppid, p.start_ns)
+            if parent is not None:
+                self._settle_env(parent, depth + 1)
+                p.job, p.rank = parent.job, parent.rank
+        p.env = True
+
+    def lookup(self, pid: int, at_ns=None):
+        """(ppid, comm, start_ns, job, rank) of pid (alive at at_ns when given), or None."""
+        p = self._get(int(pid), at_ns)
+        if p is None:
+            return None
+        self._settle_env(p)
+        return p.row()
+
+    def descendants(self, pids) -> set:
+        """Living descendants of pids, from one scan of /proc (for owners found by NVML)."""
+        children = {}
+        try:
+            names = [n for n in os.listdir(self.proc) if n.isdigit()]
+        except OSError:
+            return set()
+        for n in names:
+            st = read_stat(int(n), self.proc)
+            if st is not None:
+                children.setdefault(st[0], []).append(int(n))
+        out, todo = set(), [int(p) for p in pids]
         while todo:
-            pid = todo.pop()
-            if pid in self.sent or pid <= 0:
+            for c in children.get(todo.pop(), ()):
+                if c not in out:
+                    out.add(c)
+                    todo.append(c)
+        return out
+
+    # ---------------------------------------------------------------- reporting
+    def table_for(self, pids, ts=None) -> dict:
+        """A ``proc`` table for the processes behind pids (their incarnations alive at ts, the
+        rows' times, when given) and their ancestors, not yet reported."""
+        pids = np.asarray(pids, dtype=np.int64).reshape(-1)
+        todo = []
+        if ts is None:
+            todo = [(int(p), None) for p in np.unique(pids)]
+        elif len(pids):
+            ts = np.asarray(ts, dtype=np.int64).reshape(-1)
+            for p in np.unique(pids):
+                at = ts[pids == p]
+                if len(self.info.get(int(p), ())) > 1:
+                    todo += [(int(p), int(a)) for a in np.unique(at)]     # pid reused meanwhile
+                else:
+                    todo.append((int(p), int(at.max())))
+        rows, seen = [], set()
+        while todo:
+            pid, at = todo.pop()
+            if pid <= 0:
                 continue
-            inf = self.lookup(pid)
-            if inf is None:
+            p = self._get(pid, at)
+            if p is None or id(p) in seen:
                 continue
-            self.sent.add(pid)
-            rows.append((pid, *inf))
-            if inf[0] > 1:
-                todo.append(inf[0])
+            seen.add(id(p))
+            if p.sent:
+                continue
+            self._settle_env(p)
+            p.sent = True
+            rows.append(p)
+            if p.ppid > 1:
+                todo.append((p.ppid, p.start_ns))
         if not rows:
             return {}
-        cols = list(zip(*rows))
-        return {"pid": np.array(cols[0], dtype=np.uint64), "ppid": np.array(cols[1], dtype=np.uint64),
-                "comm": np.array(cols[2], dtype=object), "start_ns": np.array(cols[3], dtype=np.uint64),
-                "job": np.array(cols[4], dtype=object), "rank": np.array(cols[5], dtype=np.int64)}
+        return {"pid": np.array([p.pid for p in rows], dtype=np.uint64),
+                "ppid": np.array([p.ppid for p in rows], dtype=np.uint64),
+                "comm": np.array([p.comm for p in rows], dtype=object),
+                "start_ns": np.array([p.start_ns for p in rows], dtype=np.uint64),
+                "job": np.array([p.job for p in rows], dtype=object),
+                "rank": np.array([p.rank for p in rows], dtype=np.int64)}
+
+    # ---------------------------------------------------------------- forgetting
+    def expire(self, now_ns=None):
+        """Forget incarnations that exited more than the grace period ago."""
+        cutoff = (time.time_ns() if now_ns is None else int(now_ns)) - self.grace_ns
+        for pid in list(self.info):
+            incs = [p for p in self.info[pid] if not p.exit_ns or p.exit_ns > cutoff]
+            if incs:
+                self.info[pid] = incs
+            else:
+                del self.info[pid]
 
     def forget_dead(self):
-        """Drop cached pids that exited (pid reuse would otherwise mislabel)."""
+        """Without kernel lineage: drop cached pids whose /proc entry is gone (pid reuse would
+        otherwise mislabel)."""
         for pid in list(self.info):
             if not os.path.exists(os.path.join(self.proc, str(pid))):
                 self.info.pop(pid, None)
-                self.sent.discard(pid)
 
 
 class SocketOwners:

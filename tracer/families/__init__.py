@@ -7,13 +7,15 @@ A family module declares:
                   (BPF object, one-line detail) or raises ProbeError
   decode(rtype, records, base, method) -> {table: columns}   its records as event tables
                   (``base`` holds the common columns ts_ns, dur_ns, pid, tid, comm)
+  sweep(bpf) -> records   optional: records the family finishes in user space, added to
+                  every drain (vfs: the last part of a storm whose thread went quiet)
 
 Adding a family: write its two files and list it here.
 """
 
-from . import block, nfs, rdma, tcp, vfs
+from . import block, nfs, rdma, sched, tcp, vfs
 
-REGISTRY = (vfs, tcp, block, nfs, rdma)
+REGISTRY = (vfs, tcp, block, nfs, rdma, sched)
 BY_NAME = {f.NAME: f for f in REGISTRY}
 ALL_FAMILIES = tuple(f.NAME for f in REGISTRY)
 BY_RECORD_TYPE = {t: f for f in REGISTRY for t in f.RECORD_TYPES}
