@@ -165,8 +165,15 @@ def event_line(e: dict) -> str:
         what, nbytes = e["device"], str(e["bytes"])
     elif e["type"] == "rdma":
         what, nbytes = f"{e['device']} qp {e['qp']}", str(e["bytes"])
+    elif e["type"] == "sched":
+        # off-CPU time of an owner thread: where it blocked, or who held its CPU
+        what = (f"runnable while {e['other_comm']} pid {e['other_pid']} ran" if e["op"] == "runq"
+                else f"blocked in {e['reason'] or '?'}")
+        nbytes = f"{e['count']}x"
     else:
         what, nbytes = e["path"], str(e["bytes"])
+        if e.get("count", 1) > 1:          # a storm: many ops below the threshold
+            what = f"{what} ({e['count']} ops, {e['blocked_ns'] / 1e6:.1f} ms blocked)"
         if e["type"] == "nfs" and e.get("server"):
             what = f"{e['server']}:{what}"
     return (f"{t:<12} {e['comm'][:16]:<16} {e['pid']:>7} {e['tid']:>7} {e['op'][:12]:<12} "

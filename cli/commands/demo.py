@@ -123,7 +123,7 @@ def demo(store, as_json, steps, delay_ms):
         return
     store = store or os.path.join(tempfile.mkdtemp(prefix="stallscope-demo-"), "store.db")
     printer = VerdictPrinter(as_json=as_json)
-    cfg = TraceOptions(min_latency_ms=50.0, families="vfs,tcp,block").agent_config()
+    cfg = TraceOptions(min_latency_ms=50.0, families="vfs,tcp,block,sched").agent_config()
     try:
         rc = run_demo(cfg, printer, store, steps=steps, delay_ms=delay_ms,
                       log=lambda m: click.echo(m, err=True))
