@@ -1,10 +1,20 @@
-"""SlowFS: a FUSE filesystem whose read, write and fsync stall on chosen files.
+"""SlowFS: a FUSE filesystem whose read, write, fsync and metadata ops stall on chosen files.
 
 Storage stalls are what stallscope must blame, and a real slow NFS server is not available in
 tests, so this passthrough filesystem (backed by a real directory) sleeps ``delay_ms`` in the
-FUSE daemon before serving read, write and fsync of "slow" files: those whose basename starts
-with ``slow_prefix``, or that have their own delay set with ``set_delay(ms, path=...)``. Other
-files, and every other operation (lookup, getattr, open, flush, release, ...), are served at once.
+FUSE daemon before serving the operations named in ``ops`` (default read, write and fsync) on
+"slow" files: those whose basename starts with ``slow_prefix``, or that have their own delay set
+with ``set_delay(ms, path=...)``. Other files, and every other operation (flush, release, ...),
+are served at once.
+
+Metadata ops can stall too: ``ops=("getattr", "open", "readdir")`` (or any mix). libfuse's
+high-level API, which this daemon uses, answers the kernel's LOOKUP with ``getattr``, so
+"getattr" (alias "lookup") stalls every path walk through a slow name as well as stat of it:
+with no attribute or entry caching (measured with 100 ms): ``stat(slow)`` costs two delays (a
+lookup, then a getattr), ``open(slow)`` one (the lookup; two with ``("getattr", "open")``), a
+failed lookup of a missing slow name one, ``fstat`` one. "opendir" and "readdir" stall opening
+and listing a slow directory (one readdir request per ``listdir``: libfuse serves the rest of a
+listing from its buffer); "open" also covers create.
 
 The daemon is a separate process (``daemon_pid``): the caller's ``read()`` blocks in the kernel
 while a daemon thread sleeps, exactly like a stalled network filesystem. The daemon's own threads
@@ -25,6 +35,14 @@ partly served in parallel (a 4 MiB read took 5 delays), so keep per-call sizes a
 128 KiB when a test wants exactly one stall per syscall. Stalls of different callers overlap:
 four concurrent 300 ms reads finish together in ~300 ms.
 
+sendfile, splice and copy_file_range do not go through direct IO: they read through the page
+cache (splice), in requests of up to 64 KiB, one after another (measured with 200 ms: 4 KiB and
+64 KiB calls took 201 ms, 128 KiB 401 ms), so a call stalls only for pages not yet cached and
+readahead may serve the next call. Each open of a slow file drops its cached pages (direct_io
+files are opened without FOPEN_KEEP_CACHE); ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``
+does the same between calls. copy_file_range works only within one filesystem (EXDEV across):
+the daemon has no copy_file_range, so the kernel falls back to splicing through the cache.
+
 The daemon's threads are named ``slowfs-daemon`` (``comm``), and all belong to ``daemon_pid``.
 """
 
@@ -40,7 +58,8 @@ import time
 from stallscope.sim import Unavailable as FixtureUnavailable
 from stallscope.sim import child_command, require_root, require_tool
 
-DELAYABLE_OPS = ("read", "write", "fsync")
+DELAYABLE_OPS = ("read", "write", "fsync", "getattr", "lookup", "open", "opendir", "readdir")
+DEFAULT_OPS = ("read", "write", "fsync")
 
 
 class SlowFSError(RuntimeError):
@@ -55,7 +74,7 @@ class SlowFS:
     whose threads serve requests), ``ops`` (the delayed operations).
     """
 
-    def __init__(self, delay_ms=250, slow_prefix="slow", ops=DELAYABLE_OPS, backing=None,
+    def __init__(self, delay_ms=250, slow_prefix="slow", ops=DEFAULT_OPS, backing=None,
                  start_timeout_s=10.0):
         unknown = set(ops) - set(DELAYABLE_OPS)
         if unknown:
@@ -305,7 +324,7 @@ def _make_operations(mfusepy, backing, control):
 
         def _stall(self, op, path):
             control.refresh()
-            if op in control.ops:
+            if op in control.ops or (op == "getattr" and "lookup" in control.ops):
                 delay = control.delay_for(path)
                 if delay > 0:
                     time.sleep(delay)  # releases the GIL: other FUSE threads keep serving
@@ -327,6 +346,7 @@ def _make_operations(mfusepy, backing, control):
                 config.negative_timeout = 0.0
 
         def getattr(self, path, fh=None):
+            self._stall("getattr", path)      # also every LOOKUP of this name
             try:
                 st = os.lstat(self._real(path))
             except OSError as e:
@@ -337,7 +357,12 @@ def _make_operations(mfusepy, backing, control):
             return attrs
 
         def readdir(self, path, fh):
+            self._stall("readdir", path)
             return [".", "..", *os.listdir(self._real(path))]
+
+        def opendir(self, path):
+            self._stall("opendir", path)
+            return 0
 
         def statfs(self, path):
             sv = os.statvfs(self._real(path))
@@ -345,11 +370,13 @@ def _make_operations(mfusepy, backing, control):
                                                  "f_bavail", "f_files", "f_ffree", "f_namemax")}
 
         def open(self, path, fi):
+            self._stall("open", path)
             fi.fh = os.open(self._real(path), fi.flags & ~os.O_CREAT)
             self._set_open_flags(path, fi)
             return 0
 
         def create(self, path, mode, fi):
+            self._stall("open", path)
             fi.fh = os.open(self._real(path), fi.flags | os.O_CREAT, mode)
             self._set_open_flags(path, fi)
             return 0

@@ -16,9 +16,11 @@ import numpy as np
 from stallscope.wire.schema import DEFINES, OP_NAMES, Cat, concat_tables
 
 PATH_TRUNC = DEFINES["SS_F_PATH_TRUNC"]
+PATH_RAW = DEFINES["SS_F_PATH_RAW"]
 
 #: super_block.s_magic -> filesystem name (statfs(2) magic numbers)
 FS_MAGIC = {
+    0: "",   # not known (a path-only op such as stat, an io_uring wait)
     0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x6969: "nfs", 0x65735546: "fuse",
     0x01021994: "tmpfs", 0x794C7630: "overlay", 0x9FA0: "proc", 0x62656572: "sysfs",
     0x1373: "devtmpfs", 0x858458F6: "ramfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
@@ -87,15 +89,25 @@ def path_str(raw: bytes, truncated: bool = False) -> str:
     return "/" + "/".join(reversed(comps))
 
 
+def raw_path_str(raw: bytes, truncated: bool = False) -> str:
+    """A plain NUL-terminated path (SS_F_PATH_RAW: the user's argument, as given)."""
+    s = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return s + "…" if truncated else s
+
+
 def paths(recs: np.ndarray) -> np.ndarray:
+    """Path column: leaf-first components, or plain strings where SS_F_PATH_RAW is set."""
     if len(recs) == 0:
         return np.empty(0, dtype=object)
     trunc = (recs["flags"] & PATH_TRUNC) != 0
-    key = key64(recs["path"]) ^ trunc.astype(np.uint64)     # a truncated walk is another value
+    raw = (recs["flags"] & PATH_RAW) != 0
+    # a truncated walk or a raw string is another value than the same bytes without the flag
+    key = key64(recs["path"]) ^ trunc.astype(np.uint64) ^ (raw.astype(np.uint64) << np.uint64(1))
     _u, first, inv = np.unique(key, return_index=True, return_inverse=True)
     vals = np.empty(len(first), dtype=object)
     for i, j in enumerate(first):
-        vals[i] = path_str(bytes(recs["path"][j]), bool(trunc[j]))
+        fn = raw_path_str if raw[j] else path_str
+        vals[i] = fn(bytes(recs["path"][j]), bool(trunc[j]))
     return Cat.make(vals, inv.reshape(-1))
 
 

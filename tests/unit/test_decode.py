@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stallscope.tracer import btf, decode, procinfo
-from stallscope.wire.schema import ENUMS, RECORD_DTYPE
+from stallscope.wire.schema import DEFINES, ENUMS, RECORD_DTYPE
 
 
 def test_path_components_leaf_first():
@@ -80,3 +80,61 @@ def test_socket_owner_scan(tmp_path):
     os.symlink("/dev/null", tmp_path / "77" / "fd" / "0")
     so = procinfo.SocketOwners(str(tmp_path))
     assert so.owner(555) == 77 and so.owner(0) == 0
+
+
+def test_raw_paths_are_plain_strings():
+    """SS_F_PATH_RAW (stat's or a failed open's argument, an io_uring wait's empty path) is a
+    plain string; the same bytes without the flag are leaf-first components."""
+    raw, trunc = DEFINES["SS_F_PATH_RAW"], DEFINES["SS_F_PATH_TRUNC"]
+    r = np.zeros(5, RECORD_DTYPE)
+    r["type"] = ENUMS["SS_T_VFS"]
+    r["op"] = ENUMS["SS_OP_STAT"]
+    r["path"] = [b"data/x.bin\0junk", b"data/x.bin\0junk", b"", b"/mnt/a/very/long", b"\0"]
+    r["flags"] = [raw, 0, raw, raw | trunc, 0]
+    got = list(decode.paths(r))
+    assert got == ["data/x.bin", "/junk/data/x.bin", "", "/mnt/a/very/long…", "/"]
+    assert decode.raw_path_str(b"rel/name\0\0tail") == "rel/name"
+
+
+def test_vfs_aggregate_records_decode_to_count_and_blocked():
+    from stallscope.tracer.families import vfs
+    r = np.zeros(2, RECORD_DTYPE)
+    r["type"] = ENUMS["SS_T_VFS"]
+    r["op"] = [ENUMS["SS_OP_PREAD"], ENUMS["SS_OP_IO_URING_ENTER"]]
+    r["flags"] = [DEFINES["SS_F_AGGREGATE"], DEFINES["SS_F_PATH_RAW"]]
+    r["dur_ns"] = [30_000_000, 12_000_000]
+    r["aux"], r["key"], r["ret"] = [4, 0], [28_000_000, 0], [16384, 1]
+    r["path"] = [b"shard\0d\0\0", b""]
+    io = decode.split(r, 0, {ENUMS["SS_T_VFS"]: "tracepoint"})["io"]
+    assert list(io["count"]) == [4, 1] and list(io["blocked_ns"]) == [28_000_000, 12_000_000]
+    assert list(io["op"]) == ["pread", "io_uring_enter"] and list(io["path"]) == ["/d/shard", ""]
+    assert list(io["fs"]) == ["", ""]
+    # struct ss_storm = struct ss_event + u64 deadline (the sweep reads the map with this)
+    assert vfs.STORM_DTYPE.itemsize == RECORD_DTYPE.itemsize + 8
+
+
+def _fake_syscall_tps(root, names, ret_offset=16):
+    for n in names:
+        for d in ("enter", "exit"):
+            p = root / "events" / "syscalls" / f"sys_{d}_{n}"
+            p.mkdir(parents=True)
+            fmt = "\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n"
+            if d == "exit":
+                fmt += f"\tfield:long ret;\toffset:{ret_offset};\tsize:8;\tsigned:1;\n"
+            (p / "format").write_text(f"name: sys_{d}_{n}\nformat:\n{fmt}")
+
+
+def test_vfs_extra_ops_skip_what_the_kernel_lacks(tmp_path):
+    """A kernel without a syscall's tracepoints (or with an unexpected exit layout) loses that
+    op only; the attach detail names it."""
+    from stallscope.tracer.families import vfs
+    present = [s for s in vfs.EXTRA_SYSCALLS if s not in ("openat2", "io_pgetevents", "statx")]
+    _fake_syscall_tps(tmp_path, present)
+    _fake_syscall_tps(tmp_path, ["statx"], ret_offset=24)
+    (tmp_path / "events" / "syscalls" / "sys_exit_openat2").mkdir()      # enter missing
+    flags, have, note = vfs.extra_ops(str(tmp_path))
+    assert have == present and flags == [f"-DSS_TP_{s}" for s in present]
+    assert note == " (no tracepoint, not traced: openat2 statx io_pgetevents)"
+    assert set(vfs.EXIT_FN) == set(vfs.BASE_SYSCALLS) | set(vfs.EXTRA_SYSCALLS)
+    flags, have, note = vfs.extra_ops(str(tmp_path / "nothing"))
+    assert flags == [] and have == [] and "sendfile64" in note
