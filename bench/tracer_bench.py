@@ -91,8 +91,9 @@ def drain(n=2_000_000) -> dict:
     """Every pread of a regular file emitted (threshold 0); one Python thread drains,
     decodes and encodes batches; CPU time of that thread gives events/s per core."""
 
+    from stallscope.tracer import decode
     from stallscope.tracer.agent import clock_mapping
-    from stallscope.wire import codec, decode
+    from stallscope.wire import codec
     from stallscope.wire.schema import Batch, concat_tables
     _setup()
     p = _load_vfs(0)

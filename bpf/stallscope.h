@@ -64,6 +64,7 @@ enum ss_op {
 #define SS_C_EMITTED 2
 #define SS_C_BELOW 3           /* ops below threshold (block; vfs: sum of hist) */
 #define SS_C_NO_START 4        /* exit without a matching enter */
+#define SS_C_STORM_FULL 5      /* storm map full: a storm's tail goes unreported */
 #define SS_NCOUNTERS 8
 
 /* Fields whose meaning depends on the record type (decoders in tracer/families/):

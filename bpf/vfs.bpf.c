@@ -371,6 +371,8 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 		s->deadline = now + SS_STORM_HOLD_NS;
 		if (storms.update(&tid, s) == 0)
 			f->agg_live = 1;
+		else
+			ss_count(SS_C_STORM_FULL);   /* the tail of this storm will not be reported */
 	}
 	return 0;
 }

@@ -142,4 +142,6 @@ def load(cfg: ProbeConfig, log=lambda msg: None):
 
 def dump(cfg: ProbeConfig, family: str) -> str:
     """The final program text and flags for one family (like BCC's --ebpf)."""
-    return "// cflags: " + " ".join(base_cflags(cfg)) + "\n" + source_text(family)
+    own = getattr(BY_NAME[family], "dump_cflags", None)
+    flags = base_cflags(cfg) + (own(kernel.tracefs_root()) if own else [])
+    return "// cflags: " + " ".join(flags) + "\n" + source_text(family)

@@ -94,6 +94,7 @@ COUNTER_NAMES = {
     DEFINES["SS_C_EMITTED"]: "emitted",
     DEFINES["SS_C_BELOW"]: "below_threshold",
     DEFINES["SS_C_NO_START"]: "exit_without_enter",
+    DEFINES["SS_C_STORM_FULL"]: "lost_storm_tail",
 }
 
 # ---------------------------------------------------------------- event tables

@@ -250,3 +250,22 @@ def test_family_registered():
     from stallscope.tracer.families import ALL_FAMILIES, BY_RECORD_TYPE
     assert "sched" in ALL_FAMILIES
     assert BY_RECORD_TYPE[T_PROC] is sched and BY_RECORD_TYPE[T_SCHED] is sched
+
+
+def test_maps_cache_never_takes_a_reused_address_from_an_older_copy(tmp_path):
+    import time
+
+    from stallscope.tracer.families.sched import UNKNOWN_MAPPING, MapsCache
+    (tmp_path / "77").mkdir()
+    maps = tmp_path / "77" / "maps"
+    line = "7f0000000000-7f0000800000 r--p 00000000 00:27 {ino} {path}\n"
+    maps.write_text(line.format(ino=2, path="/data/a.bin"))
+    mc = MapsCache(str(tmp_path))
+    assert mc.refresh(77)                                   # read while the first fault ran
+    t1 = time.time_ns()
+    maps.write_text(line.format(ino=4, path="/data/b.bin"))   # munmap a, mmap b at the same address
+    assert mc.resolve(77, 0x7f0000100000, since_ns=t1)[0] == "/data/b.bin"
+    maps.write_text("")                                     # b unmapped too before its record came
+    assert mc.resolve(77, 0x7f0000100000, since_ns=t1)[0] == "/data/b.bin"     # a copy read after t1
+    t2 = time.time_ns()
+    assert mc.resolve(77, 0x7f0000100000, since_ns=t2)[0] == UNKNOWN_MAPPING   # not a stale guess

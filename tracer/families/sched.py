@@ -162,13 +162,18 @@ _BPF_PROG_TEST_RUN = 10
 
 
 class MapsCache:
-    """Address -> mapped file of a process, from /proc/<pid>/maps, re-read on a miss; a
-    process that is gone keeps what was read while it lived."""
+    """Address -> mapped file of a process, from /proc/<pid>/maps. A fault is resolved from a
+    copy read after it began (the agent reads one while a fault is in progress, since the
+    process may unmap or exit right after); the last few copies of each process are kept,
+    so a mapping gone by the time the record is decoded is still found, and a mapping at a
+    reused address is never taken from a copy older than the fault."""
+
+    KEEP = 8                       # copies per process
 
     def __init__(self, proc: str = "/proc", max_pids: int = 512):
         self.proc = proc
         self.max_pids = max_pids
-        self.maps: dict = {}       # pid -> sorted list of (start, end, dev, ino, path)
+        self.snaps: dict = {}      # pid -> [(read wall ns, sorted (start, end, dev, ino, path))]
         self._mounts: dict = {}    # (major, minor) -> fs type
 
     def _read(self, pid: int):
@@ -191,22 +196,39 @@ class MapsCache:
                 continue
         return out
 
-    def _find(self, pid: int, addr: int):
-        for lo, hi, dev, ino, path in self.maps.get(pid, ()):
+    @staticmethod
+    def _find(entries, addr: int):
+        for lo, hi, dev, ino, path in entries:
             if lo <= addr < hi:
                 return dev, ino, path
         return None
 
-    def resolve(self, pid: int, addr: int):
-        """(path, fs, dev, ino) of the mapping holding addr; path says when it is unknown."""
-        hit = self._find(pid, addr)
-        if hit is None:
-            fresh = self._read(pid)
-            if fresh is not None:
-                if pid not in self.maps and len(self.maps) >= self.max_pids:
-                    self.maps.pop(next(iter(self.maps)))
-                self.maps[pid] = fresh
-                hit = self._find(pid, addr)
+    def refresh(self, pid: int) -> bool:
+        fresh = self._read(pid)
+        if fresh is None:
+            return False
+        if pid not in self.snaps and len(self.snaps) >= self.max_pids:
+            self.snaps.pop(next(iter(self.snaps)))
+        snaps = self.snaps.setdefault(pid, [])
+        snaps.append((time.time_ns(), fresh))
+        del snaps[:-self.KEEP]
+        return True
+
+    def _lookup(self, pid: int, addr: int, since_ns: int):
+        for read_ns, entries in reversed(self.snaps.get(pid, ())):
+            if read_ns < since_ns:
+                break
+            hit = self._find(entries, addr)
+            if hit is not None:
+                return hit
+        return None
+
+    def resolve(self, pid: int, addr: int, since_ns: int = 0):
+        """(path, fs, dev, ino) of the mapping holding addr in a copy read at wall-clock
+        ``since_ns`` or later (read now if there is none); path says when it is unknown."""
+        hit = self._lookup(pid, addr, since_ns)
+        if hit is None and self.refresh(pid):
+            hit = self._lookup(pid, addr, since_ns)
         if hit is None:
             return UNKNOWN_MAPPING, "", 0, 0
         dev, ino, path = hit
@@ -381,7 +403,8 @@ class Runtime:
     def _faults(self, raw, m, key) -> dict:
         idx = np.flatnonzero(m)
         pids = np.asarray(raw["pid"], dtype=np.int64)
-        res = [self.maps.resolve(int(pids[i]), int(key[i]) & 0xFFFFFFFFFFFFFFFF) for i in idx]
+        ts = np.asarray(raw["ts_ns"], dtype=np.int64)
+        res = [self.maps.resolve(int(pids[i]), int(key[i]) & 0xFFFFFFFFFFFFFFFF, int(ts[i])) for i in idx]
         k = len(idx)
         return {"ts_ns": np.asarray(raw["ts_ns"])[m], "dur_ns": np.asarray(raw["dur_ns"])[m],
                 "pid": np.asarray(raw["pid"])[m], "tid": np.asarray(raw["tid"])[m],
@@ -422,10 +445,14 @@ class Runtime:
             return 0                  # nothing to emit, nobody in a fault: two lookups
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         n = 0
+        refreshed: set = set()
         self._faulting = False
         for k, th in self._thread_items():
             if th.kind == SP_FAULT or th.g[G_FAULT].count:
                 addr = th.fault_addr if th.kind == SP_FAULT else th.g[G_FAULT].key
+                if int(th.tgid) not in refreshed:      # the mapping now, while it lives
+                    refreshed.add(int(th.tgid))
+                    self.maps.refresh(int(th.tgid))
                 self.maps.resolve(int(th.tgid), int(addr))
                 self._faulting = True     # look again next time, while it lasts
             if not force:
