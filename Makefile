@@ -1,5 +1,5 @@
 # stallscope: the two commands README.md starts with, plus the benchmarks.
-.PHONY: setup demo test test-unit test-bpf test-vm bench
+.PHONY: setup demo test lint test-unit test-bpf test-vm bench
 
 setup:
 	@bash .ci/setup.sh
@@ -11,8 +11,13 @@ demo: setup
 
 # set up, then run every test tier this machine supports; bpf and vm tests may
 # not skip here (a broken set-up must not pass as green)
-test: setup
+test: setup lint
 	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 .venv/bin/python -m pytest -q tests
+
+# style and types (configured in pyproject.toml)
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit -m "not bpf"

@@ -209,7 +209,7 @@ def find_idle(key, ts, util, synth=None, period=None, threshold=IDLE_THRESHOLD,
         e = np.empty(0, dtype=_I64)
         return Idle(e, e, e, e, e.astype(bool), e.astype(bool), e, e, e, periods)
     cols = [np.concatenate(c) for c in zip(*parts)]
-    return Idle(*cols, periods)
+    return Idle(*cols, periods)  # type: ignore[call-arg, arg-type]  # the array fields, in order
 
 
 #: samples per pass of find_idle

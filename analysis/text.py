@@ -76,7 +76,7 @@ def _culprit_text(v: Verdict) -> str:
     :func:`describe_chain` plus its process; says when the backstop was needed."""
     ch = v.chain
     if ch is None or (ch.links == 1 and ch.count == 1 and ch.kind != "sched"):
-        what = describe(v.culprit)
+        what = describe(v.culprit or {})
     else:
         what = f"{describe_chain(ch)}, pid {ch.pid} {ch.comm}".rstrip()
     if v.basis == "backstop" and (ch is None or ch.kind != "sched"):

@@ -160,9 +160,9 @@ class Verdict:
     open_start: bool
     synth_samples: int
     verdict: str                   # culprit | remote | unexplained
-    culprit: dict = None           # the culprit chain's representative stall (event dict)
+    culprit: dict | None = None           # the culprit chain's representative stall (event dict)
     remote: bool = False
-    culprit_node: str = None
+    culprit_node: str | None = None
     clock_uncertainty_ns: int = 0
     explained_fraction: float = 0.0
     local_explained_fraction: float = 0.0
@@ -171,9 +171,9 @@ class Verdict:
     gpu_pids: list = field(default_factory=list)
     job: str = ""
     rank: int = -1
-    klass: str = None              # JSON "class": the culprit chain's failure mode
-    chain: Chain = None            # the culprit chain (None when unexplained)
-    basis: str = None              # "specific" | "backstop" (scheduler rows needed); None
+    klass: str | None = None              # JSON "class": the culprit chain's failure mode
+    chain: Chain | None = None            # the culprit chain (None when unexplained)
+    basis: str | None = None              # "specific" | "backstop" (scheduler rows needed); None
     lost_ns: int = 0               # idle time the samples carry: the explained fraction's base
 
     @property
@@ -214,6 +214,7 @@ def group_key(v: Verdict) -> tuple:
     """(class, where, pattern) of a verdict's culprit chain: where = NFS server or filesystem
     (io, nfs), peer (net), device (rdma); pattern = its main target with digits collapsed."""
     ch = v.chain
+    assert ch is not None, "only verdicts with a culprit chain are grouped"
     t = ch.targets[0] if ch.targets else Target("?")
     where = t.server or t.fs
     if ch.kind == "sched" and "runq" in ch.ops:

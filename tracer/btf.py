@@ -48,7 +48,8 @@ class Btf:
             raise BtfError(f"{path}: not BTF (magic {magic:#x})")
         strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
         if base is None:
-            self._strs, self.types, self.by_name = strs, [None], {}     # id 0 is void
+            self.types: list = [None]                                  # id 0 is void
+            self._strs, self.by_name = strs, {}
         else:
             self._strs = base._strs + strs
             self.types, self.by_name = list(base.types), dict(base.by_name)

@@ -235,7 +235,7 @@ class ProcCache:
         """A ``proc`` table for the processes behind pids (their incarnations alive at ts, the
         rows' times, when given) and their ancestors, not yet reported."""
         pids = np.asarray(pids, dtype=np.int64).reshape(-1)
-        todo = []
+        todo: list[tuple[int, int | None]] = []
         if ts is None:
             todo = [(int(p), None) for p in np.unique(pids)]
         elif len(pids):
