@@ -13,7 +13,7 @@ judges it; each window's verdict is scored against the workload's ground truth:
   false blame  any verdict whose culprit is the distractor's process or file
   unexplained  an explainable window judged "unexplained" (or no idle interval found)
 
-    python -m bench accuracy [--quick]          # root; about 5 min for 108 windows
+    python -m bench accuracy [--quick]          # root; about 10 min for 108 windows, 3 for 27
     python -m bench.bench_accuracy --windows 40 --seed 7 --details out.jsonl
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def score(windows: list, verdicts: list) -> dict:
 
 
 def run(n_windows: int, seed: int, details: str | None = None, log=print, plan: list | None = None,
-        trace_args: tuple = ()) -> dict:
+        trace_args: tuple = (), keep: bool = False) -> dict:
     """Run a plan (default: a random one of ``n_windows``) and score it. The result also names
     the recording (``rec``) and the distractor's pid, for tests that look inside."""
     from stallscope.sim import nvmlsim, scenarios
@@ -171,6 +172,9 @@ def run(n_windows: int, seed: int, details: str | None = None, log=print, plan: 
     res["seed"] = seed
     res["distractors_done"] = sum(1 for w in windows if w.get("other_done"))
     res.update(rec=rec, distractor_pid=dis_pid, hog_pid=hog_pid, truth=windows, verdicts=verdicts)
+    if not keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+        res["rec"] = None
     if details:
         with open(details, "w") as f:
             for d in res["details"]:

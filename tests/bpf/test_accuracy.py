@@ -8,6 +8,7 @@ its stalls must have been traced, so "not blamed" cannot pass by not seeing them
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -38,6 +39,13 @@ def traced_rows(rec, pid):
 
 
 def check(res, cause):
+    try:
+        _check(res, cause)
+    finally:
+        shutil.rmtree(os.path.dirname(res["rec"]), ignore_errors=True)
+
+
+def _check(res, cause):
     bad = [d for d in res["details"] if not d["ok"]]
     assert not bad, (cause, bad, res["verdicts"])
     assert res["false_blames"] == 0, res["verdicts"]
@@ -53,18 +61,18 @@ def check(res, cause):
 @pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy",
                                    "metadata"])
 def test_culprit_is_the_trainers_stall_not_the_distractors(cause):
-    check(run(0, 0, plan=plan_of(cause), log=lambda m: None), cause)
+    check(run(0, 0, plan=plan_of(cause), log=lambda m: None, keep=True), cause)
 
 
 def test_cpu_contention_names_the_hog():
-    res = run(0, 0, plan=plan_of("cpu", distractor=False), log=lambda m: None)
-    check(res, "cpu")
+    res = run(0, 0, plan=plan_of("cpu", distractor=False), log=lambda m: None, keep=True)
     for v in res["verdicts"]:
         c = v.get("culprit")
         if c and c.get("op") == "runq":
             assert c.get("other_pid") == res["hog_pid"], c
+    check(res, "cpu")
 
 
 def test_nothing_is_unexplained():
-    res = run(0, 0, plan=plan_of("nothing", distractor=False), log=lambda m: None)
+    res = run(0, 0, plan=plan_of("nothing", distractor=False), log=lambda m: None, keep=True)
     check(res, "nothing")
