@@ -106,6 +106,30 @@ static __always_inline void ss_submit(struct ss_event *e)
 	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
+/* The current task's struct file for fd (0 if none): task->files->fdt->fd[fd]. */
+#ifdef OFF_TASK_FILES
+static __always_inline void *ss_fd_to_file(u64 fd)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *files = 0, *fdt = 0, **fdarr = 0, *file = 0;
+	unsigned int max_fds = 0;
+	ss_read(files, task + OFF_TASK_FILES);
+	if (!files)
+		return 0;
+	ss_read(fdt, files + OFF_FILES_FDT);
+	if (!fdt)
+		return 0;
+	ss_read(max_fds, fdt + OFF_FDT_MAX_FDS);
+	if (fd >= max_fds)
+		return 0;
+	ss_read(fdarr, fdt + OFF_FDT_FD);
+	if (!fdarr)
+		return 0;
+	ss_read(file, fdarr + fd);
+	return file;
+}
+#endif
+
 /* Fill inode/fs fields and the path (leaf first, NUL separated) of a struct file.
  * Returns the inode mode (0 when the file could not be read). */
 #ifdef OFF_FILE_PATH_DENTRY

@@ -573,24 +573,10 @@ static __always_inline int regs_fd_is_stream(void *regs)
 {
 #ifdef OFF_PT_REGS_DI
 	unsigned long fd = 0;
-	void *task = (void *)bpf_get_current_task();
-	void *files = 0, *fdt = 0, **fdarr = 0, *file = 0, *inode = 0;
-	unsigned int max_fds = 0;
+	void *file = 0, *inode = 0;
 	u16 mode = 0;
 	ss_read(fd, regs + OFF_PT_REGS_DI);
-	ss_read(files, task + OFF_TASK_FILES);
-	if (!files)
-		return 0;
-	ss_read(fdt, files + OFF_FILES_FDT);
-	if (!fdt)
-		return 0;
-	ss_read(max_fds, fdt + OFF_FDT_MAX_FDS);
-	if (fd >= max_fds)
-		return 0;
-	ss_read(fdarr, fdt + OFF_FDT_FD);
-	if (!fdarr)
-		return 0;
-	ss_read(file, fdarr + fd);
+	file = ss_fd_to_file(fd);
 	if (!file)
 		return 0;
 	ss_read(inode, file + OFF_FILE_INODE);

@@ -136,27 +136,6 @@ static __always_inline int vfs_enter(u32 op, u64 fd_or_file)
 	return 0;
 }
 
-static __always_inline void *fd_to_file(u64 fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	void *files = 0, *fdt = 0, **fdarr = 0, *file = 0;
-	unsigned int max_fds = 0;
-	ss_read(files, (void *)task + OFF_TASK_FILES);
-	if (!files)
-		return 0;
-	ss_read(fdt, files + OFF_FILES_FDT);
-	if (!fdt)
-		return 0;
-	ss_read(max_fds, fdt + OFF_FDT_MAX_FDS);
-	if (fd >= max_fds)
-		return 0;
-	ss_read(fdarr, fdt + OFF_FDT_FD);
-	if (!fdarr)
-		return 0;
-	ss_read(file, fdarr + fd);
-	return file;
-}
-
 /* whether a wait on this file is a stall rather than blocking by design */
 static __always_inline int file_wanted(void *file, const int kind)
 {
@@ -297,19 +276,19 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	if (kind == K_FILE) {
 		file = (void *)h;
 	} else if (kind == K_FD || kind == K_DIR) {
-		file = fd_to_file(h);
+		file = ss_fd_to_file(h);
 	} else if (kind == K_OPEN) {
 		if (ret == -4 || (ret <= -512 && ret >= -516)) {   /* EINTR, ERESTART*: a signal */
 			ss_hist_add(op, dur);
 			return 0;
 		}
 		if (ret >= 0)
-			file = fd_to_file(ret);
+			file = ss_fd_to_file(ret);
 		if (!file)
 			ustr = h;
 	} else if (kind == K_STAT) {
 		if (op & SS_OPF_FD)
-			file = fd_to_file(h);
+			file = ss_fd_to_file(h);
 		else
 			ustr = h;
 	}
