@@ -96,7 +96,8 @@ def format_groups(groups: list, limit: int = 20) -> list:
         lines.append(f"  {g['class']} {g['pattern']}{where}: {g['intervals']} intervals on "
                      f"{g['gpus']} GPUs cost {cost}{ranks}")
         for b in g.get("breakdown", [])[:5]:
-            lines.append(f"      rank {b['rank']} {b['file']} ({b['where'] or '?'}) "
+            rank = b["rank"] if b["rank"] is not None and b["rank"] >= 0 else "?"
+            lines.append(f"      rank {rank} {b['file']} ({b['where'] or '?'}) "
                          f"{b['explained_ns'] / 1e9:.1f} s")
     return lines
 
