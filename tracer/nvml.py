@@ -13,9 +13,11 @@ Driver behaviours handled here:
 
 * no samples at all (``NVML_ERROR_NOT_SUPPORTED``, e.g. some virtualized GPUs): fall back to
   ``nvmlDeviceGetUtilizationRates``, stamped with ``time.time_ns()`` when read;
-* an empty ring (``NVML_ERROR_NOT_FOUND``): drivers stop recording while a GPU idles, so on a
-  GPU that has compute processes this means idle, not "no data"; util=0 samples are
-  synthesized at the observed period and flagged ``synth=1``;
+* an empty ring (``NVML_ERROR_NOT_FOUND``) for longer than a period: some drivers stop
+  recording while a GPU idles, so on a GPU that has compute processes this means idle, not
+  "no data"; util=0 samples are synthesized at the observed period and flagged ``synth=1``.
+  (An H200 on driver 580 keeps recording 0% samples every 200 ms and answers NOT_FOUND only
+  when asked again before its next sample: tests/gpu/README.md);
 * an NVML error on one GPU during a poll is counted (``meta()["errors"]``) and that GPU is
   skipped for the poll; only start-up failures raise (``NvmlUnavailable``, one line).
 
@@ -111,7 +113,8 @@ class _Gpu:
 
 class GpuSampler:
     """Polls every GPU NVML lists.  ``open()`` it, call ``poll()`` on a timer (well inside the
-    driver's ring: 100 samples, ~16 s at 1/6 s), read ``meta()`` for the batch envelope."""
+    driver's ring: ~70-100 samples, 14 s at 200 ms on an H200), read ``meta()`` for the batch
+    envelope."""
 
     def __init__(self, nv, gpus: list[_Gpu], driver: str, errors: int):
         self._nv = nv
