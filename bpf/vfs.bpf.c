@@ -199,19 +199,20 @@ static __always_inline void storm_flush(u32 tid)
 	struct ss_storm *s = storms.lookup(&tid);
 	if (!s)
 		return;
-	struct ss_event *e = 0;
-	if (s->e.aux) {
-		e = ss_reserve();
-		if (e)
-			copy_event(e, &s->e);
-	}
-	int gone = storms.delete(&tid) == 0;
-	if (e) {
-		if (gone)
-			ss_submit(e);
-		else
-			events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-	}
+	/* copy the tail out, then delete: no ring reservation is held across the
+	 * delete (the 6.1 verifier loses track of it there) */
+	int zero = 0;
+	struct ss_storm *c = storm_scratch.lookup(&zero);
+	if (!c)
+		return;
+	copy_event(&c->e, &s->e);
+	if (storms.delete(&tid) != 0 || !c->e.aux)
+		return;                   /* the tracer's sweep took it first, or nothing to report */
+	struct ss_event *e = ss_reserve();
+	if (!e)
+		return;
+	copy_event(e, &c->e);
+	ss_submit(e);
 }
 
 /* Add a counted op (floor <= dur < threshold) to its thread's storm. A live
