@@ -90,6 +90,26 @@ static __always_inline void ss_hist_add(u32 op, u64 dur_ns)
 		(*c)++;
 }
 
+/* Start a record: type and op stamped, every type-specific field (stallscope.h)
+ * zeroed; the family sets what it uses after this. */
+static __always_inline void ss_init(struct ss_event *e, u8 type, u8 op)
+{
+	e->cgroup_id = 0;
+	e->ret = 0;
+	e->ino = 0;
+	e->key = 0;
+	e->dev = 0;
+	e->fs_magic = 0;
+	e->type = type;
+	e->op = op;
+	e->state = 0;
+	e->flags = 0;
+	e->sport = e->dport = e->family = e->segs = 0;
+	e->aux = 0;
+	__builtin_memset(e->saddr, 0, 16);
+	__builtin_memset(e->daddr, 0, 16);
+}
+
 static __always_inline struct ss_event *ss_reserve(void)
 {
 	struct ss_event *e = events.ringbuf_reserve(sizeof(struct ss_event));

@@ -188,17 +188,7 @@ static __always_inline int sched_wanted(struct ss_thread *th)
 
 static __always_inline void fill_common(struct ss_event *e, u32 type, u32 op)
 {
-	e->type = type;
-	e->op = op;
-	e->flags = 0;
-	e->state = 0;
-	e->ino = 0;
-	e->dev = 0;
-	e->fs_magic = 0;
-	e->sport = e->dport = e->family = e->segs = 0;
-	e->aux = 0;
-	__builtin_memset(e->saddr, 0, 16);
-	__builtin_memset(e->daddr, 0, 16);
+	ss_init(e, type, op);
 	e->path[0] = 0;
 }
 
@@ -243,7 +233,6 @@ static __always_inline void emit_proc(u32 op, u32 tgid, u32 tid, u32 ppid, void 
 	e->ts_ns = bpf_ktime_get_ns();
 	e->dur_ns = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->ret = 0;
 	e->key = ppid;
 	e->pid = tgid;
 	e->tid = tid;

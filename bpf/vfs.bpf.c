@@ -157,19 +157,11 @@ static __always_inline int file_wanted(void *file, const int kind)
 /* every field but ts_ns, dur_ns, ret, key, aux and the path */
 static __always_inline void vfs_fill(struct ss_event *e, u64 id, u32 op, u8 flags)
 {
+	ss_init(e, SS_T_VFS, op & (SS_OPF_FD - 1));
 	e->flags = flags;
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->ino = 0;
-	e->dev = 0;
-	e->fs_magic = 0;
 	e->pid = id >> 32;
 	e->tid = (u32)id;
-	e->type = SS_T_VFS;
-	e->op = op & (SS_OPF_FD - 1);
-	e->state = 0;
-	e->sport = e->dport = e->family = e->segs = 0;
-	__builtin_memset(e->saddr, 0, 16);
-	__builtin_memset(e->daddr, 0, 16);
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 }
 

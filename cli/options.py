@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import click
@@ -94,5 +95,4 @@ def trace_options(f):
     def wrapper(**kw):
         topts = TraceOptions(**{k: kw.pop(k) for k in _TRACE_FIELDS})
         return f(topts=topts, **kw)
-    import functools
     return functools.update_wrapper(wrapper, f)
