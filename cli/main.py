@@ -7,6 +7,7 @@ import click
 from stallscope import __version__
 from stallscope.commands.collect import collect
 from stallscope.commands.demo import demo
+from stallscope.commands.keys import keys
 from stallscope.commands.report import report
 from stallscope.commands.trace import trace
 from stallscope.commands.watch import watch
@@ -18,6 +19,7 @@ Examples:
   stallscope collect --bind tcp://0.0.0.0:5557 --store /var/lib/stallscope/store.db
   sudo stallscope trace --collector tcp://collector:5557 --quiet
   stallscope report --store /var/lib/stallscope/store.db --json
+  stallscope keys --help                           # keys for encrypted, authenticated streams
 """
 
 
@@ -27,7 +29,7 @@ def cli():
     """Find the IO or packet stall that starved each idle GPU."""
 
 
-for _cmd in (trace, watch, collect, report, demo):
+for _cmd in (trace, watch, collect, report, demo, keys):
     cli.add_command(_cmd)
 
 

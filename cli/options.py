@@ -96,3 +96,74 @@ def trace_options(f):
         topts = TraceOptions(**{k: kw.pop(k) for k in _TRACE_FIELDS})
         return f(topts=topts, **kw)
     return functools.update_wrapper(wrapper, f)
+
+
+@dataclasses.dataclass
+class SecurityOptions:
+    """The key options of one command, as given (see `stallscope keys --help`);
+    ``security()`` checks them and loads the keys. role 'server' is `collect`
+    (``peer_key`` is --upstream-key), 'client' is a tracer (``peer_key`` is
+    --collector-key)."""
+    role: str
+    keys_dir: str | None = None
+    secret_key: str | None = None
+    allow_dir: str | None = None
+    peer_key: str | None = None
+    insecure: bool = False
+
+    def security(self, log=None):
+        """A ``stallscope.wire.auth.Security``; a one-line UsageError when the options
+        contradict each other or a key file is missing or malformed."""
+        from stallscope.wire.auth import Security, SecurityError
+        try:
+            return Security.from_options(self.role, keys_dir=self.keys_dir, secret_key=self.secret_key,
+                                         allow_dir=self.allow_dir, peer_key=self.peer_key,
+                                         insecure=self.insecure, log=log)
+        except SecurityError as e:
+            raise click.UsageError(str(e)) from None
+
+
+_PATH = click.Path(dir_okay=False)
+_DIR = click.Path(file_okay=False)
+
+
+def security_options(role: str):
+    """The key options of `collect` (role 'server') or of a tracing command (role
+    'client'); the command receives them as one ``SecurityOptions`` in ``sopts``.
+    Plaintext stays allowed on loopback without them."""
+    if role not in ("server", "client"):
+        raise ValueError(role)
+    server = role == "server"
+    own = "collector" if server else "tracer"
+    opts = [
+        click.option("--keys-dir", type=_DIR, default=None, envvar="STALLSCOPE_KEYS_DIR",
+                     help=(f"Key folder: {own}.key_secret, "
+                           + ("allowed/ (the tracers' public keys)" if server else "collector.key")
+                           + " [env STALLSCOPE_KEYS_DIR]. Encrypts and authenticates the stream.")),
+        click.option("--secret-key", type=_PATH, default=None,
+                     help=f"This side's keypair (.key_secret) [default: KEYS_DIR/{own}.key_secret]."),
+    ]
+    if server:
+        opts += [
+            click.option("--allow-dir", type=_DIR, default=None,
+                         help="Folder of tracer public keys allowed in [default: KEYS_DIR/allowed]."),
+            click.option("--upstream-key", "peer_key", type=_PATH, default=None,
+                         help="The upstream collector's public key (.key), for --upstream."),
+        ]
+    else:
+        opts.append(click.option("--collector-key", "peer_key", type=_PATH, default=None,
+                                 help="The collector's public key (.key; a name inside --keys-dir works) "
+                                      "[default: KEYS_DIR/collector.key]."))
+    opts.append(click.option("--insecure", is_flag=True,
+                             help="Allow plaintext off loopback (no keys: anyone can send or read)."))
+    fields = ["keys_dir", "secret_key", "peer_key", "insecure"] + (["allow_dir"] if server else [])
+
+    def decorate(f):
+        for o in reversed(opts):
+            f = o(f)
+
+        def wrapper(**kw):
+            sopts = SecurityOptions(role, **{k: kw.pop(k) for k in fields})
+            return f(sopts=sopts, **kw)
+        return functools.update_wrapper(wrapper, f)
+    return decorate
