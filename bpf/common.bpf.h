@@ -78,7 +78,8 @@ static __always_inline u32 ss_log2(u64 v)
 	return r;
 }
 
-/* slot k counts ops of [2^(k-1), 2^k) * 1.024 us (ns >> 10: a shift, not a division) */
+/* slot k (floor(log2(x)) of x = (ns >> 10) + 1: a shift, not a division) counts ops with
+ * ns >> 10 in [2^k - 1, 2^(k+1) - 1), i.e. below (2^(k+1) - 1) * 1.024 us; the last slot is open */
 static __always_inline void ss_hist_add(u32 op, u64 dur_ns)
 {
 	u32 slot = ss_log2((dur_ns >> 10) + 1);
