@@ -24,7 +24,8 @@ def test_every_event_arrives_with_lost_counts(tmp_path):
         with SlowFS(delay_ms=120) as fs:
             fs.make_file("slow.bin", 1 << 20)
             w = start_io("read", fs.path("slow.bin"), count=13, size=4096)
-            with Trace("--min-latency-ms", "50", "--collector", f"tcp://127.0.0.1:{port}") as t:
+            with Trace("--min-latency-ms", "50", "--collector", f"tcp://127.0.0.1:{port}",
+                       "--spool-dir", str(tmp_path / "spool")) as t:
                 res = w.go()
             t.stop()
         assert t.rc == 0, t.stderr
@@ -50,21 +51,31 @@ def test_every_event_arrives_with_lost_counts(tmp_path):
         assert k in last.counters, last.counters
     assert last.counters["vfs.lost_ringbuf"] == 0
     assert "accepted" in err
+    # every batch carries its delivery identity; all were acknowledged before the tracer exited
+    assert len({(b.meta["delivery"]["boot_id"], b.meta["delivery"]["seq"]) for b in batches}) == len(batches)
+    assert f"{len(batches)} acknowledged" in t.stderr and "0 left unacknowledged" in t.stderr, t.stderr
 
 
-def test_dead_collector_counts_drops_and_keeps_running(tmp_path):
-    """No collector listening: the tracer keeps tracing and still records locally."""
+def test_dead_collector_spools_and_keeps_running(tmp_path):
+    """No collector listening: the tracer keeps tracing, records locally, keeps every batch
+    in its spool for later, and exits promptly saying so."""
     port = free_port()
     rec = tmp_path / "rec.ssrec"
     with SlowFS(delay_ms=120) as fs:
         fs.make_file("slow.bin", 1 << 20)
         w = start_io("read", fs.path("slow.bin"), count=3, size=4096)
-        with Trace("--min-latency-ms", "50", "--collector", f"tcp://127.0.0.1:{port}", "-o", str(rec)) as t:
+        with Trace("--min-latency-ms", "50", "--collector", f"tcp://127.0.0.1:{port}", "-o", str(rec),
+                   "--spool-dir", str(tmp_path / "spool")) as t:
             res = w.go()
+        t0 = time.monotonic()
         t.stop()
     assert t.rc == 0, t.stderr
+    assert time.monotonic() - t0 < 8        # gives up waiting for acknowledgements of a dead collector
     assert len([e for e in t.events if e["pid"] == res.pid]) == 3
-    assert sum(b.n_events() for b in load_batches(str(rec))) >= 3
+    recorded = load_batches(str(rec))
+    assert sum(b.n_events() for b in recorded) >= 3
+    assert "0 acknowledged" in t.stderr and f"{len(recorded)} left unacknowledged" in t.stderr, t.stderr
+    assert "0 batches (0 events) dropped" in t.stderr
 
 
 def test_malformed_batches_are_rejected_not_fatal(tmp_path):
@@ -72,18 +83,21 @@ def test_malformed_batches_are_rejected_not_fatal(tmp_path):
 
     from stallscope.wire import codec
     from stallscope.wire.schema import Batch
+    from stallscope.wire.transport import ACK_REJECTED, ACK_STORED, batch_message, make_socket, unpack_acks
     port = free_port()
     db = tmp_path / "store.db"
     col = subprocess.Popen(stallscope_argv("collect", "--bind", f"tcp://127.0.0.1:{port}", "--store", str(db)),
                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.PUSH)
+        s = make_socket(zmq.DEALER)
         s.connect(f"tcp://127.0.0.1:{port}")
         good = codec.encode(Batch("n1", 0))[0]
-        for payload in (b"garbage", good[: len(good) // 2], good, b"\x93\x01\x02\x03", good):
-            s.send(payload)
-        s.close(linger=2000)
+        for i, payload in enumerate((b"garbage", good[: len(good) // 2], good, b"\x93\x01\x02\x03", good)):
+            s.send_multipart(batch_message(i, payload))
+        acks = []
+        while len(acks) < 5 and s.poll(15000):
+            acks += unpack_acks(s.recv_multipart())
+        s.close(0)
         deadline = time.time() + 15
         while time.time() < deadline:
             time.sleep(0.3)
@@ -101,3 +115,7 @@ def test_malformed_batches_are_rejected_not_fatal(tmp_path):
     assert con.execute("SELECT count(*) FROM batches").fetchone()[0] == 2
     assert con.execute("SELECT count(*) FROM rejects").fetchone()[0] == 3
     assert "rejected" in err and "2 batches" in err
+    # the garbage is answered "rejected" (the sender gives it up); both copies of the good
+    # batch "stored": it has no delivery identity, so nothing could call it a resend
+    assert sorted(acks) == [(0, ACK_REJECTED), (1, ACK_REJECTED), (2, ACK_STORED), (3, ACK_REJECTED),
+                            (4, ACK_STORED)]

@@ -2,31 +2,27 @@
 
 import multiprocessing as mp
 import sqlite3
+import time
 
-import numpy as np
+import zmq
 
 from stallscope.collector.server import Collector
 from stallscope.collector.store import Store, load_batches
-from stallscope.wire.schema import Batch
-from stallscope.wire.transport import Sender
+from stallscope.wire import codec
+from stallscope.wire.transport import StreamSink, batch_message, make_socket
 from tests.netutil import free_port as _port
+from tests.unit.test_delivery import io_batch
 
 
 def _batch(node, seq, n):
-    t = {"ts_ns": np.arange(n, dtype=np.uint64) + np.uint64(10**18 + seq * 10**6),
-         "dur_ns": np.full(n, 20_000_000, np.uint64), "pid": np.full(n, 100 + seq, np.uint64),
-         "tid": np.full(n, 100 + seq, np.uint64), "comm": np.array([node] * n, dtype=object),
-         "op": np.array(["read"] * n, dtype=object), "bytes": np.full(n, 4096, np.int64),
-         "path": np.array([f"/data/{node}/{seq}"] * n, dtype=object), "fs": np.array(["nfs"] * n, dtype=object),
-         "dev": np.zeros(n, np.uint64), "ino": np.arange(n, dtype=np.uint64), "cgroup": np.zeros(n, np.uint64),
-         "method": np.array(["tracepoint"] * n, dtype=object)}
-    return Batch(node, seq, {"io": t}, counters={"vfs.lost_ringbuf": seq})
+    return io_batch(node, seq, n, boot=None)
 
 
-def _tracer(endpoint, node, n_batches):
-    s = Sender(endpoint)
+def _tracer(endpoint, node, n_batches, spool_dir):
+    s = StreamSink(endpoint, spool_dir, close_timeout_s=60)
     for seq in range(n_batches):
-        assert s.send(_batch(node, seq, 7 + seq))
+        s(_batch(node, seq, 7 + seq))
+    assert s.flush(60), s.summary()
     s.close()
 
 
@@ -35,14 +31,13 @@ def test_eight_tracers_at_once_then_restart(tmp_path):
     ep = f"tcp://127.0.0.1:{_port()}"
     col = Collector(ep, db, log=lambda m: None)
     ctx = mp.get_context("spawn")      # fresh interpreters: no ZeroMQ context crosses a fork
-    procs = [ctx.Process(target=_tracer, args=(ep, f"node{i}", 13)) for i in range(8)]
+    procs = [ctx.Process(target=_tracer, args=(ep, f"node{i}", 13, str(tmp_path / f"spool{i}"))) for i in range(8)]
     for p in procs:
         p.start()
     expected = 8 * 13
-    for _ in range(300):
-        col.step(timeout_ms=100)
-        if col.accepted >= expected:
-            break
+    deadline = time.monotonic() + 60
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        col.step(timeout_ms=100)        # the tracers exit once all they sent is acknowledged
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
@@ -58,8 +53,8 @@ def test_eight_tracers_at_once_then_restart(tmp_path):
     assert all(sorted(v) == list(range(13)) for v in by_node.values())
     assert sum(b.n_events() for b in batches) == 8 * sum(7 + s for s in range(13))
     col2 = Collector(ep, db, log=lambda m: None)
-    s = Sender(ep)
-    s.send(_batch("node9", 0, 3))
+    s = StreamSink(ep, str(tmp_path / "spool9"))
+    s(_batch("node9", 0, 3))
     for _ in range(50):
         if col2.step(timeout_ms=100):
             break
@@ -72,15 +67,16 @@ def test_rejects_are_stored_with_reasons(tmp_path):
     db = str(tmp_path / "s.db")
     ep = f"tcp://127.0.0.1:{_port()}"
     col = Collector(ep, db, log=lambda m: None)
-    s = Sender(ep)
-    s.send_raw(b"\x92\x01\x02")
-    s.send(_batch("n", 0, 2))
+    s = make_socket(zmq.DEALER)
+    s.connect(ep)
+    s.send_multipart(batch_message(0, b"\x92\x01\x02"))
+    s.send_multipart(batch_message(1, codec.encode(_batch("n", 0, 2))[0]))
     got = 0
     for _ in range(50):
         got += col.step(timeout_ms=100)
         if got >= 2:
             break
-    s.close()
+    s.close(0)
     col.close()
     con = sqlite3.connect(db)
     (reason,) = con.execute("SELECT reason FROM rejects").fetchone()
@@ -88,10 +84,16 @@ def test_rejects_are_stored_with_reasons(tmp_path):
     assert con.execute("SELECT count(*) FROM batches").fetchone()[0] == 1
 
 
-def test_dead_collector_sender_never_blocks_and_counts():
-    s = Sender(f"tcp://127.0.0.1:{_port()}", hwm=5)
-    sent = [s.send(_batch("n", i, 10)) for i in range(40)]
-    assert not all(sent)
-    assert s.dropped_batches == sent.count(False) and s.dropped_events == 10 * s.dropped_batches
-    s.sock.setsockopt(__import__("zmq").LINGER, 0)
+def test_dead_collector_sink_never_blocks_and_spools(tmp_path):
+    """No collector: every batch waits in the spool (nothing dropped while it has room),
+    and the agent's call returns at once."""
+    s = StreamSink(f"tcp://127.0.0.1:{_port()}", str(tmp_path / "spool"), close_timeout_s=1)
+    t0 = time.monotonic()
+    for i in range(40):
+        s(_batch("n", i, 10))
+    assert time.monotonic() - t0 < 2.0
+    time.sleep(1.3)             # unreachable: no collector for a second
+    assert s.dropped_batches == 0 and s.spool.pending_records() == 40
+    assert s.sender.sent == 0 and s.sender.unreachable
     s.close()
+    assert "40 left unacknowledged" in s.summary()
