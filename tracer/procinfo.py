@@ -14,6 +14,10 @@ import time
 
 import numpy as np
 
+from stallscope.wire.cgroup import read_cgroup
+
+from .decode import safe_text
+
 # environment variables that name the job and the rank, most specific first
 JOB_VARS = ("STALLSCOPE_JOB", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR")
 RANK_VARS = ("STALLSCOPE_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -38,7 +42,7 @@ def read_stat(pid: int, proc: str = "/proc"):
     except OSError:
         return None
     lp, rp = data.find(b"("), data.rfind(b")")
-    comm = data[lp + 1: rp].decode("utf-8", "replace")
+    comm = safe_text(data[lp + 1: rp])
     rest = data[rp + 2:].split()
     return int(rest[1]), comm, int(rest[19])
 
@@ -54,7 +58,7 @@ def read_env(pid: int, proc: str = "/proc") -> dict:
         k, sep, v = item.partition(b"=")
         if sep and (k.decode(errors="replace") in JOB_VARS or k.decode(errors="replace") in RANK_VARS
                     or k == b"MASTER_PORT"):
-            env[k.decode(errors="replace")] = v.decode("utf-8", "replace")
+            env[k.decode(errors="replace")] = safe_text(v)
     return env
 
 
@@ -78,15 +82,35 @@ def job_of(env: dict):
 class Proc:
     """One incarnation of a pid: lineage and job identity, and whether it was reported."""
 
-    __slots__ = ("pid", "ppid", "comm", "start_ns", "job", "rank", "exit_ns", "env", "sent", "kernel")
+    __slots__ = ("pid", "ppid", "comm", "start_ns", "job", "rank", "exit_ns", "env", "sent", "kernel",
+                 "pod_uid", "container_id", "ticks", "checked_ns")
 
-    def __init__(self, pid, ppid, comm, start_ns, job="", rank=-1, env=False, kernel=False):
+    def __init__(self, pid, ppid, comm, start_ns, job="", rank=-1, env=False, kernel=False, ticks=None):
         self.pid, self.ppid, self.comm, self.start_ns = pid, ppid, comm, start_ns
         self.job, self.rank = job, rank
         self.exit_ns = 0            # wall ns of its exit, 0 while alive (or not known to be dead)
         self.env = env              # job/rank are final
         self.sent = False           # reported in a proc table
         self.kernel = kernel        # learned from a kernel fork record (else from /proc)
+        self.ticks = ticks          # start time in clock ticks since boot, as /proc gave it
+        self.checked_ns = start_ns  # wall ns when it was last known alive
+        self.pod_uid = ""           # from its cgroup (wire/cgroup.py), settled with env
+        self.container_id = ""
+
+    def read_identity(self, proc: str):
+        """Job and rank from its environment, pod and container from its cgroup (a Slurm job
+        from the cgroup when the environment names none)."""
+        self.job, self.rank = job_of(read_env(self.pid, proc))
+        cg = read_cgroup(self.pid, proc)
+        if cg is not None:
+            self.pod_uid, self.container_id = cg.pod_uid, cg.container_id
+            if not self.job and cg.slurm_job:
+                self.job = cg.slurm_job
+
+    def inherit(self, parent: "Proc"):
+        """What fork hands down: environment and cgroup."""
+        self.job, self.rank = parent.job, parent.rank
+        self.pod_uid, self.container_id = parent.pod_uid, parent.container_id
 
     def row(self):
         return (self.ppid, self.comm, self.start_ns, self.job, self.rank)
@@ -103,16 +127,31 @@ class ProcCache:
     exit is a new incarnation, and a stall is matched to the incarnation alive at its time,
     never to a later one. Exited incarnations are forgotten ``grace_s`` after their exit
     (rows that still name them arrive well within that).
+
+    Staying bounded (:meth:`sweep`, every ``sweep_s``): a process read from /proc is
+    checked again there by its start time in clock ticks (the identity /proc gives: the same
+    pid with another start is another process), and before a stall row newer than the last
+    check is matched to it; a process whose /proc entry is gone is marked exited, even when
+    its kernel exit record was lost. Exited incarnations are dropped after the grace period,
+    and beyond ``max_exited`` the oldest go first, except pids the caller still holds rows
+    for (``keep``). The cache is then at most the live processes plus ``max_exited``.
     """
 
     SLACK_NS = 200_000_000          # start times from /proc are precise to a clock tick
+    RECHECK_NS = 1_000_000_000      # a lookup without a time trusts a check this recent
 
-    def __init__(self, proc: str = "/proc", grace_s: float = 30.0):
+    def __init__(self, proc: str = "/proc", grace_s: float = 30.0, sweep_s: float = 2.0,
+                 max_exited: int = 16384):
         self.proc = proc
         self.hz = os.sysconf("SC_CLK_TCK")
         self.grace_ns = int(grace_s * 1e9)
+        self.sweep_ns = int(sweep_s * 1e9)
+        self.max_exited = max_exited
         self.info: dict = {}        # pid -> [Proc], oldest first
         self.kernel_since_ns = 0    # wall ns since when forks come from the kernel (0: never)
+        self.forgotten = 0          # incarnations dropped (exited past the grace period, or the cap)
+        self.reuse_seen = 0         # pids found in /proc with another start time than cached
+        self._swept_ns = 0
 
     # ---------------------------------------------------------------- kernel events
     def kernel_lineage(self, since_ns: int):
@@ -131,7 +170,8 @@ class ProcCache:
                 parent = self._find(ppid, ts)
                 p = Proc(pid, ppid, str(comm), ts, kernel=True)
                 if parent is not None and parent.env:
-                    p.job, p.rank, p.env = parent.job, parent.rank, True     # env is inherited
+                    p.inherit(parent)       # env and cgroup are inherited
+                    p.env = True
                 self.info.setdefault(pid, []).append(p)
             elif op == "exec":
                 p = self._latest(pid)
@@ -162,28 +202,65 @@ class ProcCache:
                 return p
         return None                 # older than anything known: never guess
 
-    def _read_proc(self, pid: int):
+    def _read_proc(self, pid: int, st=None):
         """A Proc from /proc/<pid> (start time from its stat), or None if gone."""
-        st = read_stat(pid, self.proc)
+        st = st or read_stat(pid, self.proc)
         if st is None:
             return None
         ppid, comm, ticks = st
         # wall = now - age; precise to a clock tick (btime in /proc/stat is whole seconds)
-        start = time.time_ns() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ticks * 1_000_000_000 // self.hz)
-        return Proc(pid, ppid, comm, start)
+        now = time.time_ns()
+        start = now - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ticks * 1_000_000_000 // self.hz)
+        p = Proc(pid, ppid, comm, start, ticks=ticks)
+        p.checked_ns = now
+        return p
+
+    def _verify(self, p: Proc, now: int):
+        """Check a live-looking incarnation against /proc: gone -> exited (by now); another
+        start time (for one read from /proc) -> exited when the new one started, which is
+        added. Kernel-known ones are checked for presence only: their start is the fork
+        record's, on another clock path than /proc's ticks."""
+        st = read_stat(p.pid, self.proc)
+        if st is None:
+            p.exit_ns = max(now, p.start_ns)
+        elif p.ticks is None or st[2] == p.ticks:
+            p.checked_ns = now
+        else:
+            new = self._read_proc(p.pid, st)
+            if new is None:
+                return
+            self.reuse_seen += 1
+            p.exit_ns = max(min(new.start_ns, now), p.start_ns)
+            new.read_identity(self.proc)
+            new.env = True
+            self.info.setdefault(p.pid, []).append(new)
 
     def _get(self, pid: int, at_ns=None):
-        """The incarnation alive at at_ns: known, else read from /proc (if that process is not
-        younger than at_ns, which would mean the pid was reused)."""
+        """The incarnation alive at at_ns (None: now): known, else read from /proc (if that
+        process is not younger than at_ns, which would mean the pid was reused). One read
+        from /proc is checked again before a row newer than its last check is matched to it."""
         p = self._find(pid, at_ns)
-        if p is not None and p.exit_ns and at_ns is not None and p.exit_ns < at_ns - self.SLACK_NS:
-            p = None                # gone before at_ns: a later incarnation whose fork was lost
-        elif p is not None or self.info.get(pid):
+        if p is not None and not p.exit_ns and not p.kernel:
+            now = time.time_ns()
+            if (now - self.RECHECK_NS if at_ns is None else at_ns) > p.checked_ns:
+                self._verify(p, now)
+                p = self._find(pid, at_ns)
+        if p is not None and p.exit_ns and (at_ns is None or p.exit_ns < at_ns - self.SLACK_NS):
+            # gone before at_ns: a later incarnation whose fork was lost; without a time, the
+            # living one if there is one, else what is known
+            q = self._read_from_proc(pid, at_ns)
+            return q if q is not None or at_ns is not None else p
+        if p is not None or self.info.get(pid):
             return p
+        return self._read_from_proc(pid, at_ns)
+
+    def _read_from_proc(self, pid: int, at_ns):
         p = self._read_proc(pid)
         if p is None or (at_ns is not None and p.start_ns > at_ns + self.SLACK_NS):
             return None
-        p.job, p.rank = job_of(read_env(pid, self.proc))
+        if any(q.ticks == p.ticks for q in self.info.get(pid, ())):
+            return None             # the one known (and ended): not a new process
+        p.read_identity(self.proc)
         p.env = True
         self.info.setdefault(pid, []).append(p)
         return p
@@ -195,12 +272,12 @@ class ProcCache:
             return
         cur = None if p.exit_ns else self._read_proc(p.pid)
         if cur is not None and abs(cur.start_ns - p.start_ns) <= self.SLACK_NS:
-            p.job, p.rank = job_of(read_env(p.pid, self.proc))
+            p.read_identity(self.proc)
         elif p.ppid > 0 and depth < 64:
             parent = self._get(p.ppid, p.start_ns)
             if parent is not None:
                 self._settle_env(parent, depth + 1)
-                p.job, p.rank = parent.job, parent.rank
+                p.inherit(parent)
         p.env = True
 
     def lookup(self, pid: int, at_ns=None):
@@ -269,25 +346,52 @@ class ProcCache:
                 "comm": np.array([p.comm for p in rows], dtype=object),
                 "start_ns": np.array([p.start_ns for p in rows], dtype=np.uint64),
                 "job": np.array([p.job for p in rows], dtype=object),
-                "rank": np.array([p.rank for p in rows], dtype=np.int64)}
+                "rank": np.array([p.rank for p in rows], dtype=np.int64),
+                "pod_uid": np.array([p.pod_uid for p in rows], dtype=object),
+                "container_id": np.array([p.container_id for p in rows], dtype=object)}
 
     # ---------------------------------------------------------------- forgetting
-    def expire(self, now_ns=None):
-        """Forget incarnations that exited more than the grace period ago."""
+    def __len__(self) -> int:
+        """Incarnations held."""
+        return sum(len(v) for v in self.info.values())
+
+    def sweep(self, now_ns=None, keep=(), force: bool = False) -> bool:
+        """Every ``sweep_s`` (or when forced): mark exited what /proc no longer holds, then
+        :meth:`expire`. ``keep``: pids that rows not yet reported still name. True if it ran."""
+        now = time.time_ns() if now_ns is None else int(now_ns)
+        if not force and now - self._swept_ns < self.sweep_ns:
+            return False
+        self._swept_ns = now
+        for incs in list(self.info.values()):
+            if not incs[-1].exit_ns:
+                self._verify(incs[-1], now)
+        self.expire(now, keep)
+        return True
+
+    def expire(self, now_ns=None, keep=()):
+        """Forget incarnations that exited more than the grace period ago, then the oldest
+        exited ones beyond ``max_exited``; never those of pids in ``keep``."""
         cutoff = (time.time_ns() if now_ns is None else int(now_ns)) - self.grace_ns
+        keep = {int(k) for k in keep}
+        exited = []
         for pid in list(self.info):
+            if pid in keep:
+                continue
             incs = [p for p in self.info[pid] if not p.exit_ns or p.exit_ns > cutoff]
+            self.forgotten += len(self.info[pid]) - len(incs)
             if incs:
                 self.info[pid] = incs
+                exited += [p for p in incs if p.exit_ns]
             else:
                 del self.info[pid]
-
-    def forget_dead(self):
-        """Without kernel lineage: drop cached pids whose /proc entry is gone (pid reuse would
-        otherwise mislabel)."""
-        for pid in list(self.info):
-            if not os.path.exists(os.path.join(self.proc, str(pid))):
-                self.info.pop(pid, None)
+        if len(exited) > self.max_exited:
+            exited.sort(key=lambda p: p.exit_ns)
+            for p in exited[:len(exited) - self.max_exited]:
+                incs = self.info[p.pid]
+                incs.remove(p)
+                self.forgotten += 1
+                if not incs:
+                    del self.info[p.pid]
 
 
 class SocketOwners:

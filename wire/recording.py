@@ -85,7 +85,8 @@ def read_recording(path: str, on_error=None):
                     on_error(f"{path}: truncated at the end ({size - unpacker.tell()} bytes of an "
                              "unfinished batch skipped)")
                 return
-            except (ValueError, msgpack.UnpackException) as e:
+            except (ValueError, TypeError, msgpack.UnpackException) as e:
+                # TypeError: a map keyed by a list or map (unhashable), from a damaged file
                 if on_error:
                     on_error(f"{path}: unreadable data at byte {unpacker.tell()}: {e}")
                 return

@@ -269,3 +269,90 @@ def test_maps_cache_never_takes_a_reused_address_from_an_older_copy(tmp_path):
     assert mc.resolve(77, 0x7f0000100000, since_ns=t1)[0] == "/data/b.bin"     # a copy read after t1
     t2 = time.time_ns()
     assert mc.resolve(77, 0x7f0000100000, since_ns=t2)[0] == UNKNOWN_MAPPING   # not a stale guess
+
+
+# ---------------------------------------------------------------------- staying bounded
+
+HZ = procinfo.os.sysconf("SC_CLK_TCK")
+
+
+def _proc_aged(root, pid, ppid, comm, age_s):
+    """A /proc/<pid> whose start time is ``age_s`` seconds ago (in clock ticks since boot)."""
+    ticks = (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - int(age_s * S)) * HZ // S
+    d = root / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "stat").write_text(f"{pid} ({comm}) S {ppid} 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {ticks} 0 0\n")
+    (d / "environ").write_bytes(b"")
+    return ticks
+
+
+def _gone(root, pid):
+    for f in ("stat", "environ"):
+        (root / str(pid) / f).unlink()
+    (root / str(pid)).rmdir()
+
+
+def test_cache_stays_bounded_while_processes_come_and_go(tree):
+    """Without kernel lineage: 3000 short-lived processes over 200 s on 400 recycled pids, a
+    sweep each second: the cache holds the living plus those that exited within the grace."""
+    pc = procinfo.ProcCache(str(tree), grace_s=5, sweep_s=1)
+    sizes, live = [], []
+    for sec in range(200):
+        now = time.time_ns()
+        for k in range(15):
+            pid = 1000 + (sec * 15 + k) % 400
+            if (tree / str(pid)).exists():
+                _gone(tree, pid)
+            _proc_aged(tree, pid, 200, f"w{sec}", 0.5)
+            live.append(pid)
+        pc.table_for(live[-15:], [now] * 15)
+        for pid in live[:-30]:                       # each lives ~2 s
+            if (tree / str(pid)).exists():
+                _gone(tree, pid)
+        live = live[-30:]
+        pc.sweep(now_ns=now + sec * S, force=True)
+        sizes.append(len(pc))
+    # 30 living + 15 per second exiting, kept 5 s (+ the fixture's two)
+    assert max(sizes) <= 30 + 15 * 7 + 2, max(sizes)
+    assert pc.forgotten >= 2500
+
+
+def test_cap_on_exited_incarnations_spares_kept_pids(tree):
+    pc = procinfo.ProcCache(str(tree), grace_s=3600, max_exited=50)
+    pc.kernel_lineage(at(10))
+    rows = []
+    for i in range(300):
+        rows += [(at(11 + i * 0.01), "fork", 5000 + i, 200, "w"), (at(11.005 + i * 0.01), "exit", 5000 + i, 200, "w")]
+    pc.ingest(_lineage(rows))
+    pc.sweep(now_ns=at(20), keep={5000, 5001}, force=True)
+    assert len(pc) <= 50 + 2 + 2                     # the cap, the kept two, the fixture's two
+    assert 5000 in pc.info and 5001 in pc.info and 5299 in pc.info and 5100 not in pc.info
+
+
+def test_pid_reused_without_kernel_lineage_gets_the_new_facts(tree):
+    """A pid read from /proc, then reused by another process (other start, parent, name): rows
+    after the reuse get the new process, rows before it keep the old one."""
+    _proc_aged(tree, 300, 200, "old-proc", 10)
+    pc = procinfo.ProcCache(str(tree))
+    t_old = time.time_ns() - 5 * S
+    assert _rows(pc.table_for([300], [t_old]))[-1][1:3] == (200, "old-proc")
+    _gone(tree, 300)
+    _proc_aged(tree, 300, 100, "new-proc", 1)
+    t_new = time.time_ns()
+    got = _rows(pc.table_for([300], [t_new]))
+    assert [r[1:3] for r in got if r[0] == 300] == [(100, "new-proc")]
+    assert pc.lookup(300, t_old)[:2] == (200, "old-proc")
+    assert pc.lookup(300)[:2] == (100, "new-proc")
+    assert pc.reuse_seen == 1 and pc.info[300][0].exit_ns <= t_new
+
+
+def test_exit_record_lost_is_found_by_the_sweep(tree):
+    pc = procinfo.ProcCache(str(tree), grace_s=10)
+    pc.kernel_lineage(at(10))
+    pc.ingest(_lineage([(at(11), "fork", 300, 200, "w")]))       # no exit record; no /proc/300
+    assert pc.lookup(200)[1] == "python"
+    assert pc.sweep(now_ns=at(12))
+    assert pc.info[300][-1].exit_ns == at(12)
+    assert not pc.sweep(now_ns=at(13))                            # throttled
+    pc.sweep(now_ns=at(23), force=True)
+    assert 300 not in pc.info and 200 in pc.info                  # 200 still lives in /proc
