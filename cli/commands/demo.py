@@ -27,13 +27,13 @@ from stallscope.collector.embedded import EmbeddedCollector
 from stallscope.collector.store import load_batches
 from stallscope.commands.watch import watch_sinks
 from stallscope.options import DEFAULT_STORE, TraceOptions
-from stallscope.printers import LiveVerdicts, VerdictPrinter
+from stallscope.printers import LiveExports, LiveVerdicts, VerdictPrinter, export_options
 from stallscope.sim import Unavailable
 from stallscope.tracer import kernel
 from stallscope.tracer.agent import Agent
 
 
-def run_demo(cfg, printer, store_path, steps=12, delay_ms=800, log=print) -> int:
+def run_demo(cfg, printer, store_path, steps=12, delay_ms=800, log=print, observers=()) -> int:
     from stallscope.sim import nvmlsim
     from stallscope.sim.slowfs import SlowFS
     from stallscope.sim.trainer import make_shards
@@ -52,7 +52,7 @@ def run_demo(cfg, printer, store_path, steps=12, delay_ms=800, log=print) -> int
         fs.make_file("slow-backup.tar", 1 << 20)
         log(f"demo: dataset and checkpoints on {fs.mountpoint} (slow-* files stall {delay_ms} ms "
             f"on read and fsync; FUSE daemon pid {fs.daemon_pid})")
-        sink = EmbeddedCollector(store_path, LiveVerdicts(printer))
+        sink = EmbeddedCollector(store_path, LiveVerdicts(printer, observers=observers))
         agent = Agent(cfg, [sink], log=lambda m: log(f"stallscope: {m}"))
         try:
             agent.start()
@@ -94,6 +94,7 @@ Examples:
   sudo stallscope demo                   # ~30 s: live verdicts, then the report table
   sudo stallscope demo --json            # verdicts as JSON lines
   sudo stallscope demo --steps 24 --delay-ms 1500
+  sudo stallscope demo --metrics-port 9478   # scrape http://localhost:9478/metrics meanwhile
 """
 
 
@@ -103,7 +104,8 @@ Examples:
 @click.option("--steps", type=click.IntRange(min=4), default=12, show_default=True)
 @click.option("--delay-ms", type=click.IntRange(min=100), default=800, show_default=True,
               help="How long the demo's slow files stall.")
-def demo(store, as_json, steps, delay_ms):
+@export_options
+def demo(store, as_json, steps, delay_ms, metrics_port, metrics_addr, otlp_endpoint):
     """Run the tracer with an embedded collector; without a GPU, run a starving
     training-like workload on a simulated GPU and print the verdicts it earns.
 
@@ -118,17 +120,24 @@ def demo(store, as_json, steps, delay_ms):
         click.echo(f"stallscope demo: {e}; running the simulated-GPU demo", err=True)
     if real_gpu:
         click.echo("stallscope demo: NVML works here: running `stallscope watch` (Ctrl-C to end)", err=True)
-        sinks, printer = watch_sinks(as_json, False, store or DEFAULT_STORE)
-        run_agent(TraceOptions().agent_config(), sinks, None)
+        exports = LiveExports(metrics_port, metrics_addr, otlp_endpoint)
+        try:
+            sinks, printer = watch_sinks(as_json, False, store or DEFAULT_STORE, exports.observers)
+            run_agent(TraceOptions().agent_config(), sinks, None)
+        finally:
+            exports.close()
         return
     store = store or os.path.join(tempfile.mkdtemp(prefix="stallscope-demo-"), "store.db")
     printer = VerdictPrinter(as_json=as_json)
     cfg = TraceOptions(min_latency_ms=50.0, families="vfs,tcp,block,sched").agent_config()
+    exports = LiveExports(metrics_port, metrics_addr, otlp_endpoint)
     try:
         rc = run_demo(cfg, printer, store, steps=steps, delay_ms=delay_ms,
-                      log=lambda m: click.echo(m, err=True))
+                      log=lambda m: click.echo(m, err=True), observers=exports.observers)
     except (kernel.Unavailable, Unavailable) as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        exports.close()
     if not as_json:
         click.echo("")
         click.echo(format_text(analyze.analyze(load_batches(store))))
