@@ -28,5 +28,6 @@ test-bpf: setup
 test-vm: setup
 	STALLSCOPE_REQUIRE_VM=1 .venv/bin/python -m pytest -q tests/vm
 
+# every README figure with its same-run baseline (root for tracer and accuracy)
 bench: setup
-	.venv/bin/python -m bench
+	.venv/bin/python -m bench $(BENCH_ARGS)

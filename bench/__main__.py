@@ -1,4 +1,4 @@
-"""`python -m bench [tracer|blame|ingest|accuracy] [--quick]`: run the benchmarks, one JSON line per figure.
+"""`python -m bench [tracer|blame|ingest|accuracy|fuzz|wire|http] [--quick]`: run the benchmarks, one JSON line per figure.
 
 Every figure comes with its same-run baseline (a ratio), since these machines
 are shared and noisy. The tracer figures need root (they load real probes).
@@ -8,7 +8,8 @@ import importlib
 import sys
 
 SUITES = {"tracer": "bench.tracer_bench", "blame": "bench.bench_blame", "ingest": "bench.bench_ingest",
-          "accuracy": "bench.bench_accuracy"}
+          "accuracy": "bench.bench_accuracy", "fuzz": "bench.bench_fuzz", "wire": "bench.bench_wire",
+          "http": "bench.bench_http"}
 
 
 def main(argv):

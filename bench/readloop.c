@@ -1,6 +1,7 @@
 /* readloop: N reads of `size` bytes from a file, as fast as possible; prints ns per call.
  * Used by the benchmarks as the traced workload (a C loop, so the probe cost
- * is not hidden behind interpreter overhead). */
+ * is not hidden behind interpreter overhead). With READLOOP_FILES=N it opens FILE.0 ..
+ * FILE.<N-1> and cycles through them, one pread each (no two records in a row alike). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,11 +16,24 @@ int main(int argc, char **argv)
 	}
 	long n = atol(argv[2]);
 	size_t size = argc > 3 ? (size_t)atol(argv[3]) : 8;
-	int fd = open(argv[1], O_RDONLY);
-	if (fd < 0) {
-		perror(argv[1]);
-		return 1;
+	int nfiles = getenv("READLOOP_FILES") ? atoi(getenv("READLOOP_FILES")) : 0;
+	int fds[256];
+	if (nfiles > 256)
+		nfiles = 256;
+	for (int i = 0; i < (nfiles > 0 ? nfiles : 1); i++) {
+		char name[4096];
+		if (nfiles > 0)
+			snprintf(name, sizeof(name), "%s.%d", argv[1], i);
+		else
+			snprintf(name, sizeof(name), "%s", argv[1]);
+		fds[i] = open(name, O_RDONLY);
+		if (fds[i] < 0) {
+			perror(name);
+			return 1;
+		}
 	}
+	if (nfiles < 1)
+		nfiles = 1;
 	char buf[65536];
 	if (size > sizeof(buf))
 		size = sizeof(buf);
@@ -33,7 +47,7 @@ int main(int argc, char **argv)
 	struct timespec a, b;
 	clock_gettime(CLOCK_MONOTONIC, &a);
 	for (long i = 0; i < n; i++) {
-		if (pread(fd, buf, size, 0) < 0) {
+		if (pread(fds[i % nfiles], buf, size, 0) < 0) {
 			perror("pread");
 			return 1;
 		}

@@ -87,60 +87,184 @@ def syscall_cost(n=1_000_000, reps=7) -> dict:
             "goal_ratio": 1.15}
 
 
-def drain(n=2_000_000) -> dict:
-    """Every pread of a regular file emitted (threshold 0); one Python thread drains,
-    decodes and encodes batches; CPU time of that thread gives events/s per core."""
+def _files(n_files: int) -> tuple:
+    """(readloop FILE argument, env, cleanup) for n_files 4 KiB files (0: one file)."""
+    d = tempfile.mkdtemp(prefix="stallscope-bench-", dir="/var/tmp")
+    names = [os.path.join(d, f"f.{i}") for i in range(max(n_files, 1))] if n_files else [os.path.join(d, "f")]
+    for nm in names:
+        with open(nm, "wb") as f:
+            f.write(b"x" * 4096)
+    env = dict(os.environ, READLOOP_FILES=str(n_files)) if n_files else dict(os.environ)
+    return os.path.join(d, "f"), env, lambda: subprocess.run(["rm", "-rf", d], check=False)
 
-    from stallscope.tracer import decode
-    from stallscope.tracer.agent import clock_mapping
+
+def _producer(n, n_files):
+    """A readloop waiting to start: (proc, pid, cleanup)."""
+    path, env, cleanup = _files(n_files)
+    proc = subprocess.Popen([_readloop(), path, str(n), "8", "--wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    pid = int(proc.stdout.readline().split()[1])
+    return proc, pid, cleanup
+
+
+def _go(proc):
+    proc.stdin.write("g")
+    proc.stdin.flush()
+
+
+def _agent(min_ns, pid=0, pages=4096, shed=False, sink=None):
+    """The real node agent (tracer/agent.py) with the vfs family only, no GPU."""
+    from stallscope.tracer import probes
+    from stallscope.tracer.agent import Agent, AgentConfig
+    cfg = AgentConfig(probe=probes.ProbeConfig(min_latency_ns=min_ns, pid=pid, families=("vfs",),
+                                               attach="tracepoint", ringbuf_pages=pages),
+                      gpu="off", shed=shed)
+    ag = Agent(cfg, [sink or (lambda b: None)], log=lambda m: None)
+    ag.start()
+    return ag
+
+
+def _drain_once(n, n_files, mode) -> dict:
+    """One run: the producer traced at threshold 0 (only its pid, so the rest of a shared
+    machine does not enter), drained by ``mode``: "agent" = the node agent's own loop (drain
+    every poll_ms, decode, a batch every batch_ms encoded with the wire codec), "copy" = the
+    ring copy alone in the same loop (the baseline)."""
     from stallscope.wire import codec
-    from stallscope.wire.schema import Batch, concat_tables
-    _setup()
-    p = _load_vfs(0)
-    tmpf = tempfile.NamedTemporaryFile(prefix="stallscope-bench-", dir="/var/tmp", delete=False)
-    tmpf.write(b"x" * 4096)
-    tmpf.close()
-    proc = subprocess.Popen([_readloop(), tmpf.name, str(n), "8"], stdout=subprocess.PIPE, text=True)
-    cpu0 = time.process_time()
-    t0 = time.monotonic()
-    got = 0
-    wire = 0
-    wire_events = 0
-    parts = []
-    last_batch = time.monotonic()
+    proc, pid, cleanup = _producer(n, n_files)
+    wire = [0, 0]
+
+    def sink(batch):
+        wire[0] += len(codec.encode(batch)[0])
+        wire[1] += batch.n_events()
+    ag = _agent(0, pid=pid, sink=sink)
+    p = ag.loaded[0]
     try:
-        while True:
-            off, _ = clock_mapping()
-            recs = p.drain()
-            mine = recs[recs["pid"] == proc.pid] if len(recs) else recs
-            got += len(mine)
-            if len(recs):
-                parts.append(decode.split(recs, off, {1: "tracepoint"}))
-            now = time.monotonic()
-            if now - last_batch >= 0.25 and parts:
-                t = concat_tables("io", [x["io"] for x in parts if "io" in x])
-                payload = codec.encode(Batch("bench", 0, {"io": t}))[0]
-                wire += len(payload)
-                wire_events += len(t["ts_ns"])
-                parts = []
-                last_batch = now
-            if proc.poll() is not None and not len(recs):
-                break
-            if not len(recs):
-                time.sleep(0.005)
-        cpu = time.process_time() - cpu0
+        _go(proc)
+        c0, t0 = time.thread_time(), time.monotonic()
+        got = 0
+        if mode == "agent":
+            ag.run(stop=lambda: proc.poll() is not None and ag._drained == 0)
+            got = ag.events_out
+        else:
+            while True:
+                recs = p.drain()
+                got += len(recs)
+                if proc.poll() is not None and not len(recs):
+                    break
+                time.sleep(ag.cfg.poll_ms / 1000 if len(recs) else ag.cfg.idle_poll_ms / 1000)
+        cpu = time.thread_time() - c0
         wall = time.monotonic() - t0
-        counters = p.counters()
+        c = p.counters()
     finally:
-        p.close()
-        os.unlink(tmpf.name)
+        ag.close()
+        cleanup()
     ns_call = float(proc.stdout.read().strip() or 0)
-    return {"bench": "drain", "calls": n, "drained_for_pid": got, "lost_ringbuf": counters["lost_ringbuf"],
-            "emitted": counters["emitted"], "consumer_cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+    offered = c["emitted"] + c["lost_ringbuf"]
+    return {"events": got, "emitted": c["emitted"], "lost_ringbuf": c["lost_ringbuf"],
+            "loss_fraction": round(c["lost_ringbuf"] / offered, 4) if offered else None,
+            "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
             "events_per_cpu_s": round(got / cpu) if cpu else None,
             "producer_ns_per_call": ns_call,
-            "wire_bytes_per_io_event": round(wire / wire_events, 2) if wire_events else None,
-            "goal_events_per_s": 500_000, "goal_wire_bytes": 32}
+            "offered_per_s": round(1e9 / ns_call) if ns_call else None,
+            "wire_bytes_per_event": round(wire[0] / wire[1], 2) if wire[1] else None}
+
+
+def drain(n=1_000_000, reps=3, n_files=(0, 16)) -> dict:
+    """Events per CPU-second of the node agent's own drain loop (ring copy, decode, batch,
+    wire encode) with every op of a C pread loop emitted (threshold 0), and the ring's lost
+    counter at the rate that producer offers. Workloads: one file, and 16 files read round
+    robin (no two records in a row alike: the worst case for the run-length interning).
+    Baselines, same run: the producer untraced (ns per call) and the ring copy alone."""
+    _setup()
+    path, _env, cleanup = _files(0)
+    try:
+        untraced = statistics.median(_loop(n // 4, path) for _ in range(3))
+    finally:
+        cleanup()
+    out = {"bench": "drain", "calls": n, "reps": reps, "producer_untraced_ns_per_call": untraced,
+           "goal_events_per_cpu_s": 1_000_000, "workloads": {}}
+    for nf in n_files:
+        runs = {"agent": [], "copy": []}
+        for _ in range(reps):
+            runs["copy"].append(_drain_once(n, nf, "copy"))
+            runs["agent"].append(_drain_once(n, nf, "agent"))
+        med = {k: statistics.median(r["events_per_cpu_s"] for r in v) for k, v in runs.items()}
+        w = {"events_per_cpu_s_median": med["agent"],
+             "events_per_cpu_s_runs": [r["events_per_cpu_s"] for r in runs["agent"]],
+             "baseline_copy_only_events_per_cpu_s_median": med["copy"],
+             "ratio_to_copy_only": round(med["agent"] / med["copy"], 3),
+             "lost_ringbuf_runs": [r["lost_ringbuf"] for r in runs["agent"]],
+             "offered_per_s_runs": [r["offered_per_s"] for r in runs["agent"]],
+             "wire_bytes_per_event_runs": [r["wire_bytes_per_event"] for r in runs["agent"]],
+             "runs": runs}
+        out["workloads"]["one_file" if not nf else f"{nf}_files_round_robin"] = w
+    return out
+
+
+def shed(n=1_500_000, pages=64, delay_ms=30, slow_reads=20) -> dict:
+    """Overload on purpose: a 256 KiB ring (~990 records) drained every 10 ms by the node
+    agent while a C loop offers a few hundred thousand preads a second at threshold 0, and a
+    thread reads a FUSE file that stalls ``delay_ms`` per read ``slow_reads`` times. With
+    shedding (the default) the agent raises the in-kernel threshold until the ring keeps up,
+    and says so in the batches; the baseline, in the same run, is the same load with
+    shedding off (records lost to whichever happen to meet a full ring). The figure that
+    matters: how many of the long stalls each keeps."""
+    import threading
+
+    from stallscope.sim.slowfs import SlowFS
+    _setup()
+    res = {}
+    with SlowFS(delay_ms=delay_ms, slow_prefix="slow") as fs:
+        fs.make_file("slow.bin", 1 << 16)
+        slow_path = fs.path("slow.bin")
+        for mode in ("shed_off", "shed_on"):
+            batches = []
+            ag = _agent(0, pages=pages, shed=(mode == "shed_on"), sink=batches.append)
+            path, env, cleanup = _files(0)
+            proc = subprocess.Popen([_readloop(), path, str(n), "8"], stdout=subprocess.PIPE, text=True, env=env)
+
+            def slow_reader():
+                time.sleep(0.3)
+                fd = os.open(slow_path, os.O_RDONLY)     # direct_io on SlowFS: every read stalls
+                try:
+                    for _ in range(slow_reads):
+                        os.pread(fd, 4096, 0)
+                        time.sleep(0.02)
+                finally:
+                    os.close(fd)
+            th = threading.Thread(target=slow_reader)
+            th.start()
+            try:
+                ag.run(stop=lambda: proc.poll() is not None and not th.is_alive())
+            finally:
+                th.join()
+                p = ag.loaded[0]
+                c = p.counters()
+                sh = ag.shedders.get("vfs")
+                shed_n = sh.counters(p)["vfs.shed"] if sh else 0
+                ag.close()
+                cleanup()
+            proc.wait()
+            kept = 0
+            announced = 0
+            peak = 0
+            for b in batches:
+                io = b.tables.get("io")
+                if b.meta.get("shed"):
+                    announced += 1
+                    peak = max(peak, b.meta["shed"]["vfs"]["min_ns"])
+                if io is not None and len(io["path"]):
+                    kept += int(sum(1 for pth, d in zip(io["path"], io["dur_ns"])
+                                    if pth == slow_path and d >= delay_ms * 1_000_000 * 0.9))
+            offered = c["emitted"] + c["lost_ringbuf"] + shed_n
+            res[mode] = {"offered": offered, "emitted": c["emitted"], "lost_ringbuf": c["lost_ringbuf"],
+                         "shed": shed_n, "shed_fraction": round(shed_n / offered, 4) if offered else None,
+                         "lost_fraction": round(c["lost_ringbuf"] / offered, 4) if offered else None,
+                         "long_stalls_kept": kept, "long_stalls_made": slow_reads,
+                         "batches_announcing_shed": announced, "batches": len(batches),
+                         "peak_threshold_ms": round(peak / 1e6, 3),
+                         "raises": sh.raises if sh else 0}
+    return {"bench": "shed", "ring_bytes": pages * 4096, "calls": n, "slow_delay_ms": delay_ms, **res}
 
 
 def overflow(n=300_000, pages=16) -> dict:
@@ -173,32 +297,101 @@ def overflow(n=300_000, pages=16) -> dict:
             "exact": drained == c["emitted"] and drained + c["lost_ringbuf"] == n}
 
 
-def idle(seconds=20) -> dict:
-    """CPU and RSS of the real CLI when nothing is slow (after start-up)."""
-    argv = [sys.executable, "-m", "stallscope", "trace", "--quiet", "--no-gpu", "--duration", str(seconds + 30)]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _idle_run(seconds, extra, env, rec):
+    """CPU (every thread of the process, and any children) and RSS of `stallscope trace`
+    after start-up, and the bytes it recorded (what it would send) over the interval."""
+    argv = [sys.executable, "-m", "stallscope", "trace", "--quiet", "--output", rec,
+            "--duration", str(seconds + 30), *extra]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     buf = ""
-    deadline = time.time() + 90
-    while "tracing stalls" not in buf and time.time() < deadline:
+    deadline = time.time() + 120
+    while "tracing stalls" not in buf and time.time() < deadline and proc.poll() is None:
         buf += proc.stderr.readline()
     hz = os.sysconf("SC_CLK_TCK")
 
     def cpu():
         with open(f"/proc/{proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / hz
+        return sum(int(x) for x in fields[11:15]) / hz      # utime stime cutime cstime
     time.sleep(2)
-    c0, t0 = cpu(), time.monotonic()
+    c0, t0, b0 = cpu(), time.monotonic(), os.path.getsize(rec)
     time.sleep(seconds)
-    c1, t1 = cpu(), time.monotonic()
+    c1, t1, b1 = cpu(), time.monotonic(), os.path.getsize(rec)
     with open(f"/proc/{proc.pid}/status") as f:
-        st = {line.split(":")[0]: line.split()[1] for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
-    rss = st["VmRSS"]
+        st = {line.split(":")[0]: line.split()[1] for line in f
+              if line.startswith(("VmRSS", "RssAnon", "RssFile", "Threads"))}
     proc.terminate()
     proc.wait(timeout=30)
-    return {"bench": "idle", "seconds": round(t1 - t0, 1), "cpu_percent_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 2),
-            "rss_mib": round(int(rss) / 1024, 1), "rss_anon_mib": round(int(st["RssAnon"]) / 1024, 1),
-            "rss_file_mib": round(int(st["RssFile"]) / 1024, 1), "goal_cpu_percent": 1.0}
+    return {"seconds": round(t1 - t0, 1), "cpu_percent_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 2),
+            "threads": int(st["Threads"]), "rss_mib": round(int(st["VmRSS"]) / 1024, 1),
+            "rss_anon_mib": round(int(st["RssAnon"]) / 1024, 1),
+            "recorded_bytes_per_hour": round((b1 - b0) * 3600 / (t1 - t0))}
+
+
+def idle(seconds=15) -> dict:
+    """The real CLI when nothing is slow, every default family loaded, polling NVML of 8
+    simulated GPUs (sim/nvmlsim, 100 ms sample period), CPU of all its threads. Baseline, same
+    run: the same with --no-gpu. Also what it records per hour (heartbeats and GPU samples)."""
+    from stallscope.sim import nvmlsim
+    lib = nvmlsim.build()
+    d = tempfile.mkdtemp(prefix="stallscope-bench-")
+    state = nvmlsim.create_state(os.path.join(d, "sim.state"), n_gpus=8, period_ms=100)
+    env = dict(os.environ, **{nvmlsim.STATE_ENV: state})
+    try:
+        gpu = _idle_run(seconds, ["--nvml-lib", lib, "--gpu"], env, os.path.join(d, "gpu.ssrec"))
+        base = _idle_run(seconds, ["--no-gpu"], env, os.path.join(d, "nogpu.ssrec"))
+    finally:
+        subprocess.run(["rm", "-rf", d], check=False)
+    return {"bench": "idle", "gpus_simulated": 8, **gpu, "baseline_no_gpu": base,
+            "cpu_ratio_to_no_gpu": round(gpu["cpu_percent_of_one_core"] /
+                                         max(base["cpu_percent_of_one_core"], 0.01), 2),
+            "goal_cpu_percent": 1.0}
+
+
+def _exe(name: str) -> str:
+    exe = os.path.join(tempfile.gettempdir(), f"stallscope-{name}")
+    src = os.path.join(HERE, f"{name}.c")
+    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+UPROBE_PROG = b"""
+BPF_ARRAY(hits, u64, 1);
+int on_call(struct pt_regs *ctx) { int z = 0; u64 *c = hits.lookup(&z); if (c) __sync_fetch_and_add(c, 1); return 0; }
+"""
+
+
+def uprobe_cost(n=200_000, reps=5) -> dict:
+    """ns per call of a 3-instruction function: no probe (baseline), a uprobe (counting
+    program) on an instruction the x86 kernel emulates (`push %rbp`, one trap), and on one it
+    must single-step out of line (`mov`, two traps), in turns within the same run. Why the
+    tracer puts uprobes only where a call is already slow (RDMA verbs waits, TLS reads)."""
+    from bcc import BPF
+    _setup()
+    exe = _exe("uprobe_target")
+
+    def call(which):
+        out = subprocess.run([exe, str(n), which], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[0])
+    res = {"none": [], "emulated": [], "single_stepped": []}
+    hits = 0
+    for _ in range(reps):
+        res["none"].append(call("emul"))
+        for key, sym, which in (("emulated", "f_emul", "emul"), ("single_stepped", "f_step", "step")):
+            b = BPF(text=UPROBE_PROG)
+            b.attach_uprobe(name=exe, sym=sym, fn_name="on_call")
+            res[key].append(call(which))
+            hits += int(b[b"hits"][0].value)
+            b.cleanup()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {"bench": "uprobe_cost", "calls": n, "reps": reps, "ns_per_call_median": med, "ns_per_call_runs": res,
+            "added_ns_emulated": round(med["emulated"] - med["none"], 1),
+            "added_ns_single_stepped": round(med["single_stepped"] - med["none"], 1),
+            "single_stepped_to_emulated": round((med["single_stepped"] - med["none"]) /
+                                                max(med["emulated"] - med["none"], 1e-9), 2),
+            "probe_hits": hits, "hits_expected": 2 * n * reps}
 
 
 def _pingpong_exe() -> str:
@@ -343,7 +536,7 @@ def sched_cost(n=50_000, reps=15) -> dict:
             "switches_seen_by_counter": switches}
 
 
-ALL = {"syscall_cost": syscall_cost, "drain": drain, "overflow": overflow, "idle": idle,
+ALL = {"syscall_cost": syscall_cost, "uprobe_cost": uprobe_cost, "drain": drain, "shed": shed, "overflow": overflow, "idle": idle,
        "sched_cost": sched_cost}
 
 
@@ -352,7 +545,7 @@ def main(names=None, quick=False):
         fn = ALL[name]
         kw = {}
         if quick:
-            kw = {"syscall_cost": {"n": 200_000, "reps": 2}, "drain": {"n": 300_000},
+            kw = {"syscall_cost": {"n": 200_000, "reps": 2}, "drain": {"n": 300_000, "reps": 1}, "uprobe_cost": {"n": 50_000, "reps": 2}, "shed": {"n": 400_000},
                   "overflow": {"n": 100_000}, "idle": {"seconds": 5},
                   "sched_cost": {"n": 20_000, "reps": 3}}[name]
         r = fn(**kw)

@@ -53,7 +53,7 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	if (!s)
 		return 0;
 	u64 dur = bpf_ktime_get_ns() - s->ts;
-	if (dur < SS_MIN_NS) {
+	if (ss_below(dur)) {
 		ss_hist_add(s->op, dur);
 		ss_count(SS_C_BELOW);
 		blk_start.delete(&k);

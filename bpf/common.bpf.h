@@ -36,6 +36,9 @@
 BPF_RINGBUF_OUTPUT(events, SS_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(counters, u64, SS_NCOUNTERS);
 BPF_PERCPU_ARRAY(hist, u64, SS_NOPS * SS_HIST_SLOTS);
+/* overload shedding: [0] = a raised threshold (ns, 0 = none) that user space sets when the
+ * ring fills faster than it drains (tracer/ring.py Shedder) */
+BPF_ARRAY(shed, u64, 1);
 /* scratch for the path walk: twice SS_PATH_LEN so a bounded write at any
  * offset below SS_PATH_LEN stays inside the buffer (keeps the verifier happy) */
 struct ss_scratch { char buf[2 * SS_PATH_LEN]; };
@@ -110,6 +113,22 @@ static __always_inline void ss_init(struct ss_event *e, u8 type, u8 op)
 	__builtin_memset(e->saddr, 0, 16);
 	__builtin_memset(e->daddr, 0, 16);
 }
+
+/* An op at or above SS_MIN_NS that the raised threshold sheds: counted, not emitted. Only
+ * ops past the compile-time threshold pay this lookup. */
+static __always_inline int ss_shed(u64 dur)
+{
+	int zero = 0;
+	u64 *t = shed.lookup(&zero);
+	if (t && dur < *t) {
+		ss_count(SS_C_SHED);
+		return 1;
+	}
+	return 0;
+}
+
+/* below the threshold in force: the compile-time one, or the one overload raised */
+#define ss_below(dur) ((dur) < SS_MIN_NS || ss_shed(dur))
 
 static __always_inline struct ss_event *ss_reserve(void)
 {

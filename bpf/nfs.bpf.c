@@ -113,7 +113,7 @@ static __always_inline int nfs_exit(struct pt_regs *ctx, u32 op)
 	u64 ts = f->ts, obj = f->obj;
 	nfs_inflight.delete(&key);
 	u64 dur = bpf_ktime_get_ns() - ts;
-	if (dur < SS_MIN_NS) {
+	if (ss_below(dur)) {
 		ss_hist_add(op, dur);
 		ss_count(SS_C_BELOW);
 		return 0;
@@ -242,7 +242,7 @@ RAW_TRACEPOINT_PROBE(rpc_stats_latency)
 	if (!in_owner || bpf_get_current_cgroup_id() != SS_FILTER_CGROUP)
 		return 0;
 #endif
-	if ((u64)execute < SS_MIN_NS && !retrans) {
+	if (!retrans && ss_below((u64)execute)) {
 		ss_hist_add(SS_OP_NFS_RPC, execute);
 		ss_count(SS_C_BELOW);
 		return 0;

@@ -62,7 +62,7 @@ static __always_inline struct ss_event *rdma_exit(u64 *arg, long ret)
 	*arg = f->arg;
 	rdma_inflight.delete(&tid);
 	u64 dur = bpf_ktime_get_ns() - ts;
-	if (dur < SS_MIN_NS) {
+	if (ss_below(dur)) {
 		ss_hist_add(SS_OP_RDMA_GET_CQ_EVENT, dur);
 		ss_count(SS_C_BELOW);
 		return 0;

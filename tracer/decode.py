@@ -13,7 +13,8 @@ import socket
 
 import numpy as np
 
-from stallscope.wire.schema import DEFINES, OP_NAMES, Cat, concat_tables
+from stallscope.wire.codec import unique_runs
+from stallscope.wire.schema import DEFINES, OP_NAMES, PATH_LEN, Cat, concat_tables
 
 PATH_TRUNC = DEFINES["SS_F_PATH_TRUNC"]
 PATH_RAW = DEFINES["SS_F_PATH_RAW"]
@@ -38,19 +39,33 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
 
 
 _K = np.uint64(0x9E3779B97F4A7C15)
+#: odd multipliers of the row hash (one per 8-byte word of a bytes column)
+_ROW_K = (np.arange(1, 65, dtype=np.uint64) * _K) | np.uint64(1)
+
+
+def row_words(col: np.ndarray) -> np.ndarray:
+    """A bytes column (a numpy ``S<w>`` array, usually a strided field of the drained
+    records) as an (n, ceil(w/8)) uint64 array: a view of the same memory where the width
+    is a multiple of 8 and the field 8-byte aligned, else a padded copy."""
+    n, width = len(col), col.dtype.itemsize
+    if width % 8 == 0 and col.ndim == 1:
+        try:
+            w = col[:, None].view(np.uint8).view("<u8")
+            if w.ctypes.data % 8 == 0:
+                return w
+        except ValueError:
+            pass
+    raw = np.zeros((n, (width + 7) // 8 * 8), np.uint8)
+    raw[:, :width] = np.ascontiguousarray(col).view(np.uint8).reshape(n, width)
+    return raw.view("<u8")
 
 
 def key64(col: np.ndarray) -> np.ndarray:
-    """A 64-bit key per value (bytes columns are folded 8 bytes at a time), so
-    distinct values are found by sorting integers instead of long strings."""
+    """A 64-bit key per value (a bytes column: its 8-byte words folded by a multiply-xor
+    chain). Not collision-free: :func:`unique_rows` is the exact way to find distinct values."""
     if col.dtype.kind in "ui":
         return col.astype(np.uint64)
-    width = col.dtype.itemsize
-    pad = (-width) % 8
-    raw = np.frombuffer(np.ascontiguousarray(col).tobytes() + b"\0" * pad * 0, dtype=np.uint8)
-    if pad:
-        raw = np.concatenate([raw.reshape(len(col), width), np.zeros((len(col), pad), np.uint8)], axis=1)
-    words = raw.reshape(len(col), -1).view(np.uint64)
+    words = row_words(col)
     with np.errstate(over="ignore"):
         h = np.zeros(len(col), dtype=np.uint64)
         for j in range(words.shape[1]):
@@ -58,32 +73,92 @@ def key64(col: np.ndarray) -> np.ndarray:
     return h
 
 
+def unique_rows(words: np.ndarray, extra: np.ndarray | None = None):
+    """(first, inverse) of the distinct rows of an (n, w) uint64 array (plus an optional
+    integer column that also tells rows apart), exactly: a linear hash picks candidates,
+    then every row is compared with its representative word by word; should two different
+    rows share a hash (it is linear, so a crafted file name could do it), the distinct rows
+    are found by sorting the bytes themselves."""
+    with np.errstate(over="ignore"):
+        h = np.ascontiguousarray(words) @ _ROW_K[:words.shape[1]] if words.shape[1] else \
+            np.zeros(len(words), np.uint64)
+        if extra is not None:
+            h = h ^ (extra.astype(np.uint64) * _K)
+    first, inv = unique_runs(h)
+    rep = first[inv]
+    same = (words == words[rep]).all(axis=1) if words.shape[1] else np.ones(len(words), bool)
+    if extra is not None:
+        same &= extra == extra[rep]
+    if same.all():
+        return first, inv
+    full = np.ascontiguousarray(words)
+    if extra is not None:
+        full = np.concatenate([full, extra.astype(np.uint64)[:, None]], axis=1)
+    _u, first, inv = np.unique(full.view(f"V{full.shape[1] * 8}").reshape(-1),
+                               return_index=True, return_inverse=True)
+    return first, inv.reshape(-1)
+
+
 def unique_map(col: np.ndarray, fn, key: np.ndarray | None = None) -> np.ndarray:
     """Apply fn to each distinct value of a column; return an object array.
 
-    ``key`` (default: a 64-bit fold of the value) decides what counts as
+    ``key`` (default: the value itself, bytes compared exactly) decides what counts as
     distinct; fn is called once per distinct key with the first value seen."""
     if len(col) == 0:
         return np.empty(0, dtype=object)
-    k = key64(col) if key is None else key
-    _u, first, inv = np.unique(k, return_index=True, return_inverse=True)
+    if key is not None:
+        first, inv = unique_runs(key)
+    elif col.dtype.kind in "ui":
+        first, inv = unique_runs(col)
+    else:
+        first, inv = unique_rows(row_words(col))
     mapped = np.empty(len(first), dtype=object)
-    for i, j in enumerate(first):
+    for i, j in enumerate(first.tolist()):
         mapped[i] = fn(col[j])
-    return Cat.make(mapped, inv.reshape(-1))
+    return Cat.make(mapped, inv)
+
+
+_LINE_BREAKS = frozenset("\x85\u2028\u2029")
+
+
+def safe_text(b: bytes) -> str:
+    """Bytes from the traced system (file names, comms) as one-line text, reversibly: UTF-8
+    as it is, except that every byte of an invalid sequence, of a control character (C0,
+    DEL) or of a Unicode line break (U+0085, U+2028, U+2029) becomes ``\\xNN`` and a
+    backslash becomes ``\\\\``. So a name with a newline or Latin-1 bytes keeps one line in
+    the text table and one JSON object per line, and tells apart from every other name."""
+    s = b.decode("utf-8", "surrogateescape")
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:                       # an undecodable byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or o == 0x7F or ch in _LINE_BREAKS:
+            out.extend(f"\\x{c:02x}" for c in ch.encode())
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def comm_str(b: bytes) -> str:
-    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return safe_text(b.split(b"\0", 1)[0])
 
 
 def path_str(raw: bytes, truncated: bool = False) -> str:
-    """Leaf-first NUL-separated components -> '/a/b/leaf' ('.../b/leaf' if truncated)."""
+    """Leaf-first NUL-separated components -> '/a/b/leaf' ('…/b/leaf' if truncated). A
+    component that ran past the end of the buffer (no NUL before it) was cut: it is left out,
+    so what follows the marker is always whole names."""
     comps = []
     for c in raw.split(b"\0"):
         if not c:
             break
-        comps.append(c.decode("utf-8", "replace"))
+        comps.append(safe_text(c))
+    if truncated and len(comps) > 1 and len(raw.rstrip(b"\0")) >= PATH_LEN:
+        comps.pop()
     if truncated:
         return "…/" + "/".join(reversed(comps))
     return "/" + "/".join(reversed(comps))
@@ -91,24 +166,36 @@ def path_str(raw: bytes, truncated: bool = False) -> str:
 
 def raw_path_str(raw: bytes, truncated: bool = False) -> str:
     """A plain NUL-terminated path (SS_F_PATH_RAW: the user's argument, as given)."""
-    s = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    s = safe_text(raw.split(b"\0", 1)[0])
     return s + "…" if truncated else s
+
+
+#: formatted paths by (raw bytes, flags), across drains: a busy node re-reads the same files
+_PATH_CACHE: dict = {}
+_PATH_CACHE_MAX = 1 << 16
 
 
 def paths(recs: np.ndarray) -> np.ndarray:
     """Path column: leaf-first components, or plain strings where SS_F_PATH_RAW is set."""
     if len(recs) == 0:
         return np.empty(0, dtype=object)
-    trunc = (recs["flags"] & PATH_TRUNC) != 0
-    raw = (recs["flags"] & PATH_RAW) != 0
     # a truncated walk or a raw string is another value than the same bytes without the flag
-    key = key64(recs["path"]) ^ trunc.astype(np.uint64) ^ (raw.astype(np.uint64) << np.uint64(1))
-    _u, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    fl = recs["flags"] & np.uint8(PATH_TRUNC | PATH_RAW)
+    first, inv = unique_rows(row_words(recs["path"]), fl)
     vals = np.empty(len(first), dtype=object)
-    for i, j in enumerate(first):
-        fn = raw_path_str if raw[j] else path_str
-        vals[i] = fn(bytes(recs["path"][j]), bool(trunc[j]))
-    return Cat.make(vals, inv.reshape(-1))
+    cache = _PATH_CACHE
+    if len(cache) > _PATH_CACHE_MAX:
+        cache.clear()
+    col = recs["path"]
+    for i, j in enumerate(first.tolist()):
+        f = int(fl[j])
+        b = bytes(col[j])
+        v = cache.get((b, f))
+        if v is None:
+            fn = raw_path_str if f & PATH_RAW else path_str
+            v = cache[(b, f)] = fn(b, bool(f & PATH_TRUNC))
+        vals[i] = v
+    return Cat.make(vals, inv)
 
 
 def addr_str(family: int, raw: bytes) -> str:
@@ -153,12 +240,13 @@ def split(recs: np.ndarray, mono_to_wall_ns: int, methods: dict) -> dict:
     if len(recs) == 0:
         return out
     types = recs["type"]
-    for t in np.unique(types):
+    one = bool((types == types[0]).all())       # the common case: no copy of the records
+    for t in (types[:1] if one else np.unique(types)):
         fam = BY_RECORD_TYPE.get(int(t))
         if fam is None:
             continue
-        r = recs[types == t]
-        ts = (r["ts_ns"].astype(np.int64) + mono_to_wall_ns).astype(np.uint64)
+        r = recs if one else recs[types == t]
+        ts = r["ts_ns"] + np.uint64(mono_to_wall_ns & 0xFFFFFFFFFFFFFFFF)    # modulo 2**64
         base = {"ts_ns": ts, "dur_ns": r["dur_ns"].astype(np.uint64),
                 "pid": r["pid"].astype(np.uint64), "tid": r["tid"].astype(np.uint64),
                 "comm": unique_map(r["comm"], comm_str)}
