@@ -97,6 +97,14 @@ def realistic_tables(n: int, seed: int) -> dict:
                   "reason": _s(["fuse_simple_request", "io_schedule", ""], n, rng),
                   "count": _u(1, 20, n, rng), "blocked_ns": _u(1_000_000, 900_000_000, n, rng),
                   "other_pid": _u(0, 9000, n, rng), "other_comm": _s(["ffmpeg", ""], n, rng)},
+        "http": {**common(), "op": _s(["PUT", "GET", "POST"], n, rng),
+                 "host": _s(["s3.local:9000", "api.example"], n, rng),
+                 "path": _s(["/ckpt/step-900", "/v1/chat/completions"], n, rng),
+                 "status": _s([0, 200, 429, 503], n, rng).astype(np.uint64),
+                 "reason": _s(["SlowDown", "Too Many Requests", ""], n, rng),
+                 "statuses": _s(["503,503,200", "429", ""], n, rng), "count": _u(1, 6, n, rng),
+                 "blocked_ns": _u(10_000_000, 900_000_000, n, rng), "backoff_ns": _u(0, 400_000_000, n, rng),
+                 "tls": _u(0, 2, n, rng), "conn": _u(3, 1 << 40, n, rng), "cgroup": np.full(n, 7781, np.uint64)},
         "rdma_counter": {"ts_ns": _ts(n, rng), "dur_ns": np.full(n, 1_000_000_000, np.uint64),
                          "device": _s(["mlx5_0"], n, rng), "port": _u(1, 3, n, rng),
                          "counter": _s(["port_rcv_errors", "local_ack_timeout_err"], n, rng),
@@ -106,7 +114,9 @@ def realistic_tables(n: int, seed: int) -> dict:
         "gpu_proc": {"ts_ns": _ts(n, rng), "gpu": _u(0, 8, n, rng), "pid": _u(4000, 4003, n, rng)},
         "proc": {"pid": _u(4000, 4008, n, rng), "ppid": _u(1, 4000, n, rng),
                  "comm": _s(["python", "torchrun"], n, rng), "start_ns": _ts(n, rng),
-                 "job": _s(["", "slurm-77"], n, rng), "rank": rng.integers(-1, 8, n).astype(np.int64)},
+                 "job": _s(["", "slurm-77"], n, rng), "rank": rng.integers(-1, 8, n).astype(np.int64),
+                 "pod_uid": _s(["", "8d1c3e1f-2b7a-4c4e-9a51-0c6f2f6b9a10"], n, rng),
+                 "container_id": _s(["", "3f" * 32], n, rng)},
     }
 
 
