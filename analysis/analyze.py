@@ -22,6 +22,8 @@ import numpy as np
 from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len
 
 from . import blame
+from .attribution import GpuHolders, owner_cgroup, pod_fields
+from .http_episodes import episodes
 from .verdict import Verdict, build_chain
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
@@ -93,6 +95,7 @@ class _Node:
         self.gpu_unavailable = ""
         self.unsynced = False     # wall clock not NTP/PTP-synchronized (adjtimex)
         self.batches = 0
+        self.holders = GpuHolders()   # gpu index -> pods and jobs over time (tracer attribution)
 
     def absorb(self, b) -> None:
         self.batches += 1
@@ -111,6 +114,8 @@ class _Node:
             if g.get("unavailable"):
                 self.gpu_unavailable = str(g["unavailable"])
         clock = meta.get("clock") or {}
+        if isinstance(g, dict) and g.get("gpus"):
+            self.holders.absorb(g["gpus"], int(clock.get("sent_ns") or 0) if isinstance(clock, dict) else 0)
         if isinstance(clock, dict) and clock.get("uncertainty_ns"):
             self.unc_ns = max(self.unc_ns, int(clock["uncertainty_ns"]))
         if isinstance(clock, dict) and clock.get("ntp_synced") is False:
@@ -126,6 +131,11 @@ class _Node:
         if len(ch) > 1:
             self.chunks[kind] = ch = [concat_tables(kind, ch)]
         return ch[0]
+
+    def stall_table(self, kind: str) -> dict:
+        """A table as blame sees it: HTTP requests joined into retry episodes."""
+        t = self.table(kind)
+        return episodes(t) if kind == "http" and table_len(t) > 1 else t
 
     def proc(self) -> dict:
         """The node's proc table, one row per pid (the latest report wins)."""
@@ -148,6 +158,13 @@ class Result:
 
     verdicts: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    #: what the timeline exports draw, per node: ``{"tables": {kind: table}`` (gpu, gpu_proc,
+    #: proc and the stall tables), ``"gpu_uuids": {index: uuid}}``; filled by analyze() only
+    nodes: dict = field(default_factory=dict)
+
+
+#: the steps of analyze(), in order, as its ``on_phase`` callback names them
+PHASES = ("gather", "idle intervals", "owners", "blame", "jobs", "verdicts")
 
 
 def _collect(batches) -> dict:
@@ -157,12 +174,21 @@ def _collect(batches) -> dict:
     return nodes
 
 
-def analyze(batches, **params) -> Result:
+def analyze(batches, on_phase=None, **params) -> Result:
     """Verdicts for every GPU idle interval in ``batches`` (any nodes, any order).
 
     Parameters are the keys of :data:`DEFAULTS`; an unknown one raises TypeError.
+    ``on_phase(name)`` is called as each of :data:`PHASES` begins (a progress display).
     """
-    return _analyze_nodes(_collect(batches), _params(params))
+    p = _params(params)
+    if on_phase:
+        on_phase(PHASES[0])
+    nodes = _collect(batches)
+    res = _analyze_nodes(nodes, p, on_phase=on_phase)
+    res.nodes = {n: {"tables": {k: (nd.proc() if k == "proc" else nd.stall_table(k))
+                                for k in ("gpu", "gpu_proc", "proc", *STALL_TABLES)},
+                     "gpu_uuids": dict(nd.uuids)} for n, nd in nodes.items()}
+    return res
 
 
 class _Stalls:
@@ -174,7 +200,7 @@ class _Stalls:
         n = 0
         for nid, name in enumerate(names):
             for kind in STALL_TABLES:
-                t = nodes[name].table(kind)
+                t = nodes[name].stall_table(kind)
                 m = table_len(t)
                 if not m:
                     continue
@@ -229,13 +255,15 @@ def _job_of(roots, info) -> tuple:
     return job, (min(ranks) if ranks else -1)
 
 
-def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
+def _analyze_nodes(nodes: dict, p: dict, select=None, on_phase=None) -> Result:
     """Verdicts for the nodes' data.  ``select(cols) -> bool mask`` (cols: per-interval
     arrays node, gpu, idle_end_ns, resolution_ns, open, verdict, job) limits which verdict
     dicts get built; the summary always counts every interval."""
     names = sorted(nodes)
+    phase = on_phase or (lambda _name: None)
 
     # samples -> idle intervals
+    phase(PHASES[1])
     keys, ts, util, synth, periods = [], [], [], [], {}
     for nid, name in enumerate(names):
         nd = nodes[name]
@@ -254,8 +282,9 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
                            max_gap_ns=p["max_gap_ns"])
 
     # owners: NVML process lists + lineage
+    phase(PHASES[2])
     gk, gt, gpid, p_node, p_pid, p_ppid = [], [], [], [], [], []
-    info = {}  # node id -> {pid: (comm, job, rank)}
+    info = {}  # node id -> {pid: (comm, job, rank, pod_uid, container_id)}
     for nid, name in enumerate(names):
         nd = nodes[name]
         t = nd.table("gpu_proc")
@@ -266,12 +295,14 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
         p_node.append(np.full(table_len(pr), nid, dtype=np.int64))
         p_pid.append(np.asarray(pr["pid"], dtype=np.int64))
         p_ppid.append(np.asarray(pr["ppid"], dtype=np.int64))
-        info[nid] = {int(a): (_py(c), _py(j) or "", int(r)) for a, c, j, r in
-                     zip(pr["pid"], pr["comm"], pr["job"], pr["rank"])}
+        info[nid] = {int(a): (_py(c), _py(j) or "", int(r), _py(pu) or "", _py(ci) or "")
+                     for a, c, j, r, pu, ci in zip(pr["pid"], pr["comm"], pr["job"], pr["rank"],
+                                                   pr["pod_uid"], pr["container_id"])}
     own = blame.owner_groups(idle.key, idle.start, idle.end, cat(gk), cat(gt), cat(gpid),
                              cat(p_node), cat(p_pid), cat(p_ppid), slack_ns=p["owner_slack_ns"])
 
     # stalls -> local verdicts
+    phase(PHASES[3])
     st = _Stalls(names, nodes)
     al = blame.align(idle.start, idle.end, idle.res, own.group, st.start, st.dur, st.key,
                      own.pair_key, own.pair_group, min_explained=p["min_explained"],
@@ -279,11 +310,18 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
                      st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
 
     # jobs -> remote verdicts: a local culprit chain, as one span, for the other ranks
+    phase(PHASES[4])
     g_job = [_job_of([int(r) for r in roots], info[nd]) for nd, roots in zip(own.node, own.roots)]
-    job_names = sorted({j for j, _r in g_job if j})
+    # no job in the owners' environment or cgroup: the one the GPU's Slurm job mapping names
+    map_job = [""] * len(idle)
+    if any(nodes[n].holders.hist for n in names):
+        map_job = [nodes[names[int(blame.key_node(k))]].holders.job(int(blame.key_low(k)), int(t))
+                   if g < 0 or not g_job[g][0] else "" for k, t, g in zip(idle.key, idle.start, own.group)]
+    job_names = sorted({j for j, _r in g_job if j} | set(map_job) - {""})
     job_code = {j: i for i, j in enumerate(job_names)}
     g_code = np.array([job_code.get(j, -1) for j, _r in g_job] + [-1], dtype=np.int64)
     iv_job = g_code[own.group]      # group -1 picks the trailing -1
+    iv_job = np.where(iv_job >= 0, iv_job, np.array([job_code.get(j, -1) for j in map_job], dtype=np.int64))
     unc = np.array([nodes[n].unc_ns + int(p["clock_skew_ns"]) for n in names] or [0],
                    dtype=np.int64)
     local = np.where(al.culprit >= 0, np.arange(len(idle)), -1)
@@ -316,6 +354,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
                 reach = max(reach, hi)
         return build_chain([st.event(j) for j in idx], cover)
 
+    phase(PHASES[5])
     verdicts = []
     for i in np.flatnonzero(build):
         nid, gpu = int(blame.key_node(idle.key[i])), int(blame.key_low(idle.key[i]))
@@ -324,6 +363,9 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
         lost_ns = max(int(idle.lost[i]), 1)
         g = int(own.group[i])
         job, rank = g_job[g] if g >= 0 else ("", -1)
+        job = job or map_job[i]
+        who = pod_fields(nodes[name].holders.at(gpu, s)[0])
+        who.update(owner_cgroup([int(x) for x in own.roots[g]], info[nid]) if g >= 0 else {})
         a, b = al.contrib_ptr[i], al.contrib_ptr[i + 1]
         contributors = [st.event(int(x), ov) for x, ov in
                         zip(al.contrib_stall[a:b], al.contrib_overlap[a:b])]
@@ -356,7 +398,7 @@ def _analyze_nodes(nodes: dict, p: dict, select=None) -> Result:
             owners=[int(x) for x in own.members[g]] if g >= 0 else [],
             gpu_pids=[int(x) for x in own.roots[g]] if g >= 0 else [],
             job=job, rank=int(rank), klass=None if chain is None else chain.klass,
-            chain=chain, basis=basis, lost_ns=int(idle.lost[i])))
+            chain=chain, basis=basis, lost_ns=int(idle.lost[i]), **who))
 
     lost = collections.Counter()
     for nd in nodes.values():

@@ -7,6 +7,7 @@ import datetime
 import time
 
 from .analyze import VERDICTS, Result
+from .http_episodes import SLOW, THROTTLING, TIMEOUT, endpoint_summary, full_reason, http_class, statuses_of
 from .verdict import Chain, Verdict, group_verdicts
 
 
@@ -15,11 +16,62 @@ def _clock(ns: int) -> str:
     return time.strftime("%H:%M:%S", t) + f".{ns // 1_000_000 % 1000:03d}"
 
 
+def _http_label(op: str, path: str) -> str:
+    """What a request is for, from its method and path: ``checkpoint upload``, ``LLM API
+    call``, ``upload``, ``download``, ``API call``."""
+    p = (path or "").lower()
+    ckpt = "ckpt" in p or "checkpoint" in p
+    if op in ("PUT", "POST") and ckpt:
+        return "checkpoint upload"
+    if op == "GET" and ckpt:
+        return "checkpoint download"
+    if any(w in p for w in ("/completions", "/embeddings", "/responses", "/messages", "/generate")):
+        return "LLM API call"
+    return {"PUT": "upload", "GET": "download"}.get(op, "API call")
+
+
+_HTTP_OUTCOME = {THROTTLING: "throttled", TIMEOUT: "timed out", SLOW: "slow"}
+
+
+def _http_answers(klass: str, answers: dict, reasons: dict) -> str:
+    """``503 Slow Down x3`` (the most frequent error answer), ``no answer x2``, or the status."""
+    errs = {c: n for c, n in answers.items() if c >= 400 or c == 0}
+    if klass == SLOW or not errs:
+        final = max(answers) if answers else 0
+        return f"{final} {reasons.get(final, full_reason(final, ''))}".strip()
+    code = max(errs, key=lambda c: (errs[c], c))
+    if code == 0:
+        return f"no answer x{errs[code]}"
+    return f"{code} {reasons.get(code) or full_reason(code, '')} x{errs[code]}".replace("  ", " ")
+
+
+def describe_http(op: str, host: str, path: str, klass: str, answers: dict, reasons: dict,
+                  blocked_ns: int, pid: int, comm: str) -> str:
+    """``checkpoint upload PUT s3.local/ckpt/step-900 throttled, 503 SlowDown x3, 4.1 s (pid
+    812 trainer)``."""
+    outcome = _HTTP_OUTCOME.get(klass, "failed")
+    return (f"{_http_label(op, path)} {op} {host}{path} {outcome}, "
+            f"{_http_answers(klass, answers, reasons)}, {_dur(blocked_ns)} (pid {pid} {comm})")
+
+
+def _http_event(e: dict) -> str:
+    sts = statuses_of(e)
+    answers = {}
+    for c in sts:
+        answers[c] = answers.get(c, 0) + 1
+    code = next((c for c in sts if c >= 400), sts[-1] if sts else 0)
+    return describe_http(e.get("op", ""), e.get("host", ""), e.get("path", ""), http_class(e), answers,
+                         {code: full_reason(code, e.get("reason", ""))},
+                         int(e.get("blocked_ns") or e.get("dur_ns", 0)), e.get("pid", 0), e.get("comm", ""))
+
+
 def describe(e: dict) -> str:
     """One line for an event: what, where, who, how long (``read /data/x (nfs) pid 7 python
     812.3ms``)."""
     kind = e.get("type", "")
     op = e.get("op", "") or kind
+    if kind == "http":
+        return _http_event(e)
     if kind in ("io", "nfs"):
         n = int(e.get("count", 1) or 1)
         what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
@@ -75,7 +127,14 @@ def _culprit_text(v: Verdict) -> str:
     """The culprit of a verdict: a single stall as :func:`describe`, a chain as
     :func:`describe_chain` plus its process; says when the backstop was needed."""
     ch = v.chain
-    if ch is None or (ch.links == 1 and ch.count == 1 and ch.kind != "sched"):
+    if ch is not None and ch.kind == "http":
+        t = ch.targets[0] if ch.targets else None
+        host = t.server if t else "?"
+        path = t.name[len(host):] if t and t.name.startswith(host) else (t.name if t else "")
+        op = max(ch.ops, key=lambda o: ch.ops[o])       # the chain's main method (PUT of a multipart)
+        what = describe_http(op, host, path, ch.klass, ch.answers, ch.reasons,
+                             ch.blocked_ns, ch.pid, ch.comm)
+    elif ch is None or (ch.links == 1 and ch.count == 1 and ch.kind != "sched"):
         what = describe(v.culprit or {})
     else:
         what = f"{describe_chain(ch)}, pid {ch.pid} {ch.comm}".rstrip()
@@ -99,6 +158,19 @@ def format_groups(groups: list, limit: int = 20) -> list:
             rank = b["rank"] if b["rank"] is not None and b["rank"] >= 0 else "?"
             lines.append(f"      rank {rank} {b['file']} ({b['where'] or '?'}) "
                          f"{b['explained_ns'] / 1e9:.1f} s")
+    return lines
+
+
+def format_endpoints(endpoints: list, limit: int = 20) -> list:
+    """Lines per API endpoint: ``s3.local:9000: 12 requests in 4 calls, throttled 6.2 s (9x
+    429/503), errors 0.0 s, timeouts 0.0 s; GPU idle blamed 4.1 s in 2 intervals (pids 812)``."""
+    lines = []
+    for g in endpoints[:limit]:
+        blamed = (f"; GPU idle blamed {g['gpu_idle_ns'] / 1e9:.1f} s in {g['intervals']} intervals "
+                  f"(pids {','.join(map(str, g['blamed_pids']))})") if g["intervals"] else "; no GPU idle blamed"
+        lines.append(f"  {g['host']}: {g['requests']} requests in {g['episodes']} calls, throttled "
+                     f"{g['throttled_ns'] / 1e9:.1f} s ({g['throttled_answers']}x 429/503), errors "
+                     f"{g['error_ns'] / 1e9:.1f} s, timeouts {g['timeout_ns'] / 1e9:.1f} s{blamed}")
     return lines
 
 
@@ -133,6 +205,11 @@ def format_text(result: Result) -> str:
         lines.append("")
         lines.append("Repeated culprits (idle GPU time explained, summed):")
         lines.extend(format_groups(groups))
+    endpoints = endpoint_summary(result)
+    if endpoints:
+        lines.append("")
+        lines.append("API endpoints (time in throttled/failed calls, every traced process; GPU idle blamed on them):")
+        lines.extend(format_endpoints(endpoints))
     counts = s.get("verdicts", {})
     lines.append("")
     lines.append(f"{s.get('intervals', 0)} idle intervals on {s.get('gpus', 0)} GPUs, "
@@ -166,6 +243,9 @@ def event_line(e: dict) -> str:
         what, nbytes = e["device"], str(e["bytes"])
     elif e["type"] == "rdma":
         what, nbytes = f"{e['device']} qp {e['qp']}", str(e["bytes"])
+    elif e["type"] == "http":
+        what = f"{e['host']}{e['path']} {e['status'] or 'no answer'} {e['reason']}".rstrip()
+        nbytes = "tls" if e.get("tls") else "-"
     elif e["type"] == "sched":
         # off-CPU time of an owner thread: where it blocked, or who held its CPU
         what = (f"runnable while {e['other_comm']} pid {e['other_pid']} ran" if e["op"] == "runq"

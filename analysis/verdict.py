@@ -11,8 +11,11 @@ import collections
 import re
 from dataclasses import dataclass, field
 
+from .http_episodes import full_reason, http_class, statuses_of
+
 #: failure modes a culprit chain can be classed as
-CLASSES = ("dataset_read", "checkpoint_write", "metadata", "network", "cpu", "blocked")
+CLASSES = ("dataset_read", "checkpoint_write", "metadata", "network", "cpu", "blocked",
+           "api_throttling", "api_error", "api_timeout", "api_slow")
 
 #: (stall type, op) -> class; ops not listed take the type's default (_TYPE_CLASS).
 #: Copies (sendfile, splice, copy_file_range) count as reads of their source: a row carries
@@ -33,12 +36,20 @@ OP_CLASS = {
     ("sched", "blocked"): "blocked",
 }
 _TYPE_CLASS = {"io": "blocked", "nfs": "blocked", "block": "blocked", "net": "network",
-               "rdma": "network", "sched": "blocked"}
+               "rdma": "network", "sched": "blocked", "http": "api_slow"}
 
 
 def op_class(kind: str, op: str) -> str:
     """Failure-mode class of one stall."""
     return OP_CLASS.get((kind, op)) or _TYPE_CLASS.get(kind, "blocked")
+
+
+def event_class(e: dict) -> str:
+    """Failure-mode class of one stall event dict: HTTP by its answers (throttled, error,
+    timeout, slow), the others by type and op."""
+    if e.get("type") == "http":
+        return http_class(e)
+    return op_class(e.get("type", ""), e.get("op", "") or e.get("type", ""))
 
 
 @dataclass
@@ -76,6 +87,8 @@ class Chain:
     targets: list = field(default_factory=list)   # Target, most blocked first
     other_pid: int = 0             # sched runq: who held the CPU longest
     other_comm: str = ""
+    answers: dict = field(default_factory=dict)   # http: status -> attempts answered so (0: none)
+    reasons: dict = field(default_factory=dict)   # http: status -> reason phrase
 
     @property
     def files(self) -> list:
@@ -89,6 +102,9 @@ class Chain:
              "targets": [t.to_json() for t in self.targets]}
         if self.kind == "sched" and "runq" in self.ops:
             d.update(other_pid=self.other_pid, other_comm=self.other_comm)
+        if self.kind == "http":
+            d.update(answers={str(k): v for k, v in self.answers.items()},
+                     reasons={str(k): v for k, v in self.reasons.items()})
         return d
 
 
@@ -108,6 +124,8 @@ def _target_name(e: dict) -> tuple:
         return f"{e.get('other_comm') or '?'} pid {e.get('other_pid', 0)}", "", ""
     if kind == "sched":
         return e.get("reason") or "?", "", ""
+    if kind == "http":
+        return f"{e.get('host') or '?'}{e.get('path') or ''}", "", e.get("host") or "?"
     return e.get("op", "?"), "", ""
 
 
@@ -128,7 +146,7 @@ def build_chain(links: list, covered_ns: int) -> Chain:
         count += c
         blocked += b
         end = max(end, int(e["ts_ns"]) + int(e["dur_ns"]))
-        by_class[op_class(kind, op)] += b
+        by_class[event_class(e)] += b
         name, fs, server = _target_name(e)
         t = targets.get(name)
         if t is None:
@@ -143,6 +161,14 @@ def build_chain(links: list, covered_ns: int) -> Chain:
     if kind == "sched" and "runq" in ops:
         ch.other_comm = ts[0].name.rsplit(" pid ", 1)[0]
         ch.other_pid = int(ts[0].name.rsplit(" pid ", 1)[1])
+    if kind == "http":
+        for e in links:
+            sts = statuses_of(e)
+            for code in sts:
+                ch.answers[code] = ch.answers.get(code, 0) + 1
+            if e.get("reason") and sts:
+                code = next((c for c in sts if c >= 400), sts[-1])
+                ch.reasons.setdefault(code, full_reason(code, e["reason"]))
     return ch
 
 
@@ -175,6 +201,13 @@ class Verdict:
     chain: Chain | None = None            # the culprit chain (None when unexplained)
     basis: str | None = None              # "specific" | "backstop" (scheduler rows needed); None
     lost_ns: int = 0               # idle time the samples carry: the explained fraction's base
+    # who held the GPU (analysis/attribution.py), "" when unknown: the kubelet's allocation
+    # (namespace, pod, container) and the owner processes' cgroup (pod_uid, container_id)
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    pod_uid: str = ""
+    container_id: str = ""
 
     @property
     def duration_ns(self) -> int:
@@ -200,6 +233,9 @@ class Verdict:
             "gpu_pids": self.gpu_pids, "job": self.job, "rank": self.rank,
             "class": self.klass, "chain": None if self.chain is None else self.chain.to_json(),
             "basis": self.basis,
+            **{k: v for k, v in (("namespace", self.namespace), ("pod", self.pod),
+                                 ("container", self.container), ("pod_uid", self.pod_uid),
+                                 ("container_id", self.container_id)) if v},
         }
 
 
@@ -222,6 +258,8 @@ def group_key(v: Verdict) -> tuple:
     elif ch.kind == "net":
         pattern = path_pattern(t.server)
         where = ""
+    elif ch.kind == "http":
+        pattern = f"{'+'.join(ch.ops)} {path_pattern(t.name[len(t.server):] if t.name.startswith(t.server) else t.name)}"
     else:
         pattern = path_pattern(t.name)
     return ch.klass, where, pattern

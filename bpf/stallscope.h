@@ -28,6 +28,7 @@ enum ss_type {
 	SS_T_RDMA_COUNTER = 7, /* reserved: hardware counters come from sysfs */
 	SS_T_PROC = 8,         /* process fork/exec/exit (lineage at event time) */
 	SS_T_SCHED = 9,        /* an owner thread off-CPU: blocked (D state) or runnable waiting */
+	SS_T_HTTP = 10,        /* one HTTP/1.x request: head written -> final status (or none) */
 };
 
 enum ss_op {
@@ -47,6 +48,8 @@ enum ss_op {
 	SS_OP_RDMA_CM = 51, SS_OP_RDMA_GET_CQ_EVENT = 52, SS_OP_RDMA_REQ = 53,
 	SS_OP_FORK = 56, SS_OP_EXEC = 57, SS_OP_EXIT = 58,
 	SS_OP_BLOCKED = 60, SS_OP_RUNQ = 61,
+	SS_OP_HTTP_GET = 40, SS_OP_HTTP_PUT = 41, SS_OP_HTTP_POST = 42, SS_OP_HTTP_HEAD = 43,
+	SS_OP_HTTP_DELETE = 44, SS_OP_HTTP_PATCH = 45, SS_OP_HTTP_OPTIONS = 46,
 };
 
 /* flags */
@@ -57,6 +60,15 @@ enum ss_op {
                                   last end, aux = op count, key = summed op latency (ns) */
 #define SS_F_PATH_RAW 0x08     /* path holds a plain NUL-terminated string (e.g. the
                                   user's argument to stat), not leaf-first components */
+#define SS_F_HTTP_TLS 0x10     /* HTTP: seen in libssl (uprobes), key = SSL *; else plaintext
+                                  syscalls, key = fd */
+#define SS_F_HTTP_NOANSWER 0x20 /* HTTP: no status line came: the client closed the
+                                  connection (a timeout) or the server closed it (ret 0) */
+#define SS_HTTP_HOST_LEN 48    /* HTTP record path[]: Host value at 0, request path (up to '?') */
+#define SS_HTTP_PATH_OFF 48    /* at 48, status line reason phrase at 112 */
+#define SS_HTTP_PATH_LEN 64
+#define SS_HTTP_REASON_OFF 112
+#define SS_HTTP_REASON_LEN 16
 
 /* counters[] indexes (per-CPU array "counters") */
 #define SS_C_LOST_RINGBUF 0    /* ring buffer full: record dropped */
@@ -65,6 +77,8 @@ enum ss_op {
 #define SS_C_BELOW 3           /* ops below threshold (block; vfs: sum of hist) */
 #define SS_C_NO_START 4        /* exit without a matching enter */
 #define SS_C_STORM_FULL 5      /* storm map full: a storm's tail goes unreported */
+#define SS_C_SHED 6            /* overload: above SS_MIN_NS but below the raised threshold in
+                                  map shed[0]; counted (and in hist), not emitted */
 #define SS_NCOUNTERS 8
 
 /* Fields whose meaning depends on the record type (decoders in tracer/families/):
@@ -83,7 +97,9 @@ enum ss_op {
  *   state TCP: socket state; NFS_RPC: program version; SCHED: the longest spell's kind,
  *         1 D state, 2 S state in a wait that stalls, 3 S state not classified yet (one
  *         spell; user space classifies its stack), 4 preempted, 5 runnable after a wakeup
- *   path  VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
+ *   ret   HTTP: the final status code (0: no answer); key HTTP: connection (fd or SSL *)
+ *   path  HTTP: Host value, request path up to '?' and reason phrase at fixed offsets
+ *         (SS_HTTP_*); VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
  *         name; SCHED runq: comm of the task that ran instead
  */
 struct ss_event {

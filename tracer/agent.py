@@ -19,10 +19,11 @@ import numpy as np
 from stallscope.wire.schema import ABI_VERSION, SCHEMA_VERSION, STALL_TABLES, T_PROC, Batch, concat_tables
 from stallscope.wire.sink import loss_counters
 
-from . import decode, kernel, probes
+from . import attribution, decode, kernel, podresources, probes
 from .families import BY_NAME
 from .net import EpisodeBuilder
 from .procinfo import ProcCache, SocketOwners
+from .ring import Shedder
 
 
 @dataclasses.dataclass
@@ -36,11 +37,24 @@ class AgentConfig:
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
+    shed: bool = True               # overload: raise the in-kernel threshold (ring.Shedder)
     rdma_poll_ms: int = 1000        # RDMA port counters (sysfs), with the rdma family
+    http_tls_poll_ms: int = 500     # owners' libssl mappings (http family's TLS uprobes)
     rdma_root: str = "/sys/class/infiniband"
     proc_root: str = "/proc"
     net_gap_ms: int = 1000
     sched_flush_ms: int = 200       # close off-CPU groups of threads gone quiet (sched family)
+    # who holds each GPU (tracer/attribution.py): kubelet pod-resources socket, Slurm job map
+    pod_resources_socket: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        podresources.SOCKET_ENV, podresources.DEFAULT_SOCKET))
+    job_mapping_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        attribution.JOB_MAPPING_ENV, attribution.DEFAULT_JOB_MAPPING_DIR))
+    attribution_refresh_s: float = 10.0
+
+
+#: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
+#: slews at most 500 ppm: 0.5 ms per second)
+CLOCK_STEP_NS = 10_000_000
 
 
 def clock_mapping():
@@ -95,13 +109,18 @@ class Agent:
         self.failed = {}
         self.gpu = None
         self.gpu_reason = ""
+        self.attribution = None         # GPU -> pods and jobs, with a GPU
         self.rdma_counters = None
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
+        self.clock_steps = 0            # wall-clock steps seen (settimeofday, NTP step)
+        self.last_step_ns = 0
+        self._last_offset = None
         self._last_tick_error = ""
         self.procs = ProcCache(cfg.proc_root)
         self.sched = None               # the sched family's user-space half, when loaded
+        self.http_tls = None            # the http family's per-owner libssl uprobes, when loaded
         self._owner_roots = set()       # (pid, start_ns) of processes made owners from user space
         self.owners = SocketOwners(cfg.proc_root)
         self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000)
@@ -110,6 +129,7 @@ class Agent:
         self._hist_cache = {}
         self.last_counters = {}
         self._drained = 0
+        self.shedders = {}              # family -> ring.Shedder (overload control)
 
     # ------------------------------------------------------------ start-up
     def start(self):
@@ -125,6 +145,7 @@ class Agent:
         self.methods = {t: p.method for p in self.loaded for t in BY_NAME[p.family].RECORD_TYPES}
         self.started_ns = time.time_ns()
         self._start_sched()
+        self._start_http()
         if self.cfg.gpu != "off":
             self._open_gpu()
         if "rdma" in self.cfg.probe.families:
@@ -132,6 +153,11 @@ class Agent:
             self.rdma_counters = RdmaCounterSampler.open(self.cfg.rdma_root)
             if self.rdma_counters is None:
                 self.log(f"rdma counters: {self.cfg.rdma_root} absent (no RDMA devices)")
+        if self.cfg.shed:
+            for p in self.loaded:
+                sh = Shedder.for_probe(p, self.cfg.probe.min_latency_ns, self.log)
+                if sh is not None:
+                    self.shedders[p.family] = sh
         _release_compiler_memory()
 
     def _start_sched(self):
@@ -144,6 +170,22 @@ class Agent:
         self.procs.kernel_lineage(self.started_ns)
         if self.cfg.probe.pid:
             self._add_owners([self.cfg.probe.pid])
+
+    def _start_http(self):
+        """TLS requests: uprobes on the libssl of each owner process, attached as owners appear
+        (``_tick_http``)."""
+        probe = next((p for p in self.loaded if p.family == "http"), None)
+        if probe is not None and "libssl" in probe.detail:
+            from .families.http import TlsAttacher
+            self.http_tls = TlsAttacher(probe.bpf, self.log, self.cfg.proc_root)
+
+    def _tick_http(self):
+        """Attach TLS uprobes to owners (the kernel's set: NVML's processes and every
+        descendant) and to --pid; detach those gone."""
+        pids = set(self.sched.owner_pids()) if self.sched is not None else set()
+        if self.cfg.probe.pid:
+            pids.add(self.cfg.probe.pid)
+        self.http_tls.tick(pids)
 
     def _add_owners(self, pids):
         """Make pids owners in the kernel (every call: a pid NVML lists may have been reused),
@@ -172,6 +214,9 @@ class Agent:
             self.gpu = GpuSampler.open(self.cfg.nvml_lib or os.environ.get("STALLSCOPE_NVML_LIB"))
             names = ", ".join(f"{g['index']}:{g['name']}" for g in self.gpu.gpus)
             self.log(f"GPUs: {names or 'none'}")
+            self.attribution = attribution.GpuAttribution(
+                self.gpu.gpus, self.cfg.pod_resources_socket, self.cfg.job_mapping_dir,
+                self.cfg.attribution_refresh_s, log=self.log)
         except NvmlUnavailable as e:
             self.gpu_reason = str(e)
             if self.cfg.gpu == "on":
@@ -182,7 +227,7 @@ class Agent:
     def run(self, duration: float | None = None, stop=lambda: False):
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
-        next_gpu = next_rdma = next_sched = time.monotonic()
+        next_gpu = next_rdma = next_sched = next_http = time.monotonic()
         last_flush = time.monotonic()
         try:
             while not stop():
@@ -197,6 +242,9 @@ class Agent:
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
+                if self.http_tls is not None and now >= next_http:
+                    self._guard(self._tick_http)
+                    next_http = now + self.cfg.http_tls_poll_ms / 1000
                 if self.rdma_counters is not None and now >= next_rdma:
                     self._guard(self._sample_rdma)
                     next_rdma = now + self.cfg.rdma_poll_ms / 1000
@@ -228,9 +276,12 @@ class Agent:
                 self.log(f"tick failed (counted, continuing): {msg}")
 
     def _drain(self):
-        off, _unc = clock_mapping()
+        off, _unc = self._clock()
         for p in self.loaded:
             recs = p.drain()
+            sh = self.shedders.get(p.family)
+            if sh is not None:
+                sh.update(p.ring.fill, recs)
             # lineage records (every fork on the node) do not make the loop poll faster
             self._drained += len(recs) - int(np.count_nonzero(recs["type"] == T_PROC)) if len(recs) else 0
             if len(recs):
@@ -241,6 +292,20 @@ class Agent:
                     tables.update(self.sched.resolve(tables.pop("_sched")))
                 if tables:
                     self.pending.append(tables)
+
+    def _clock(self):
+        """clock_mapping(), re-read every tick; a jump of the offset (the wall clock stepped:
+        durations are monotonic and stay right, timestamps follow the new wall time) is
+        counted and logged."""
+        off, unc = clock_mapping()
+        last = self._last_offset
+        if last is not None and abs(off - last) > CLOCK_STEP_NS + unc:
+            self.clock_steps += 1
+            self.last_step_ns = off - last
+            self.log(f"wall clock stepped {(off - last) / 1e9:+.3f} s (step {self.clock_steps}; "
+                     "durations unaffected, timestamps on the new wall time)")
+        self._last_offset = off
+        return off, unc
 
     def _sample_gpu(self):
         got = self.gpu.poll()
@@ -289,18 +354,26 @@ class Agent:
             proc = self.procs.table_for(np.concatenate(pids), np.concatenate(at))
             if proc:
                 tables["proc"] = proc
-        if self.procs.kernel_since_ns:
-            self.procs.expire()
-        elif self.seq % 20 == 0:
-            self.procs.forget_dead()
-        off, unc = clock_mapping()
+        # bounded: exited processes forgotten, except those open net episodes still name
+        self.procs.sweep(keep={ep["pid"] for ep in self.episodes.open.values()})
+        off, unc = self._clock()
         synced, maxerr = ntp_state()
         counters = {}
         for p in self.loaded:
             for k, v in p.counters().items():
                 counters[f"{p.family}.{k}"] = v
         counters.update(loss_counters(self.sinks))
+        for p in self.loaded:
+            if p.family in self.shedders:
+                counters.update(self.shedders[p.family].counters(p))
         counters["tick_errors"] = self.tick_errors
+        counters["clock.steps"] = self.clock_steps
+        counters["proc.cached"] = len(self.procs)
+        counters["proc.forgotten"] = self.procs.forgotten
+        counters["proc.pid_reuse_seen"] = self.procs.reuse_seen
+        if self.http_tls is not None:
+            counters["http.tls_pids"] = len(self.http_tls.pids())
+            counters["http.tls_attach_errors"] = self.http_tls.errors
         self.last_counters = counters
         counters["tcp.retransmits"] = self.episodes.total_retransmits
         counters["tcp.retransmit_failed"] = self.episodes.failed
@@ -308,15 +381,22 @@ class Agent:
         meta = {"clock": {"wall_minus_mono_ns": off, "sent_ns": time.time_ns(), "ntp_synced": synced,
                           "ntp_maxerror_ns": maxerr,
                           # what another node may trust: read bracket + NTP's bound when synced
-                          "uncertainty_ns": unc + (maxerr if synced and maxerr else 0)},
+                          "uncertainty_ns": unc + (maxerr if synced and maxerr else 0),
+                          "steps": self.clock_steps, "last_step_ns": self.last_step_ns},
                 "abi": ABI_VERSION, "schema": SCHEMA_VERSION,
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
                 "not_loaded": self.failed, "final": final}
+        shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}
+        if shed:                # announced: these stalls are sampled by duration, not all kept
+            meta["shed"] = shed
         if self.seq == 0 or final or self.seq % 8 == 0:    # histograms every ~2 s
             self._hist_cache = {p.family: p.hist() for p in self.loaded}
         if self.gpu is not None:
             meta["gpu"] = self.gpu.meta()
+            if self.attribution is not None:
+                self._guard(self.attribution.refresh)       # at most every 10 s
+                meta["gpu"] = self.attribution.annotate(meta["gpu"])
         elif self.gpu_reason:
             meta["gpu"] = {"unavailable": self.gpu_reason}
         batch = Batch(self.cfg.node, self.seq, tables, counters, self._hist_cache, meta)

@@ -82,6 +82,7 @@ T_NFS_RPC = ENUMS["SS_T_NFS_RPC"]
 T_RDMA = ENUMS["SS_T_RDMA"]
 T_PROC = ENUMS["SS_T_PROC"]
 T_SCHED = ENUMS["SS_T_SCHED"]
+T_HTTP = ENUMS["SS_T_HTTP"]
 
 #: enum ss_op value -> op name shown to users ("read", "fsync", "retransmit", ...)
 OP_NAMES = {v: k[len("SS_OP_"):].lower() for k, v in ENUMS.items() if k.startswith("SS_OP_")}
@@ -120,6 +121,15 @@ TABLES = {
     # function it waited in) or "runq" (runnable but not running; other = who ran instead)
     "sched": {**COMMON, "op": "s", "reason": "s", "count": "u", "blocked_ns": "u",
               "other_pid": "u", "other_comm": "s"},
+    # HTTP/1.x requests (http family): op = method; host = Host header (or SNI), path up to
+    # '?', status and reason from the status line (0: no answer, a timeout); tls 1 when seen
+    # in libssl; conn = fd or SSL *. The tracer ships one row per request (count 1);
+    # analysis/http_episodes.py joins retries into episodes in the same columns: count =
+    # attempts, statuses = their codes ("503,503,200"), blocked_ns = first head to final status,
+    # backoff_ns = the gaps between attempts
+    "http": {**COMMON, "op": "s", "host": "s", "path": "s", "status": "u", "reason": "s",
+             "statuses": "s", "count": "u", "blocked_ns": "u", "backoff_ns": "u", "tls": "u",
+             "conn": "u", "cgroup": "u"},
     # RDMA hardware counters (sampled from sysfs): deltas over the interval
     "rdma_counter": {"ts_ns": "u", "dur_ns": "u", "device": "s", "port": "u", "counter": "s",
                      "delta": "u"},
@@ -127,14 +137,18 @@ TABLES = {
     "gpu": {"ts_ns": "u", "gpu": "u", "util": "u", "synth": "u"},
     # compute processes seen on each GPU at ts_ns
     "gpu_proc": {"ts_ns": "u", "gpu": "u", "pid": "u"},
-    # process lineage and job identity for every pid that appears in the batch
-    "proc": {"pid": "u", "ppid": "u", "comm": "s", "start_ns": "u", "job": "s", "rank": "i"},
+    # process lineage and job identity for every pid that appears in the batch; pod_uid and
+    # container_id from its cgroup (wire/cgroup.py), "" when it is in no pod or container
+    "proc": {"pid": "u", "ppid": "u", "comm": "s", "start_ns": "u", "job": "s", "rank": "i",
+             "pod_uid": "s", "container_id": "s"},
 }
 #: columns added after schema 1, with how to fill them where a table lacks them (a batch
 #: from an older tracer, a table built by hand): the value is a function of the table
 OPTIONAL = {
     "io": {"count": lambda t: np.ones(table_len(t), dtype=np.uint64),
            "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64)},
+    "proc": {"pod_uid": lambda t: np.full(table_len(t), "", dtype=object),
+             "container_id": lambda t: np.full(table_len(t), "", dtype=object)},
 }
 
 
@@ -151,7 +165,7 @@ def complete(kind: str, table: dict) -> dict:
 
 
 #: tables whose rows are stalls (candidates for blame)
-STALL_TABLES = ("io", "nfs", "block", "net", "rdma", "sched")
+STALL_TABLES = ("io", "nfs", "block", "net", "rdma", "http", "sched")   # sched last: the backstop
 
 
 class Cat(np.ndarray):

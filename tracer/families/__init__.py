@@ -13,9 +13,9 @@ A family module declares:
 Adding a family: write its two files and list it here.
 """
 
-from . import block, nfs, rdma, sched, tcp, vfs
+from . import block, http, nfs, rdma, sched, tcp, vfs
 
-REGISTRY = (vfs, tcp, block, nfs, rdma, sched)
+REGISTRY = (vfs, tcp, block, nfs, rdma, sched, http)
 BY_NAME = {f.NAME: f for f in REGISTRY}
 ALL_FAMILIES = tuple(f.NAME for f in REGISTRY)
 BY_RECORD_TYPE = {t: f for f in REGISTRY for t in f.RECORD_TYPES}
