@@ -12,7 +12,7 @@ import click
 
 from stallscope.tracer import probes
 from stallscope.tracer.agent import AgentConfig
-from stallscope.tracer.families import ALL_FAMILIES
+from stallscope.tracer.families import ALL_FAMILIES, DEFAULT_FAMILIES
 
 _PROBE = probes.ProbeConfig()
 DEFAULT_MIN_LATENCY_MS = _PROBE.min_latency_ns / 1e6
@@ -27,7 +27,7 @@ class TraceOptions:
     min_latency_ms: float = DEFAULT_MIN_LATENCY_MS
     pid: int | None = None
     cgroup: str | None = None
-    families: str = ",".join(ALL_FAMILIES)
+    families: str = ",".join(DEFAULT_FAMILIES)
     attach: str = "auto"
     node: str | None = None
     gpu: bool | None = None

@@ -18,7 +18,7 @@ from stallscope.wire.schema import COUNTER_NAMES, HIST_SLOTS, NOPS, OP_NAMES
 
 from . import kernel
 from .bpfload import base_cflags, source_text
-from .families import ALL_FAMILIES, BY_NAME
+from .families import BY_NAME, DEFAULT_FAMILIES
 from .ring import RingReader
 
 ATTACH_CHOICES = ("auto", "fentry", "kprobe", "uprobe", "tracepoint")
@@ -29,7 +29,7 @@ class ProbeConfig:
     min_latency_ns: int = 10_000_000
     pid: int = 0
     cgroup_id: int = 0
-    families: tuple = ALL_FAMILIES
+    families: tuple = DEFAULT_FAMILIES
     attach: str = "auto"
     ringbuf_pages: int = 4096          # 16 MiB per family
     extra_cflags: tuple = ()
@@ -44,7 +44,7 @@ class LoadedProbe:
         self.detail = detail
         self.bpf = bpf
         ring = bpf[b"events"]
-        size = int(ring.max_entries) if hasattr(ring, "max_entries") else 0
+        size = int(ring.max_entries) if hasattr(ring, "max_entries") else map_max_entries(ring.map_fd)
         self.ring = RingReader(ring.map_fd, size)
         # records a family finishes in user space (vfs: storm tails of quiet threads)
         self._sweep = getattr(BY_NAME.get(family), "sweep", None)
@@ -80,6 +80,21 @@ class LoadedProbe:
             self.bpf.cleanup()
         except Exception:
             pass
+
+
+def map_max_entries(fd: int) -> int:
+    """A BPF map's max_entries from the kernel (BPF_OBJ_GET_INFO_BY_FD), for BCC versions whose
+    table objects do not carry it (Debian 11's 0.18); 0 when the kernel does not say."""
+    import ctypes as ct
+
+    from bcc import libbcc
+    info = (ct.c_uint32 * 32)()       # struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+    size = ct.c_uint32(ct.sizeof(info))
+    lib = libbcc.lib
+    lib.bpf_obj_get_info.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    if lib.bpf_obj_get_info(fd, info, ct.byref(size)) != 0:
+        return 0
+    return int(info[4])
 
 
 _NCPU = None

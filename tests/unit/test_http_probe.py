@@ -116,3 +116,13 @@ def test_decode_records():
     assert list(t["reason"]) == ["Slow Down", ""]
     assert list(t["status"]) == [503, 0] and list(t["statuses"]) == ["503", "0"]
     assert list(t["tls"]) == [1, 0] and list(t["count"]) == [1, 1]
+
+
+def test_http_family_is_opt_in():
+    """Its plaintext path hooks every read/write of every process: not loaded by default
+    until its cost is shown within the goal (README, "API calls")."""
+    from stallscope.options import TraceOptions
+    from stallscope.tracer.families import ALL_FAMILIES, DEFAULT_FAMILIES
+
+    assert "http" in ALL_FAMILIES and "http" not in DEFAULT_FAMILIES
+    assert "http" not in TraceOptions().families.split(",")

@@ -9,6 +9,7 @@ A family module declares:
                   (``base`` holds the common columns ts_ns, dur_ns, pid, tid, comm)
   sweep(bpf) -> records   optional: records the family finishes in user space, added to
                   every drain (vfs: the last part of a storm whose thread went quiet)
+  DEFAULT         optional, False: loaded only when asked for (``--families ...,NAME``)
 
 Adding a family: write its two files and list it here.
 """
@@ -18,4 +19,6 @@ from . import block, http, nfs, rdma, sched, tcp, vfs
 REGISTRY = (vfs, tcp, block, nfs, rdma, sched, http)
 BY_NAME = {f.NAME: f for f in REGISTRY}
 ALL_FAMILIES = tuple(f.NAME for f in REGISTRY)
+#: what `trace`/`watch` load without --families: every family whose cost is measured within goal
+DEFAULT_FAMILIES = tuple(f.NAME for f in REGISTRY if getattr(f, "DEFAULT", True))
 BY_RECORD_TYPE = {t: f for f in REGISTRY for t in f.RECORD_TYPES}

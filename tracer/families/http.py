@@ -23,6 +23,9 @@ from stallscope.wire.schema import DEFINES, ENUMS, T_HTTP
 
 NAME = "http"
 RECORD_TYPES = (T_HTTP,)
+#: opt-in (``--families ...,http``): its plaintext path puts a program on every read and write
+#: of every process, whose cost is not yet shown within the goal (README, "API calls")
+DEFAULT = False
 SYSCALLS = ("write", "sendto", "writev", "sendmsg", "read", "recvfrom", "readv", "recvmsg")
 TRACEPOINTS = tuple(f"syscalls/sys_{d}_{s}" for s in SYSCALLS for d in ("enter", "exit")
                     if d == "enter" or s in ("read", "recvfrom", "readv", "recvmsg")) \
