@@ -537,6 +537,7 @@ class LiveAnalyzer:
                     continue
                 keep = last >= cutoff
                 nd.chunks[kind] = [{c: v[keep] for c, v in t.items()}] if keep.any() else []
+            nd.holders.trim(cutoff)
             self._trim_proc(nd)
         self.reported = {r for r in self.reported if r[2] >= cutoff}
 

@@ -46,6 +46,15 @@ class GpuHolders:
         times, states = h
         return states[max(bisect.bisect_right(times, t_ns) - 1, 0)]
 
+    def trim(self, cutoff_ns: int) -> None:
+        """Forget changes before ``cutoff_ns`` except the last one (still in force then): the
+        live window's memory stays bounded however often holders change."""
+        for times, states in self.hist.values():
+            i = bisect.bisect_right(times, cutoff_ns) - 1
+            if i > 0:
+                del times[:i]
+                del states[:i]
+
     def job(self, gpu: int, t_ns: int) -> str:
         """The one job the mapping names for a GPU at ``t_ns``; "" for none or several."""
         jobs = self.at(gpu, t_ns)[1]

@@ -395,11 +395,16 @@ class ProcCache:
 
 
 class SocketOwners:
-    """Socket inode -> owning pid, by scanning /proc/<pid>/fd on a miss (rate limited)."""
+    """Socket inode -> owning pid, by scanning /proc/<pid>/fd on a miss (rate limited).
+
+    Bounded: a scan replaces the map with what it found plus the previous scan's entries
+    (a socket closed just before its record is decoded is still named once), so sockets
+    closed two scans ago are forgotten."""
 
     def __init__(self, proc: str = "/proc", min_rescan_s: float = 0.2):
         self.proc = proc
         self.map = {}
+        self._previous: dict = {}
         self.min_rescan_s = min_rescan_s
         self._last_scan = 0.0
         self.scans = 0
@@ -425,7 +430,8 @@ class SocketOwners:
                     continue
                 if link.startswith("socket:["):
                     found.setdefault(int(link[8:-1]), int(p))
-        self.map.update(found)
+        self.map = {**self._previous, **found}
+        self._previous = found
 
     def owner(self, ino: int) -> int:
         ino = int(ino)

@@ -197,3 +197,14 @@ def test_forked_worker_inherits_pod_and_container(tmp_path):
     t = pc.table_for(np.array([101]), np.array([now + 1]))
     rows = {int(p): (pu, ci) for p, pu, ci in zip(t["pid"], t["pod_uid"], t["container_id"])}
     assert rows[101] == (UID, CID)
+
+
+def test_gpu_holders_trim_keeps_what_is_in_force():
+    from stallscope.analysis.attribution import GpuHolders
+
+    h = GpuHolders()
+    for t in range(100):                     # the job on GPU 0 changes every second
+        h.absorb([{"index": 0, "jobs": [str(t)]}], t * 1_000_000_000)
+    h.trim(90_500_000_000)
+    assert h.job(0, 90_600_000_000) == "90" and h.job(0, 99_000_000_000) == "99"
+    assert len(h.hist[0][0]) == 10

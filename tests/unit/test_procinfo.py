@@ -356,3 +356,27 @@ def test_exit_record_lost_is_found_by_the_sweep(tree):
     assert not pc.sweep(now_ns=at(13))                            # throttled
     pc.sweep(now_ns=at(23), force=True)
     assert 300 not in pc.info and 200 in pc.info                  # 200 still lives in /proc
+
+
+def test_socket_owners_forget_sockets_closed_two_scans_ago(tmp_path):
+    import os
+    import shutil
+
+    from stallscope.tracer.procinfo import SocketOwners
+
+    def proc_with(sockets):
+        shutil.rmtree(tmp_path / "proc", ignore_errors=True)
+        for pid, inos in sockets.items():
+            fd = tmp_path / "proc" / str(pid) / "fd"
+            fd.mkdir(parents=True)
+            for n, ino in enumerate(inos):
+                os.symlink(f"socket:[{ino}]", fd / str(n))
+
+    so = SocketOwners(str(tmp_path / "proc"), min_rescan_s=0)
+    proc_with({10: range(1000, 1100)})
+    assert so.owner(1000) == 10
+    for gen in range(1, 20):                 # every scan sees 100 new sockets, the old ones closed
+        proc_with({10 + gen: range(1000 + 100 * gen, 1100 + 100 * gen)})
+        assert so.owner(1000 + 100 * gen) == 10 + gen
+        assert so.owner(1000 + 100 * (gen - 1)) == 10 + gen - 1     # the previous scan's still named
+    assert len(so.map) <= 200
