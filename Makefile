@@ -1,5 +1,5 @@
 # stallscope: the two commands README.md starts with, plus the benchmarks.
-.PHONY: setup demo test lint test-unit test-bpf test-vm bench
+.PHONY: setup demo test lint test-unit test-bpf test-vm test-vm-matrix bench
 
 setup:
 	@bash .ci/setup.sh
@@ -11,8 +11,12 @@ demo: setup
 
 # set up, then run every test tier this machine supports; bpf and vm tests may
 # not skip here (a broken set-up must not pass as green)
+# The vm tier boots Debian 12's 6.1 here (VM_KERNELS); `make test-vm-matrix` boots all
+# three (5.10, 6.1, 6.12: about 20 minutes each under TCG on 2 cores, and 5.10/6.12 still
+# have open failures, see README's kernel matrix)
+VM_KERNELS ?= 6.1
 test: setup lint
-	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 .venv/bin/python -m pytest -q tests
+	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=$(VM_KERNELS) .venv/bin/python -m pytest -q tests
 
 # style and types (configured in pyproject.toml)
 lint: setup
@@ -26,7 +30,12 @@ test-bpf: setup
 	STALLSCOPE_REQUIRE_BPF=1 .venv/bin/python -m pytest -q tests -m bpf
 
 test-vm: setup
-	STALLSCOPE_REQUIRE_VM=1 .venv/bin/python -m pytest -q tests/vm
+	STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=$(VM_KERNELS) .venv/bin/python -m pytest -q tests/vm
+
+# every kernel of the matrix; rewrite README's table from the results with
+# `python3 tests/vm/matrix.py --write`
+test-vm-matrix: setup
+	STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=5.10,6.1,6.12 .venv/bin/python -m pytest -q tests/vm
 
 # every README figure with its same-run baseline (root for tracer and accuracy)
 bench: setup

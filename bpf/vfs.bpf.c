@@ -4,7 +4,10 @@
  *
  * Attach methods (chosen by tracer/families/vfs.py, best first):
  *   SS_VFS_FENTRY      fentry/fexit on vfs_read, vfs_write, vfs_fsync_range
- *                      (BTF trampolines, cheapest)
+ *                      (BTF trampolines, cheapest), plus vfs_readv and
+ *                      vfs_writev where the kernel has them as functions
+ *                      (SS_FENTRY_vfs_readv/_writev, set by vfs.py: static,
+ *                      they may be inlined away; a missing one costs that op)
  *   SS_VFS_KPROBE      kprobe/kretprobe on vfs_read, vfs_write, vfs_readv,
  *                      vfs_writev, vfs_fsync_range
  *   (neither)          syscall tracepoints: sys_enter/exit_{read,write,pread64,
@@ -294,6 +297,10 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 			ss_hist_add(op, dur);
 		return 0;
 	}
+	if (!below && ss_shed(dur)) {   /* overload: counted and in hist, not emitted */
+		ss_hist_add(op, dur);
+		return 0;
+	}
 	u32 tid = (u32)id;
 	u64 first = ts, span = dur, sum = 0, bytes = ret;
 	u32 nops = 0;
@@ -389,6 +396,18 @@ KFUNC_PROBE(vfs_fsync_range, struct file *file, loff_t start, loff_t end, int da
 { return vfs_enter(datasync ? SS_OP_FDATASYNC : SS_OP_FSYNC, (u64)file); }
 KRETFUNC_PROBE(vfs_fsync_range, struct file *file, loff_t start, loff_t end, int datasync, int ret)
 { return vfs_exit(ret, K_FILE); }
+/* optional targets: static in fs/read_write.c (5.10-6.12), so present only where not inlined */
+#define SS_FENTRY_VEC(fn, OP) \
+KFUNC_PROBE(fn, struct file *file) { return vfs_enter(OP, (u64)file); } \
+KRETFUNC_PROBE(fn, struct file *file, const void *vec, unsigned long vlen, loff_t *pos, int flags, \
+	       ssize_t ret) \
+{ return vfs_exit(ret, K_FILE); }
+#ifdef SS_FENTRY_vfs_readv
+SS_FENTRY_VEC(vfs_readv, SS_OP_READV)
+#endif
+#ifdef SS_FENTRY_vfs_writev
+SS_FENTRY_VEC(vfs_writev, SS_OP_WRITEV)
+#endif
 
 #elif defined(SS_VFS_KPROBE)
 

@@ -71,7 +71,8 @@ def fentry_works() -> tuple:
                 _FENTRY_OK = (False, "kernel lacks BTF trampolines (fentry)")
             else:
                 with quiet_stderr():      # libbpf prints the expected EPERM itself
-                    b = BPF(text=b"KFUNC_PROBE(vfs_read) { return 0; }")
+                    # one named argument: BCC 0.18's KFUNC_PROBE (Debian 11) fails to compile without
+                    b = BPF(text=b"KFUNC_PROBE(vfs_read, void *file) { return 0; }")
                 b.cleanup()
                 _FENTRY_OK = (True, "")
         except Exception as e:
@@ -80,6 +81,49 @@ def fentry_works() -> tuple:
                 msg = "EPERM (BPF trampolines/ftrace blocked on this kernel)"
             _FENTRY_OK = (False, f"fentry attach failed: {msg}")
     return _FENTRY_OK
+
+
+def fentry_targets(names, btf_path: str = btf.BTF_PATH, kallsyms: str = "/proc/kallsyms") -> tuple:
+    """Which of ``names`` fentry can attach to on this kernel: (present, {name: why not}).
+
+    A trampoline needs the function in the kernel's BTF (a FUNC record: a static
+    function the compiler inlined everywhere has none) and as a symbol in kallsyms
+    (its own text to patch). Checked per name, so a function missing or inlined on one
+    kernel costs that function only (see :func:`load_optional`)."""
+    names = list(names)
+    try:
+        funcs = btf.Btf(btf_path, funcs=True).funcs
+    except btf.BtfError as e:
+        return [], {n: str(e) for n in names}
+    syms = kallsyms_present(names, kallsyms)
+    present, missing = [], {}
+    for n in names:
+        if n not in funcs:
+            missing[n] = "not in the kernel's BTF (inlined or absent)"
+        elif n not in syms:
+            missing[n] = "not in /proc/kallsyms (inlined)"
+        else:
+            present.append(n)
+    return present, missing
+
+
+def load_optional(load, flag_of, present, missing: dict) -> tuple:
+    """Load a program whose optional attach targets ``present`` each add ``flag_of(name)``.
+
+    ``load(flags)`` compiles and attaches. When it fails with optional targets in,
+    it is tried once more without them: the failure (a target that passed the
+    checks but cannot be attached) costs the optional targets, with the reason
+    recorded in ``missing``, not the family. Returns (BPF object, attached, missing)."""
+    missing = dict(missing)
+    try:
+        return load([flag_of(n) for n in present]), list(present), missing
+    except Exception as e:
+        if not present:
+            raise
+        msg = str(e).strip().splitlines()
+        why = f"attach failed: {msg[-1] if msg else type(e).__name__}"
+        missing.update({n: why for n in present})
+    return load([]), [], missing
 
 
 def tp_exists(tracefs: str, tp: str) -> bool:

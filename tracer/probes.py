@@ -103,7 +103,8 @@ _NCPU = None
 def percpu_array_sums(table, n: int) -> np.ndarray:
     """Sum over CPUs of every slot of a BPF_PERCPU_ARRAY, in one batch syscall
     (BPF_MAP_LOOKUP_BATCH, Linux 5.6+) instead of one lookup per key; falls back
-    to per-key lookups where batching is missing."""
+    to per-key lookups where batching is missing (in the kernel, or in libbcc: 0.18,
+    Debian 11's, has no bpf_lookup_batch)."""
     global _NCPU
     import ctypes as ct
 
@@ -115,14 +116,16 @@ def percpu_array_sums(table, n: int) -> np.ndarray:
     vals = np.zeros((n, _NCPU), dtype=np.uint64)
     cnt = ct.c_uint32(n)
     out_batch = ct.c_uint32(0)
-    res = libbcc.lib.bpf_lookup_batch(table.map_fd, None, ct.byref(out_batch),
-                                      keys.ctypes.data_as(ct.c_void_p), vals.ctypes.data_as(ct.c_void_p),
-                                      ct.byref(cnt))
-    if res == 0 or (ct.get_errno() == errno.ENOENT and cnt.value == n):
+    batch = getattr(libbcc.lib, "bpf_lookup_batch", None)
+    res = -1 if batch is None else batch(table.map_fd, None, ct.byref(out_batch),
+                                         keys.ctypes.data_as(ct.c_void_p), vals.ctypes.data_as(ct.c_void_p),
+                                         ct.byref(cnt))
+    if res == 0 or (batch is not None and ct.get_errno() == errno.ENOENT and cnt.value == n):
         return vals.sum(axis=1)
     out = np.zeros(n, dtype=np.uint64)
-    for k, v in table.items():
-        out[k.value] = sum(v)
+    for k, v in table.items():        # every key of the map: it may have more slots than asked for
+        if k.value < n:
+            out[k.value] = sum(v)
     return out
 
 

@@ -1,22 +1,27 @@
 #!/bin/bash
 # Build, or reuse, the offline stallscope kernel-probe test VM image.
 #
-# usage: vagrant/build-image.sh [--print-dir]
+# usage: vagrant/build-image.sh [--suite SUITE] [--print-dir]
 #
-# Produces, in $STALLSCOPE_VM_CACHE (default /var/cache/stallscope-vm)/<key>/:
+# SUITE is the Debian release, and so the kernel, of the image (default bookworm):
+#   bullseye  Debian 11, kernel 5.10      bookworm  Debian 12, kernel 6.1
+#   trixie    Debian 13, kernel 6.12
+# The vm tier boots one image per suite (the kernel matrix, tests/vm/conftest.py).
+#
+# Produces, in $STALLSCOPE_VM_CACHE (default /var/cache/stallscope-vm)/<suite>-<key>/:
 #   rootfs.img      raw ext4 root filesystem (4 GiB, sparse), booted with snapshot=on
 #   vmlinuz, initrd.img, kernel-release
 #   build.log       full mmdebstrap/provision output
 #   image.env       facts about the build (KERNEL_RELEASE=, BUILD_SECONDS=, ...)
-# where <key> is the sha256 of this script and vagrant/provision.sh together: an
-# edit to either rebuilds the image, anything else reuses it (the three newest
-# images are kept, older ones pruned). The build happens in a temporary directory
+# where <key> is the sha256 of this script, vagrant/provision.sh and the suite name
+# together: an edit to either script rebuilds the images, anything else reuses them
+# (the two newest images of each suite are kept, older ones pruned). The build happens in a temporary directory
 # beside the final one and is renamed into place, so an interrupted build never
 # leaves a half image; a lock serialises concurrent builds.
 # Progress goes to stderr; the last line on stdout is the image directory.
 # --print-dir prints that directory without building (it may not exist yet).
 #
-# Recipe: mmdebstrap --variant=minbase bookworm (+ -updates, -security) with only
+# Recipe: mmdebstrap --variant=minbase SUITE (+ SUITE-updates, SUITE-security) with only
 # the boot essentials, provision.sh run in the chroot (the same script Vagrant
 # runs), then the pieces that drive the VM headless:
 #   stallscope-vm-run.service  at boot mounts the 9p share with mount_tag=host at
@@ -35,16 +40,26 @@ cache_root=${STALLSCOPE_VM_CACHE:-/var/cache/stallscope-vm}
 mirror=${STALLSCOPE_DEBIAN_MIRROR:-http://deb.debian.org}
 suite=bookworm
 image_size=4G
+print_dir=0
+usage() { echo "usage: $0 [--suite bullseye|bookworm|trixie] [--print-dir]" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --suite) [[ $# -ge 2 ]] || usage; suite=$2; shift 2 ;;
+        --suite=*) suite=${1#--suite=}; shift ;;
+        --print-dir) print_dir=1; shift ;;
+        *) usage ;;
+    esac
+done
+# The suites the recipe is known to build and boot (security suites are SUITE-security
+# from bullseye on). Others may work but are not offered untested.
+case $suite in bullseye|bookworm|trixie) ;; *) echo "build-image: unsupported suite '$suite'" >&2; usage ;; esac
 
-key=$(cat "$here/build-image.sh" "$provision" | sha256sum | cut -d' ' -f1)
-final=$cache_root/$key
+key=$( (cat "$here/build-image.sh" "$provision"; echo "suite=$suite") | sha256sum | cut -d' ' -f1)
+final=$cache_root/$suite-$key
 
-if [[ ${1:-} == --print-dir ]]; then
+if [[ $print_dir == 1 ]]; then
     echo "$final"
     exit 0
-elif [[ $# -gt 0 ]]; then
-    echo "usage: $0 [--print-dir]" >&2
-    exit 2
 fi
 
 t0=$SECONDS
@@ -230,9 +245,12 @@ BUILD_SECONDS=$((SECONDS - t0))
 EOF
 mv -T "$work" "$final"
 trap - EXIT
-# Keep the three newest images (other checkouts or branches may still want theirs).
-# shellcheck disable=SC2012  # the names are hex digests
-for old in $(ls -dt "$cache_root"/[0-9a-f]*/ | tail -n +4); do
+# Keep the two newest images of this suite (other checkouts or branches may still want
+# theirs), and drop the images of the single-kernel recipe (named by the bare digest).
+# Names are matched whole: "bullseye" and "bookworm" start with hex letters too.
+# shellcheck disable=SC2012  # the names are suite-hexdigest or hexdigest
+for old in $(ls -dt "$cache_root"/*/ | grep -E "/$suite-[0-9a-f]{64}/\$" | tail -n +3) \
+        $(ls -d "$cache_root"/*/ | grep -E '/[0-9a-f]{64}/$'); do
     progress "pruning old image $old"
     rm -rf "$old"
 done

@@ -1,5 +1,7 @@
 #!/bin/sh
-# Provision the stallscope kernel-probe test VM (Debian 12 bookworm, amd64).
+# Provision the stallscope kernel-probe test VM (Debian 11 bullseye, 12 bookworm or
+# 13 trixie, amd64: the kernel matrix 5.10, 6.1, 6.12; the package names below are
+# the same in all three).
 #
 # The one provisioning script for both ways of getting the VM:
 #   - Vagrant runs it as root in the booted guest (config.vm.provision "shell");
@@ -13,7 +15,7 @@
 #     over loopback (server and client in the same guest)
 #   - rdma-core, ibverbs-utils/-providers, perftest: soft-RoCE (rdma_rxe) tests
 #   - iproute2 (tc, rdma, nstat), nftables: netem loss/delay, drop rules
-#   - Debian's python3 with msgpack, zmq, numpy, click, pytest: the repo's tests run
+#   - Debian's python3 with msgpack, zmq, numpy, click (>= 8.1), tqdm, pytest: the repo's tests run
 #     from the shared checkout with PYTHONPATH pointing at it
 #   - helpers in /usr/local/sbin: stallscope-nfs-up/-down, stallscope-rxe-up/-down,
 #     stallscope-netem (see each one's header)
@@ -58,11 +60,27 @@ pkgs="$kernel_pkgs
     nfs-kernel-server nfs-common netbase
     rdma-core ibverbs-utils ibverbs-providers perftest
     iproute2 procps kmod nftables util-linux
-    python3 python3-msgpack python3-zmq python3-numpy python3-click python3-pytest
+    python3 python3-msgpack python3-zmq python3-numpy python3-click python3-pytest python3-tqdm
     fuse3"
 log "apt-get install (this is the slow step)"
 # shellcheck disable=SC2086  # word splitting of the package list is intended
 apt-get install -y -q --no-install-recommends $pkgs
+
+# stallscope needs click >= 8.1 (pyproject.toml); Debian 11 packages 7.1. Its python3-click
+# comes from Debian 12 instead (pure Python, depends only on python3 >= 3.8 and colorama),
+# from a bookworm source pinned below everything else so nothing else is taken from it.
+if ! python3 -c 'import sys, click; sys.exit(int(click.__version__.split(".")[0]) < 8)' 2>/dev/null; then
+    log "python3-click $(python3 -c 'import click; print(click.__version__)') is older than 8.1: installing bookworm's"
+    mirror=$(sed -n 's/^deb \(\[[^]]*\] \)\{0,1\}\(http[^ ]*\/debian\) .*/\2/p' /etc/apt/sources.list \
+        /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)
+    echo "deb ${mirror:-http://deb.debian.org/debian} bookworm main" >/etc/apt/sources.list.d/stallscope-click.list
+    printf 'Package: *\nPin: release n=bookworm\nPin-Priority: 100\n' >/etc/apt/preferences.d/stallscope-click
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends -t bookworm python3-click
+    rm -f /etc/apt/sources.list.d/stallscope-click.list /etc/apt/preferences.d/stallscope-click
+    apt-get update -q
+    python3 -c 'import click; print("provision: click", click.__version__)'
+fi
 
 # ---------------------------------------------------------------- NFS export
 mkdir -p /srv/nfs /etc/exports.d

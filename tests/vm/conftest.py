@@ -1,20 +1,28 @@
-"""The vm test tier: one boot of the kernel-probe test VM runs every guest test.
+"""The vm test tier: the kernel matrix. One boot per kernel runs every guest test.
 
-A boot of the test VM under software emulation costs about a minute, so the tier
-boots it once per pytest session (the ``vm_guest_session`` fixture): the guest runs
+The tier boots one image per kernel of ``vmrun.KERNELS`` (Debian 11's 5.10, 12's 6.1,
+13's 6.12), one after another (two emulated CPUs each on a 2-core host: running them
+side by side is not faster). A boot under software emulation costs about a minute, so
+each kernel boots once per pytest session (``guest_session``): the guest runs
 ``python3 -m pytest tests/vm/guest`` from the read-only repository share and writes
-junit XML into its writable share; on the host, ``tests/vm/test_vm_smoke.py`` has one
-test per guest test (``test_guest[<module>.<test>]``), so each guest failure is
-reported under its own name, with the guest's message.
+junit XML and ``result.json`` (the attach method each probe got, see
+``tests/vm/guest/conftest.py``) into its writable share; on the host,
+``tests/vm/test_vm_smoke.py`` has one test per kernel and guest test
+(``test_guest[<kernel>-<module>.<test>]``), so each failure is reported under its
+kernel and its own name, with the guest's message. Each kernel's ``result.json`` is
+copied to ``build/vm-results/<kernel>.json`` (``STALLSCOPE_VM_RESULTS`` moves it), from
+which ``tests/vm/matrix.py`` renders README's kernel table.
 
-The image comes from ``vagrant/build-image.sh`` (built on first use, ~3 minutes,
-then cached in /var/cache/stallscope-vm). Without qemu-system-x86_64, or without
-mmdebstrap/root while no image is cached, the tier is skipped with the reason;
-with ``STALLSCOPE_REQUIRE_VM=1`` (CI) it fails instead.
+The images come from ``vagrant/build-image.sh --suite`` (built on first use, ~2-3
+minutes each, then cached in /var/cache/stallscope-vm). Without qemu-system-x86_64,
+or without mmdebstrap/root while no image is cached, the tier is skipped with the
+reason; with ``STALLSCOPE_REQUIRE_VM=1`` (CI) it fails instead, and so does every
+guest test that skipped in the guest.
 
-Environment: ``STALLSCOPE_VM_TIMEOUT`` (seconds for boot plus all guest tests,
-default 1080: the guest suite takes 5-6 min on an idle 2-core host, and the tracers it starts compile every default probe family), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg), ``STALLSCOPE_VM_CACHE``
-(image cache root).
+Environment: ``STALLSCOPE_VM_KERNELS`` (comma-separated subset of the kernels, e.g.
+``6.1``; default all), ``STALLSCOPE_VM_TIMEOUT`` (seconds for one kernel's boot plus
+all its guest tests, default 1080), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg),
+``STALLSCOPE_VM_CACHE`` (image cache root), ``STALLSCOPE_VM_RESULTS``.
 
 Inside the guest (``/etc/stallscope-vm-guest`` exists, written by
 vagrant/provision.sh) this file only makes ``tests/vm/guest/`` collectable; on any
@@ -24,8 +32,11 @@ other machine that directory is never collected, since its tests need the VM.
 from __future__ import annotations
 
 import ast
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -43,11 +54,28 @@ collect_ignore = ["test_vm_smoke.py"] if IN_GUEST else ["guest"]
 
 GUEST_DIR = HERE / "guest"
 GUEST_JUNIT = "junit.xml"
-# Runs in the guest, in the repository share (/stallscope), from stallscope-vm-run.service.
-GUEST_SCRIPT = f"""\
+GUEST_RESULT = "result.json"
+REQUIRE_VM = os.environ.get("STALLSCOPE_REQUIRE_VM") == "1"
+RESULTS_DIR = Path(os.environ.get("STALLSCOPE_VM_RESULTS", str(vmrun.REPO / "build" / "vm-results")))
+
+
+def selected_kernels() -> list[str]:
+    """The kernels this session boots: ``STALLSCOPE_VM_KERNELS`` or all of ``vmrun.KERNELS``."""
+    wanted = [k.strip() for k in os.environ.get("STALLSCOPE_VM_KERNELS", "").split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in vmrun.KERNELS]
+    if unknown:
+        raise pytest.UsageError(f"STALLSCOPE_VM_KERNELS: unknown kernel {', '.join(unknown)} "
+                                f"(known: {', '.join(vmrun.KERNELS)})")
+    return wanted or list(vmrun.KERNELS)
+
+
+def guest_script(kernel: str) -> str:
+    """Runs in the guest, in the repository share (/stallscope), from stallscope-vm-run.service."""
+    return f"""\
 echo "stallscope-guest: kernel $(uname -r)"
 python3 /stallscope/tests/vm/devtree.py /stallscope /tmp/stallscope-py
 export PYTHONPATH=/tmp/stallscope-py:/stallscope${{PYTHONPATH:+:$PYTHONPATH}}
+export STALLSCOPE_VM_KERNEL={kernel} STALLSCOPE_VM_RESULT=/stallscope-share/{GUEST_RESULT}
 exec python3 -m pytest -p no:cacheprovider -v -rA --continue-on-collection-errors \\
     --junitxml=/stallscope-share/{GUEST_JUNIT} tests/vm/guest
 """
@@ -75,9 +103,15 @@ def guest_test_ids() -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per kernel (``kernel``), or per kernel and guest test (``guest_test``), kernel-major,
+    so the kernels boot one after another and every test id names its kernel."""
+    kernels = selected_kernels()
     if "guest_test" in metafunc.fixturenames:
         ids = guest_test_ids()
-        metafunc.parametrize("guest_test", ids, ids=ids)
+        pairs = [(k, t) for k in kernels for t in ids]
+        metafunc.parametrize(("kernel", "guest_test"), pairs, ids=[f"{k}-{t}" for k, t in pairs])
+    elif "kernel" in metafunc.fixturenames:
+        metafunc.parametrize("kernel", kernels)
 
 
 # ---------------------------------------------------------------------------- junit
@@ -124,6 +158,7 @@ def parse_junit(path: Path) -> tuple[dict[str, list[GuestCase]], dict[str, str]]
 class GuestSession:
     """The outcome of the one guest run: the VM result and the guest's test results."""
 
+    kernel: str
     result: vmrun.Result
     image: vmrun.Image
     image_seconds: float
@@ -131,6 +166,7 @@ class GuestSession:
     cases: dict[str, list[GuestCase]] = field(default_factory=dict)
     module_errors: dict[str, str] = field(default_factory=dict)
     junit_error: Optional[str] = None
+    guest_result: Optional[dict] = None   # the guest's result.json (attach methods, outcomes)
 
     def guest_output_tail(self, lines: int = 30) -> str:
         out = "\n".join(self.result.stdout.splitlines()[-lines:])
@@ -153,11 +189,15 @@ class GuestSession:
             pytest.fail(
                 "\n\n".join(f"in the guest, {c.name} {c.status}: {c.message}\n{c.text}" for c in bad), pytrace=False
             )
-        if all(c.status == "skipped" for c in cases):
+        skipped = [c for c in cases if c.status == "skipped"]
+        if skipped and REQUIRE_VM:
+            pytest.fail("STALLSCOPE_REQUIRE_VM=1 and in the guest (kernel " + self.kernel + ") "
+                        + "; ".join(f"{c.name} skipped: {c.message}" for c in skipped), pytrace=False)
+        if len(skipped) == len(cases):
             pytest.skip(f"skipped in the guest: {cases[0].message}")
 
 
-_session: Optional[GuestSession] = None
+_sessions: dict[str, GuestSession] = {}
 
 
 def _unmet_need() -> Optional[str]:
@@ -166,62 +206,106 @@ def _unmet_need() -> Optional[str]:
         return "the test VM needs a Linux host"
     if vmrun.missing_tools(need_build=False):
         return f"{vmrun.QEMU} not found (apt-get install qemu-system-x86)"
-    if vmrun.cached_image() is None:
-        missing = vmrun.missing_tools(need_build=True)
-        if missing:
-            return f"no test VM image cached and {', '.join(missing)} not found to build one " \
-                   "(apt-get install mmdebstrap e2fsprogs)"
-        if os.geteuid() != 0:
-            return "no test VM image cached, and building one (vagrant/build-image.sh) needs root"
     return None
 
 
-@pytest.fixture(scope="session")
-def vm_guest_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
-    """Build or reuse the image, boot the VM once, run every guest test, collect the results."""
-    global _session
-    unmet = _unmet_need()
+_failed_boots: dict[str, str] = {}
+
+
+def _unmet_need_for(suite: str) -> Optional[str]:
+    if vmrun.cached_image(suite) is None:
+        missing = vmrun.missing_tools(need_build=True)
+        if missing:
+            return f"no {suite} test VM image cached and {', '.join(missing)} not found to build one " \
+                   "(apt-get install mmdebstrap e2fsprogs)"
+        if os.geteuid() != 0:
+            return f"no {suite} test VM image cached, and building one (vagrant/build-image.sh) needs root"
+    return None
+
+
+def _save_result(session: GuestSession) -> None:
+    """The guest's result.json, plus what the host measured, as RESULTS_DIR/<kernel>.json."""
+    src = session.result.share / GUEST_RESULT
+    try:
+        data = json.loads(src.read_text())
+    except (OSError, ValueError) as e:
+        session.guest_result = None
+        print(f"vm tier: kernel {session.kernel}: no usable {src.name} from the guest ({e})", file=sys.stderr)
+        return
+    r = session.result
+    data["host"] = {"kernel_series": session.kernel, "suite": vmrun.suite_of(session.kernel),
+                    "image_built": session.image_built, "image_seconds": round(session.image_seconds, 1),
+                    "boot_s": None if r.boot_s is None else round(r.boot_s, 1), "wall_s": round(r.wall_s, 1),
+                    "accel": r.accel, "guest_exit_code": r.exit_code}
+    session.guest_result = data
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS_DIR / f".{session.kernel}.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(RESULTS_DIR / f"{session.kernel}.json")
+    shutil.copy(src.parent / GUEST_JUNIT, RESULTS_DIR / f"{session.kernel}.junit.xml")
+
+
+def boot_kernel(kernel: str, capture, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
+    """Build or reuse ``kernel``'s image, boot it once, run every guest test, collect the results."""
+    suite = vmrun.suite_of(kernel)
+    unmet = _unmet_need() or _unmet_need_for(suite)
     if unmet:
-        if os.environ.get("STALLSCOPE_REQUIRE_VM") == "1":
+        if REQUIRE_VM:
             pytest.fail(f"STALLSCOPE_REQUIRE_VM=1 but {unmet}", pytrace=False)
         pytest.skip(unmet)
-
-    capture = request.config.pluginmanager.getplugin("capturemanager")
     timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "1080"))
-    run_dir = tmp_path_factory.mktemp("vm-guest-session")
+    # Not under pytest's basetemp: another pytest session on the host (other tiers, other
+    # checkouts) rotates those away, share and console log included, while the guest runs.
+    run_dir = Path(tempfile.mkdtemp(prefix=f"stallscope-vm-{kernel}-"))
     with capture.global_and_fixture_disabled():  # show build and boot progress live
-        try:
-            t0 = time.monotonic()
-            image = vmrun.cached_image()
-            built = image is None
-            if image is None:
-                print("\nvm tier: building the test VM image (vagrant/build-image.sh, a few minutes)",
-                      file=sys.stderr)
-                image = vmrun.build_image(progress=sys.stderr)
-            image_s = time.monotonic() - t0
-            print("", file=sys.stderr)
-            result = vmrun.run(GUEST_SCRIPT, image=image, run_dir=run_dir, timeout_s=timeout_s, progress=sys.stderr)
-        except vmrun.VMError as e:
-            pytest.fail(f"{e}\n{e.detail}", pytrace=False)
-
-    session = GuestSession(result=result, image=image, image_seconds=image_s, image_built=built)
+        t0 = time.monotonic()
+        image = vmrun.cached_image(suite)
+        built = image is None
+        if image is None:
+            print(f"\nvm tier: building the {suite} ({kernel}) test VM image (vagrant/build-image.sh, "
+                  "a few minutes)", file=sys.stderr)
+            image = vmrun.build_image(progress=sys.stderr, suite=suite)
+        image_s = time.monotonic() - t0
+        print(f"\nvm tier: kernel {kernel} ({suite})", file=sys.stderr)
+        result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
+                           progress=sys.stderr)
+    session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built)
     junit = result.share / GUEST_JUNIT
     try:
         session.cases, session.module_errors = parse_junit(junit)
     except (OSError, ET.ParseError) as e:
         session.junit_error = f"{junit}: {e}"
-    _session = session
+    _save_result(session)
     return session
 
 
+@pytest.fixture
+def guest_session(kernel: str, request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
+    """The one guest run of ``kernel`` in this pytest session (booted by its first test)."""
+    if kernel in _sessions:
+        return _sessions[kernel]
+    if kernel in _failed_boots:
+        pytest.fail(_failed_boots[kernel], pytrace=False)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        _sessions[kernel] = boot_kernel(kernel, capture, tmp_path_factory)
+    except vmrun.VMError as e:
+        _failed_boots[kernel] = f"kernel {kernel}: {e}\n{e.detail}"
+        pytest.fail(_failed_boots[kernel], pytrace=False)
+    return _sessions[kernel]
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """One line with what the vm tier cost, when it ran."""
-    if _session is None:
-        return
-    s, r = _session, _session.result
-    image = f"built in {s.image_seconds:.0f} s" if s.image_built else "cached"
-    boot = f"{r.boot_s:.1f} s" if r.boot_s is not None else "?"
-    terminalreporter.write_line(
-        f"vm tier: image {image} ({s.image.kernel_release}), boot-to-script {boot}, "
-        f"full cycle {r.wall_s:.1f} s ({r.accel}); guest console: {r.console_log}"
-    )
+    """One line per kernel with what the vm tier cost, when it ran."""
+    for kernel, s in _sessions.items():
+        r = s.result
+        image = f"built in {s.image_seconds:.0f} s" if s.image_built else "cached"
+        boot = f"{r.boot_s:.1f} s" if r.boot_s is not None else "?"
+        terminalreporter.write_line(
+            f"vm tier [{kernel}]: image {image} ({s.image.kernel_release}), boot-to-script {boot}, "
+            f"full cycle {r.wall_s:.1f} s ({r.accel}); guest console: {r.console_log}"
+        )
+    if _sessions:
+        terminalreporter.write_line(f"vm tier: per-kernel results in {RESULTS_DIR} "
+                                    "(render README's table: python3 tests/vm/matrix.py --write)")

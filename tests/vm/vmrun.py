@@ -1,8 +1,9 @@
 """Run one script in the stallscope kernel-probe test VM and return its exit code and output.
 
-The VM is QEMU booting, headless, the Debian 12 image that ``vagrant/build-image.sh``
-builds (kernel 6.1 with kprobes, NFS server and client, soft-RoCE, netem, BCC). The
-host talks to it through two 9p shares and nothing else (no network, no ssh):
+The VM is QEMU booting, headless, an image that ``vagrant/build-image.sh`` builds for
+one Debian suite, and so one kernel (``KERNELS``: Debian 11's 5.10, 12's 6.1, 13's 6.12;
+each with kprobes, NFS server and client, soft-RoCE, netem, BCC). The host talks to it
+through two 9p shares and nothing else (no network, no ssh):
 
 * ``mount_tag=host``, read-write, at ``/stallscope-share`` in the guest: the run
   directory's ``share/``. The host puts ``run.sh`` there; the guest's
@@ -26,6 +27,7 @@ is 4-13x slower for CPU-bound work. ``STALLSCOPE_VM_ACCEL=kvm|tcg`` forces one.
 Used by ``tests/vm/conftest.py`` (one boot for the whole vm tier) and by hand, as root::
 
     python3 tests/vm/vmrun.py 'uname -r; stallscope-nfs-up 4.2'
+    python3 tests/vm/vmrun.py --kernel 5.10 'uname -r'     # Debian 11's kernel
     python3 tests/vm/vmrun.py --script my-test.sh --timeout 600 --out /tmp/vmrun
     python3 tests/vm/vmrun.py --shell        # serial console, root; Ctrl-a x quits QEMU
 
@@ -63,6 +65,9 @@ KERNEL_CMDLINE = (
     "modprobe.blacklist=floppy,pcspkr,parport_pc,ppdev,ata_piix,ata_generic,pata_acpi,i2c_piix4,serio_raw,joydev"
 )
 VM_FAILED_EXIT = 125
+#: The kernel matrix: kernel series -> the Debian suite whose image boots it.
+KERNELS = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
+DEFAULT_SUITE = "bookworm"
 
 # Where build-image.sh keeps images; the KVM probe verdict and the QEMU lock live there too.
 CACHE_ROOT = Path(os.environ.get("STALLSCOPE_VM_CACHE", "/var/cache/stallscope-vm"))
@@ -143,26 +148,36 @@ def _tail(path: Path, lines: int = 40) -> str:
 # ---------------------------------------------------------------------------- image
 
 
-def image_dir() -> Path:
-    """The directory the current recipe's image lives (or will live) in."""
-    out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-dir"], capture_output=True, text=True, check=True)
+def suite_of(kernel_or_suite: str) -> str:
+    """The Debian suite for a kernel series of ``KERNELS`` ("5.10") or a suite name ("bullseye")."""
+    if kernel_or_suite in KERNELS:
+        return KERNELS[kernel_or_suite]
+    if kernel_or_suite in KERNELS.values():
+        return kernel_or_suite
+    raise VMError(f"unknown kernel or suite {kernel_or_suite!r} (one of {', '.join([*KERNELS, *KERNELS.values()])})")
+
+
+def image_dir(suite: str = DEFAULT_SUITE) -> Path:
+    """The directory the current recipe's image of ``suite`` lives (or will live) in."""
+    out = subprocess.run(["bash", str(BUILD_SCRIPT), "--suite", suite, "--print-dir"],
+                         capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def cached_image() -> Optional[Image]:
-    """The image for the current recipe if it is already built, else None."""
-    image = Image(image_dir())
+def cached_image(suite: str = DEFAULT_SUITE) -> Optional[Image]:
+    """The image of ``suite`` for the current recipe if it is already built, else None."""
+    image = Image(image_dir(suite))
     return image if image.is_complete() else None
 
 
-def build_image(progress: Optional[TextIO] = sys.stderr) -> Image:
-    """Build the image (or reuse the cached one) and return it.
+def build_image(progress: Optional[TextIO] = sys.stderr, suite: str = DEFAULT_SUITE) -> Image:
+    """Build the image of ``suite`` (or reuse the cached one) and return it.
 
     Progress lines from build-image.sh are copied to ``progress``. Raises VMError
     when the build fails, with the end of its output as detail.
     """
     proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", str(BUILD_SCRIPT), "--suite", suite], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     err_lines = []
     assert proc.stderr is not None and proc.stdout is not None
@@ -398,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         epilog="examples:\n"
         "  vmrun.py 'uname -r; stallscope-rxe-up; ibv_devices'\n"
         "  vmrun.py --script t.sh --out /tmp/run1 --timeout 300\n"
+        "  vmrun.py --kernel 6.12 'uname -r'\n"
         "  vmrun.py --shell",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -410,6 +426,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-repo", action="store_true", help="share no repository")
     parser.add_argument("--out", type=Path, help="run directory (default: a new temporary one, kept)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for boot + script (default 900)")
+    parser.add_argument("--kernel", default=DEFAULT_SUITE, metavar="SERIES|SUITE",
+                        help=f"which image: kernel series {', '.join(KERNELS)} or its Debian suite "
+                        f"(default {DEFAULT_SUITE})")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     parser.add_argument("--memory", type=int, default=3072, help="guest memory in MiB (default 3072)")
     parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
@@ -417,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     repo = None if args.no_repo else args.repo.resolve()
 
     try:
-        image = build_image()
+        image = build_image(suite=suite_of(args.kernel))
         if args.shell:
             return shell(image, repo, args.accel, args.memory, args.cpus)
         script = args.script.read_text() if args.script else args.command + "\n"

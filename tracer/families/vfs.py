@@ -1,7 +1,9 @@
 """The VFS family (bpf/vfs.bpf.c): every way a thread waits on a file, by file.
 
 Attach methods, best first: fentry/fexit on vfs_read, vfs_write,
-vfs_fsync_range; kprobe/kretprobe on those plus vfs_readv/vfs_writev; syscall
+vfs_fsync_range, plus vfs_readv/vfs_writev where this kernel has them as
+functions (optional targets: one missing or inlined costs that op, reported in
+the detail line); kprobe/kretprobe on all five; syscall
 enter/exit tracepoints. With each, the ops no vfs_* function sees (sendfile,
 splice, copy_file_range, openat, stat, getdents, io_uring and AIO waits) come
 from syscall tracepoints, each compiled in only where the kernel has it.
@@ -20,7 +22,15 @@ import time
 import numpy as np
 
 from stallscope.tracer import kernel
-from stallscope.tracer.bpfload import ProbeError, base_cflags, fentry_works, load_bpf, tp_exists
+from stallscope.tracer.bpfload import (
+    ProbeError,
+    base_cflags,
+    fentry_targets,
+    fentry_works,
+    load_bpf,
+    load_optional,
+    tp_exists,
+)
 from stallscope.tracer.decode import fs_names, ops, paths
 from stallscope.wire.schema import DEFINES, RECORD_DTYPE, T_VFS
 
@@ -30,6 +40,8 @@ AGGREGATE = DEFINES["SS_F_AGGREGATE"]
 KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
            ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"),
            ("vfs_fsync_range", "ss_kp_fsync"))
+#: fentry targets the family uses where the kernel has them (static in fs/read_write.c)
+FENTRY_OPTIONAL = ("vfs_readv", "vfs_writev")
 BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev", "fsync", "fdatasync")
 #: syscalls traced by tracepoint with every attach method (-DSS_TP_<name> where present)
 EXTRA_SYSCALLS = ("sendfile64", "splice", "copy_file_range", "openat", "openat2", "statx",
@@ -90,8 +102,13 @@ def methods(cfg, tracefs):
         ok, why = fentry_works()
         if not ok:
             raise ProbeError(why)
-        b = load_and_attach(base_cflags(cfg) + ["-DSS_VFS_FENTRY", *flags], have)
-        return b, "fentry/fexit vfs_read vfs_write vfs_fsync_range" + extra
+        present, missing = fentry_targets(FENTRY_OPTIONAL)
+        b, attached, missing = load_optional(
+            lambda opt: load_and_attach(base_cflags(cfg) + ["-DSS_VFS_FENTRY", *opt, *flags], have),
+            lambda sym: f"-DSS_FENTRY_{sym}", present, missing)
+        lost = "; ".join(f"{sym}: {why}" for sym, why in missing.items())
+        return b, ("fentry/fexit vfs_read vfs_write vfs_fsync_range" + "".join(f" {s}" for s in attached)
+                   + (f" (not attached: {lost})" if lost else "") + extra)
 
     def kprobe():
         if not kernel.has_kprobes(tracefs):

@@ -1,10 +1,17 @@
-"""Fixtures for the tests that run inside the stallscope test VM (Debian 12, kernel 6.1).
+"""Fixtures for the tests that run inside the stallscope test VM (Debian 11/12/13: 5.10, 6.1, 6.12).
 
 These tests need what only the VM has: kprobes, an NFS server and client, soft-RoCE,
 netem. They run as root in the guest, from the shared checkout (PYTHONPATH is the
-repository), with Debian's python3 and python3-bpfcc. ``tests/vm/conftest.py`` collects
-this directory only inside the guest (marked by /etc/stallscope-vm-guest); on the host
-the vm tier boots the VM and runs them there.
+repository), with Debian's python3 (3.9 on Debian 11: no 3.10+ syntax or library here)
+and python3-bpfcc. ``tests/vm/conftest.py`` collects this directory only inside the
+guest (marked by /etc/stallscope-vm-guest); on the host the vm tier boots the VM and
+runs them there, once per kernel (``STALLSCOPE_VM_KERNEL`` names the series).
+
+The kernel matrix: a test that proves a probe with one attach method carries
+``@pytest.mark.matrix(ROW, METHOD)``; its outcome on this kernel (proven, failed, or
+unavailable with the reason the test asserted, through the ``matrix_unavailable``
+fixture) goes into ``$STALLSCOPE_VM_RESULT`` (result.json, with the kernel, BCC and
+python versions and each tracer's family lines), which ``tests/vm/matrix.py`` renders.
 
 The fixtures drive the helpers that vagrant/provision.sh installs
 (``stallscope-nfs-up``, ``stallscope-rxe-up``, ``stallscope-netem``) so tests and
@@ -13,15 +20,104 @@ people at the guest's shell set things up the same way.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from guestutil import run
+from guestutil import kernel_series, run
 
 GUEST_MARKER = Path("/etc/stallscope-vm-guest")
+
+#: what goes into result.json (see the module docstring)
+RESULT: dict = {"cells": [], "tracers": {}}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "matrix(row, method): proves README kernel-matrix row ROW "
+                            "with attach METHOD on this kernel")
+
+
+@pytest.fixture
+def matrix_unavailable(request):
+    """``matrix_unavailable(reason)``: this kernel cannot run the test's probe with its method,
+    for ``reason`` (which the test has asserted); the cell says so instead of "proven"."""
+    def note(reason: str) -> None:
+        request.node.user_properties.append(("matrix_unavailable", reason))
+    return note
+
+
+@pytest.fixture
+def matrix_note(request):
+    """``matrix_note(text)``: the probe is proven on this kernel, with a qualification (e.g. an
+    optional attach target this kernel lacks), shown in its cell."""
+    def note(text: str) -> None:
+        request.node.user_properties.append(("matrix_note", text))
+    return note
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    mark = item.get_closest_marker("matrix")
+    if mark is None or not (rep.when == "call" or rep.outcome != "passed"):
+        return
+    if rep.when == "teardown" and rep.outcome == "passed":
+        return
+    row, method = mark.args
+    unavailable = [v for k, v in item.user_properties if k == "matrix_unavailable"]
+    status = {"passed": "proven", "failed": "failed", "skipped": "skipped"}[rep.outcome]
+    if status == "proven" and unavailable:
+        status = "unavailable"
+    note = unavailable[0] if unavailable else "; ".join(v for k, v in item.user_properties if k == "matrix_note")
+    if rep.outcome != "passed":
+        if isinstance(rep.longrepr, tuple):             # a skip: (file, line, reason)
+            text = str(rep.longrepr[2])
+        else:
+            crash = getattr(rep.longrepr, "reprcrash", None)
+            text = str(crash.message) if crash is not None else rep.longreprtext
+        note = text.strip().splitlines()[0][:300] if text.strip() else rep.outcome
+    RESULT["cells"].append({"row": row, "method": method, "test": item.nodeid.split("::", 1)[-1],
+                            "when": rep.when, "status": status, "note": note})
+
+
+def _bcc_version() -> str:
+    try:
+        import bcc
+        return str(getattr(bcc, "__version__", "unknown"))
+    except Exception as e:      # the result says why rather than failing the session end
+        return f"unavailable ({type(e).__name__}: {e})"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write result.json for the host (STALLSCOPE_VM_RESULT), whatever the outcome."""
+    out = os.environ.get("STALLSCOPE_VM_RESULT")
+    if not out:
+        return
+    RESULT.update(kernel_release=os.uname().release, kernel_series=kernel_series(),
+                  expected_series=os.environ.get("STALLSCOPE_VM_KERNEL", ""),
+                  debian=Path("/etc/debian_version").read_text().strip(),
+                  python=platform.python_version(), bcc=_bcc_version(), pytest_exit=int(exitstatus))
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(RESULT, f, indent=1, sort_keys=True)
+    os.replace(tmp, out)
+
+
+def family_lines(stderr: str) -> dict:
+    """{family: what the tracer said it loaded, or why not} from a tracer's stderr."""
+    fams = {}
+    for line in stderr.splitlines():
+        m = re.match(r"(?:stallscope: )?(vfs|tcp|block|nfs|rdma|sched): (.*)", line.strip())
+        if m:
+            fams[m.group(1)] = m.group(2)
+    return fams
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -110,6 +206,7 @@ def probe_tracers(nfs_mounts, rxe_pair, tmp_path_factory) -> ProbeTracers:
     yield t
     for tr in t.all():
         tr.stop()
+        RESULT["tracers"][tr.name] = {"argv": tr.argv[3:], "families": family_lines(tr.stderr)}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -123,7 +220,6 @@ def _probe_tracers_start_early(request):
 @pytest.fixture(scope="session")
 def nfs_loads(probe_tracers) -> dict:
     """nfsload.py once per NFS version (3, 4.2), under netem delay, while all tracers watch."""
-    probe_tracers.vfs_tcp.wait_ready()
-    probe_tracers.nfs_rdma.wait_ready()
-    probe_tracers.vfs_fentry.is_ready()      # its own test reports a failure to start
+    for t in probe_tracers.all():    # ready, or given up: each test reports its own tracer's failure
+        t.is_ready()
     return {v: run_nfs_load(v, m) for v, m in probe_tracers.mounts.items()}

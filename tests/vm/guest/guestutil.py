@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 
 import pytest
+
+
+def kernel_series(release: str = "") -> str:
+    """"5.10", "6.1", "6.12": the major.minor of a kernel release (default: the running one)."""
+    m = re.match(r"(\d+\.\d+)", release or os.uname().release)
+    return m.group(1) if m else ""
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    series = kernel_series()
+    return tuple(int(x) for x in series.split(".")) >= (major, minor) if series else False
 
 
 def run(*cmd: str, timeout: float = 120) -> str:

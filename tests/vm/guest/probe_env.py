@@ -6,9 +6,11 @@ tests), and the tests read what it reports:
 
 * ``vfs_tcp``: ``stallscope trace --families vfs,tcp --attach kprobe``
 * ``vfs_fentry``: ``stallscope trace --families vfs --attach fentry``
-* ``nfs_rdma``: ``stallscope trace --families nfs,rdma --attach kprobe --gpu`` on the NVML
-  simulator, recording to a file (``stallscope report`` reads it; RDMA port counters
-  travel only in recordings)
+* ``nfs_rdma``: ``stallscope trace --families nfs,rdma --gpu`` (each family's best method:
+  kprobes where the kernel allows them) on the NVML simulator, recording to a file
+  (``stallscope report`` reads it; RDMA port counters travel only in recordings)
+* ``tp``: ``stallscope trace --families vfs,block,sched --attach tracepoint`` (the VFS
+  syscall-tracepoint method; block and sched have only tracepoints)
 
 Each runs the real CLI (``python3 -m stallscope trace --json``) from the repository
 share; a reader thread keeps its JSON events and its stderr. The NFS mounts and the
@@ -244,8 +246,21 @@ class ProbeTracers:
     rxe: RxePair
     mounts: dict
 
+    tp: TracerProcess
+
     def all(self):
-        return (self.vfs_tcp, self.vfs_fentry, self.nfs_rdma)
+        return (self.vfs_tcp, self.vfs_fentry, self.nfs_rdma, self.tp)
+
+
+def _unloadable(lib: Path) -> str:
+    """Why ``lib`` cannot be loaded in this guest ("" if it can): the NVML simulator is built on
+    the host, against its glibc (2.36), newer than Debian 11's 2.31."""
+    import ctypes
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as e:
+        return str(e)
+    return ""
 
 
 def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
@@ -258,6 +273,8 @@ def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
     pyn = pynvml_dir(tmp)
     if not SIMLIB.exists():
         reason = f"{SIMLIB} missing (built on the host by .ci/setup.sh)"
+    elif _unloadable(SIMLIB):
+        reason = f"{SIMLIB} (built on the host) does not load here: {_unloadable(SIMLIB)}"
     elif pyn is None:
         reason = "pynvml.py not found in the repository's .venv (pip package nvidia-ml-py)"
     else:
@@ -266,9 +283,10 @@ def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
     return ProbeTracers(
         vfs_tcp=TracerProcess("vfs_tcp", ["--families", "vfs,tcp", "--attach", "kprobe", "--no-gpu", *common]),
         vfs_fentry=TracerProcess("vfs_fentry", ["--families", "vfs", "--attach", "fentry", "--no-gpu", *common]),
-        nfs_rdma=TracerProcess("nfs_rdma", ["--families", "nfs,rdma", "--attach", "kprobe", "--output", str(rec),
+        nfs_rdma=TracerProcess("nfs_rdma", ["--families", "nfs,rdma", "--output", str(rec),
                                             *gpu_args, *common], env=env),
-        recording=rec, sim_state=state, gpu=not reason, gpu_reason=reason, rxe=rxe, mounts=mounts)
+        recording=rec, sim_state=state, gpu=not reason, gpu_reason=reason, rxe=rxe, mounts=mounts,
+        tp=TracerProcess("tp", ["--families", "vfs,block,sched", "--attach", "tracepoint", "--no-gpu", *common]))
 
 
 # ---------------------------------------------------------------------------- NFS workload
@@ -297,8 +315,9 @@ def run_nfs_load(version: str, mount: Path) -> NfsLoad:
     sub = f"load{version}"
     server_dir = Path("/srv/nfs") / sub
     server_dir.mkdir(exist_ok=True)
-    (server_dir / "data").write_bytes(os.urandom(4096 * LOAD_COUNT))
-    for name in ("out", "meta", "opn"):
+    for name in ("data", "rdata", "vdata"):
+        (server_dir / name).write_bytes(os.urandom(4096 * LOAD_COUNT))
+    for name in ("out", "wout", "vout", "meta", "opn"):
         (server_dir / name).write_bytes(b"")
     directory = str(mount / sub)
     run("stallscope-netem", "lo", "delay", f"{NETEM_DELAY_MS}ms")
@@ -309,3 +328,53 @@ def run_nfs_load(version: str, mount: Path) -> NfsLoad:
         run("stallscope-netem", "lo", "off")
     r = json.loads(out)
     return NfsLoad(version, r["pid"], r["tid"], r["comm"], r["ops"], directory)
+
+
+# ---------------------------------------------------------------------------- what a kernel lacks
+
+
+def tracefs() -> Path:
+    return Path("/sys/kernel/tracing") if Path("/sys/kernel/tracing/events").is_dir() \
+        else Path("/sys/kernel/debug/tracing")
+
+
+def kernel_lacks(family: str, stderr: str, needs: dict) -> str | None:
+    """If the tracer did not load ``family``, its reason, once checked against this kernel.
+
+    ``needs`` maps a fact the family needs to a check that is True when the kernel has it
+    (e.g. ``{"module BTF for sunrpc": lambda: Path("/sys/kernel/btf/sunrpc").exists()}``).
+    Returns None when the family loaded. When it did not, the test fails unless one of the
+    facts is false on this kernel: only a verified kernel limitation is "unavailable";
+    anything else is a failure with the tracer's reason."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(f"stallscope: {family}: ")]
+    if lines and not lines[-1].startswith(f"stallscope: {family}: not loaded"):
+        return None
+    reason = lines[-1].split(": ", 2)[-1] if lines else "(the tracer said nothing about it)"
+    lacking = [fact for fact, has in needs.items() if not has()]
+    if not lacking:
+        pytest.fail(f"{family} did not load although this kernel has {', '.join(needs)}: {reason}", pytrace=False)
+    return f"kernel lacks {'; '.join(lacking)} ({family}: {reason})"[:400]
+
+
+def has_module_btf(module: str) -> bool:
+    """Module BTF (CONFIG_DEBUG_INFO_BTF_MODULES, Linux 5.11+) of a loaded module."""
+    return Path(f"/sys/kernel/btf/{module}").exists() or not Path(f"/sys/module/{module}").exists()
+
+
+def has_tracepoint(tp: str) -> bool:
+    return (tracefs() / "events" / tp).is_dir()
+
+
+def has_tracepoint_field(tp: str, field: str) -> bool:
+    try:
+        return f" {field};" in (tracefs() / "events" / tp / "format").read_text()
+    except OSError:
+        return False
+
+
+NFS_NEEDS = {"tracepoint sunrpc:xprt_retransmit (5.11+)": lambda: has_tracepoint("sunrpc/xprt_retransmit"),
+             "module BTF of nfs and sunrpc (5.11+)": lambda: has_module_btf("nfs") and has_module_btf("sunrpc")}
+RDMA_KPROBE_NEEDS = {"module BTF of ib_uverbs and ib_core (5.11+)":
+                     lambda: has_module_btf("ib_uverbs") and has_module_btf("ib_core")}
+TCP_NEEDS = {"a `family` field in tcp:tcp_retransmit_skb (5.11+)":
+             lambda: has_tracepoint_field("tcp/tcp_retransmit_skb", "family")}

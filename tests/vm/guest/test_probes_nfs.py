@@ -25,17 +25,23 @@ from pathlib import Path
 import pytest
 
 from guestutil import run
-from probe_env import LOAD_COUNT, REPO, summary
+from probe_env import LOAD_COUNT, NFS_NEEDS, REPO, kernel_lacks, summary
 from test_probes_vfs import check_against_calls
 
-NFS_OPS = {"pread": ("nfs_read", "data"), "pwrite": ("nfs_write", "out"), "fsync": ("nfs_fsync", "ckpt"),
+NFS_OPS = {"pread": ("nfs_read", "data"), "read": ("nfs_read", "rdata"), "readv": ("nfs_read", "vdata"),
+           "pwrite": ("nfs_write", "out"), "write": ("nfs_write", "wout"), "writev": ("nfs_write", "vout"),
+           "fsync": ("nfs_fsync", "ckpt"), "fdatasync": ("nfs_fsync", "dckpt"),
            "statx": ("nfs_getattr", "meta"), "open": ("nfs_open", "opn")}
 
 
+@pytest.mark.matrix("NFS file ops (v3, v4.2)", "kprobe")
 @pytest.mark.parametrize("version", ["3", "4.2"])
-def test_nfs_file_ops_by_pid_path_server_latency(probe_tracers, nfs_loads, version):
+def test_nfs_file_ops_by_pid_path_server_latency(probe_tracers, nfs_loads, version, matrix_unavailable):
     t = probe_tracers.nfs_rdma
     t.wait_ready()
+    why = kernel_lacks("nfs", t.stderr, NFS_NEEDS)
+    if why:
+        return matrix_unavailable(why)
     assert "nfs: kprobe/kretprobe nfs_file_read nfs_file_write nfs_file_fsync" in t.stderr, t.stderr
     assert "raw tracepoints sunrpc:rpc_stats_latency sunrpc:xprt_retransmit (RPCs)" in t.stderr, t.stderr
     load = nfs_loads[version]
@@ -55,18 +61,23 @@ def test_nfs_file_ops_by_pid_path_server_latency(probe_tracers, nfs_loads, versi
                 assert ev["bytes"] == 4096, ev
 
 
+@pytest.mark.matrix("NFS RPCs: latency, xid, server, owner", "raw tracepoint")
 @pytest.mark.parametrize("version", ["3", "4.2"])
-def test_nfs_read_rpcs_with_xid_server_owner(probe_tracers, nfs_loads, version):
+def test_nfs_read_rpcs_with_xid_server_owner(probe_tracers, nfs_loads, version, matrix_unavailable):
     t = probe_tracers.nfs_rdma
     t.wait_ready()
+    why = kernel_lacks("nfs", t.stderr, NFS_NEEDS)
+    if why:
+        return matrix_unavailable(why)
     load = nfs_loads[version]
     prog = "nfsv3" if version == "3" else "nfsv4"
     reads = t.wait_events(lambda e: e["type"] == "nfs" and e["op"] == "nfs_rpc" and e["pid"] == load.pid
                           and e["path"] in (f"{prog} READ", f"{prog} READ_PLUS"), LOAD_COUNT)
-    # one READ per O_DIRECT pread, inside it
-    check_against_calls(reads, load.calls("pread"), f"{prog} READ RPCs",
+    # one READ per O_DIRECT read, pread or readv, inside it
+    calls = load.calls("pread") + load.calls("read") + load.calls("readv")
+    check_against_calls(reads, calls, f"{prog} READ RPCs",
                         lambda: summary(t.events(lambda e: e["pid"] == load.pid)))
-    assert len({e["xid"] for e in reads}) == LOAD_COUNT and all(e["xid"] for e in reads), reads
+    assert len({e["xid"] for e in reads}) == len(calls) and all(e["xid"] for e in reads), reads
     for ev in reads:
         assert (ev["server"], ev["fs"], ev["rpc_retrans"]) == ("127.0.0.1", "nfs", 0), ev
         assert ev["bytes"] > 4096, ev      # the reply: RPC and NFS headers plus the 4 KiB
@@ -83,12 +94,16 @@ def _rpc_retrans_counter() -> int:
     raise AssertionError("/proc/net/rpc/nfs has no rpc line")
 
 
-def test_nfs_rpc_retransmits_under_netem_loss(probe_tracers, nfs_mounts):
+@pytest.mark.matrix("NFS RPC retransmits", "raw tracepoint")
+def test_nfs_rpc_retransmits_under_netem_loss(probe_tracers, nfs_mounts, matrix_unavailable):
     """A 3 s blackout on lo (netem loss 100%) under a read on a mount with timeo=0.5 s,
     retrans=1: the transport times out (TCP_USER_TIMEOUT = 1 s), reconnects after the blackout
     and retransmits. Its own server address (127.0.0.2, also lo) gives it its own transport."""
     t = probe_tracers.nfs_rdma
     t.wait_ready()
+    why = kernel_lacks("nfs", t.stderr, NFS_NEEDS)
+    if why:
+        return matrix_unavailable(why)
     server = Path("/srv/nfs/rtx")
     server.mkdir(exist_ok=True)
     (server / "file").write_bytes(os.urandom(4 * 4096))
@@ -136,13 +151,17 @@ def test_nfs_rpc_retransmits_under_netem_loss(probe_tracers, nfs_mounts):
         subprocess.run(["umount", "-f", str(mnt)], capture_output=True)
 
 
-def test_nfs_read_is_blamed_for_gpu_idle(probe_tracers, nfs_mounts):
+@pytest.mark.matrix("NFS blame (simulated GPU, report)", "kprobe")
+def test_nfs_read_is_blamed_for_gpu_idle(probe_tracers, nfs_mounts, matrix_unavailable):
     """The demo training loop (sim/trainer.py) on the simulated GPU reads each
     shard from an NFS mount whose every round trip netem delays by 2 x 200 ms; with the
     files' attributes and access cached (nocto, long actimeo) the only RPC a step waits for
     is the READ. Each idle interval is blamed on the dataloader's NFS read of that shard."""
     t = probe_tracers.nfs_rdma
     t.wait_ready()
+    why = kernel_lacks("nfs", t.stderr, NFS_NEEDS)
+    if why:
+        return matrix_unavailable(why)
     assert probe_tracers.gpu, f"the tracer has no simulated GPU: {probe_tracers.gpu_reason}"
     from stallscope.sim.trainer import make_shards
 

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from guestutil import run
+from probe_env import TCP_NEEDS, kernel_lacks
 from tests.fixtures.netfault import LossyNetns
 
 PORT = 47013
 
 
-def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers):
+@pytest.mark.matrix("TCP retransmits (netem loss)", "tracepoint")
+def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers, matrix_unavailable):
     t = probe_tracers.vfs_tcp
     t.wait_ready()
+    why = kernel_lacks("tcp", t.stderr, TCP_NEEDS)
+    if why:
+        return matrix_unavailable(why)
     assert "tcp: tracepoints tcp/tcp_retransmit_skb" in t.stderr, t.stderr
     run("modprobe", "sch_netem")
     with LossyNetns(port=PORT, drop_percent=0, rto_min_ms=20) as ns:

@@ -1,64 +1,141 @@
-"""VFS probes through kprobes and fentry on the guest's 6.1 kernel, on real NFS stalls.
+"""VFS probes with each attach method (fentry, kprobe, syscall tracepoints) on real NFS stalls.
 
-The stall is real: nfsload.py (a known pid) makes LOAD_COUNT O_DIRECT reads, O_DIRECT writes
-and fsyncs of known files on the loopback NFS mounts while netem delays every packet on lo
+The stall is real: nfsload.py (a known pid) makes LOAD_COUNT each of O_DIRECT read, pread,
+readv, write, pwrite and writev calls, and fsyncs and fdatasyncs after a buffered write,
+each op on its own file on the loopback NFS mounts, while netem delays every packet on lo
 by NETEM_DELAY_MS, so each call waits for at least one RPC round trip (>= 2 x the delay).
-`stallscope trace --attach kprobe` (vfs_read/vfs_write/vfs_fsync_range kprobes) and
-`--attach fentry` must report exactly those calls, by that pid, with the file's path on the
+`stallscope trace --attach kprobe` (vfs_read/vfs_write/vfs_readv/vfs_writev/vfs_fsync_range
+kprobes), `--attach fentry` (the same functions; vfs_readv/vfs_writev are optional targets,
+attached where the kernel has them as functions) and `--attach tracepoint` (syscall
+tracepoints) must each report exactly those calls, by that pid, with the file's path on the
 mount, the filesystem "nfs", and the latency the process itself measured.
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from probe_env import LOAD_COUNT, NETEM_DELAY_MS, summary
 
-VFS_OPS = {"pread": ("read", "data"), "pwrite": ("write", "out"), "fsync": ("fsync", "ckpt")}
+VFS_ROW = "VFS read, write, readv, writev, fsync, fdatasync"
+#: nfsload op -> (file, reported op with function probes, reported op with syscall tracepoints)
+VFS_OPS = {"pread": ("data", "read", "pread"), "read": ("rdata", "read", "read"),
+           "readv": ("vdata", "readv", "readv"), "pwrite": ("out", "write", "pwrite"),
+           "write": ("wout", "write", "write"), "writev": ("vout", "writev", "writev"),
+           "fsync": ("ckpt", "fsync", "fsync"), "fdatasync": ("dckpt", "fdatasync", "fdatasync")}
+OPTIONAL_FENTRY = {"readv": "vfs_readv", "writev": "vfs_writev"}
+#: open (issue 13): on Debian 12's 6.1 the function probes on vfs_fsync_range report no NFS
+#: fdatasync at all while the syscall tracepoints report all of them; cause not found yet.
+#: Checked here to still be the case (so a fix shows up), and noted in the matrix.
+KNOWN_GAPS = {("6.1", "kprobe"): ("fdatasync",), ("6.1", "fentry"): ("fdatasync",)}
+
+
+def _known_gaps(method: str) -> tuple:
+    release = os.uname().release
+    return next((ops for (k, m), ops in KNOWN_GAPS.items() if m == method and release.startswith(k + ".")), ())
+
+
+def _check_gap(tracer, load, method, ops, matrix_note):
+    """The known gap is still there (0 events for the op), and the matrix says so."""
+    for op in ops:
+        path = f"{load.directory}/{VFS_OPS[op][0]}"
+        assert not tracer.events(lambda e: e["type"] == "io" and e["path"] == path and e["pid"] == load.pid), \
+            f"{method} now reports {op}: remove it from KNOWN_GAPS"
+    if ops:
+        matrix_note(f"{', '.join(ops)} not reported (open gap)")
 
 
 def check_against_calls(events: list, calls: list, what: str, context=lambda: "") -> None:
     """Each event is one of the process's calls: same count, in order, inside its window,
-    with the latency it measured (the probe sits inside the syscall: a little shorter).
-    ``context()`` adds what else the tracer saw to a failure message."""
+    with the latency it measured (the probe sits inside the syscall: a little shorter; by up
+    to 25 ms or 20% here: the python process's own timing around the call runs emulated and,
+    on a loaded 2-core host, gets descheduled: one 147 ms call measured 130 ms by all three
+    VFS methods alike on 6.12). ``context()`` adds what else the tracer saw to a failure message."""
     events = sorted(events, key=lambda e: e["ts_ns"])
-    assert len(events) == len(calls) == LOAD_COUNT, \
+    calls = sorted(calls, key=lambda c: c["start_mono_ns"])
+    assert len(calls) >= LOAD_COUNT and len(events) == len(calls), \
         f"{what}: {len(events)} events for {len(calls)} calls:\n" + "\n".join(map(str, events)) + \
         f"\nall events of the process:\n{context()}"
     for ev, call in zip(events, calls):
         measured = call["end_mono_ns"] - call["start_mono_ns"]
-        assert measured - max(10_000_000, measured // 10) <= ev["dur_ns"] <= measured + 2_000_000, (what, ev, call)
+        assert measured - max(25_000_000, measured // 5) <= ev["dur_ns"] <= measured + 2_000_000, (what, ev, call)
         assert ev["dur_ns"] >= 2 * NETEM_DELAY_MS * 1_000_000 * 0.9, (what, ev)
         # wall-clock placement: within the call, give or take the clock mapping
         assert call["start_wall_ns"] - 5_000_000 <= ev["ts_ns"], (what, ev, call)
         assert ev["ts_ns"] + ev["dur_ns"] <= call["end_wall_ns"] + 5_000_000, (what, ev, call)
 
 
-def _check_vfs(tracer, load, method_word):
-    for op, (vfs_op, name) in VFS_OPS.items():
+def _check_vfs(tracer, load, method, skip_ops=()):
+    for op, (name, fn_op, tp_op) in VFS_OPS.items():
+        if op in skip_ops:
+            continue
+        vfs_op = tp_op if method == "tracepoint" else fn_op
         path = f"{load.directory}/{name}"
         evs = tracer.wait_events(lambda e: e["type"] == "io" and e["pid"] == load.pid and e["path"] == path
                                  and e["op"] == vfs_op, LOAD_COUNT)
-        check_against_calls(evs, load.calls(op), f"{method_word} {vfs_op} {path}",
+        check_against_calls(evs, load.calls(op), f"{method} {op}: {vfs_op} {path}",
                             lambda: summary(tracer.events(lambda e: e["pid"] == load.pid)) + "\n" + tracer.stderr)
         for ev in evs:
             assert ev["tid"] == load.tid and ev["comm"] == load.comm, ev
             assert ev["fs"] == "nfs", ev
-            assert ev["bytes"] == (4096 if vfs_op != "fsync" else 0), ev
-            assert method_word in ev["method"], ev
+            assert ev["bytes"] == (0 if "sync" in op else 4096), ev
+            assert ev["method"] == method, ev
 
 
+def _family_line(stderr: str, family: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if re.match(rf"stallscope: {family}: ", ln)]
+    assert lines, f"the tracer said nothing about the {family} family:\n{stderr}"
+    return lines[-1]
+
+
+def _vfs_line(tracer, expected: str) -> str:
+    """The tracer's vfs line, once it is ready; it must contain ``expected`` (the method and functions)."""
+    tracer.wait_ready()
+    line = _family_line(tracer.stderr, "vfs")
+    assert expected in line, tracer.stderr
+    return line
+
+
+@pytest.mark.parametrize("method,tracer,expected", [
+    pytest.param("kprobe", "vfs_tcp", "vfs: kprobe/kretprobe vfs_read vfs_write vfs_readv vfs_writev vfs_fsync_range",
+                 marks=pytest.mark.matrix(VFS_ROW, "kprobe"), id="kprobe"),
+    pytest.param("tracepoint", "tp", "vfs: syscall tracepoints read write pread64 pwrite64 readv writev fsync fdatasync",
+                 marks=pytest.mark.matrix(VFS_ROW, "tracepoint"), id="tracepoint"),
+])
 @pytest.mark.parametrize("version", ["3", "4.2"])
-def test_vfs_kprobe_reports_each_stalled_nfs_call(probe_tracers, nfs_loads, version):
-    t = probe_tracers.vfs_tcp
-    t.wait_ready()
-    assert "vfs: kprobe/kretprobe vfs_read vfs_write" in t.stderr, t.stderr
-    _check_vfs(t, nfs_loads[version], "kprobe")
+def test_vfs_kprobe_and_tracepoint_report_each_stalled_nfs_call(probe_tracers, nfs_loads, version, method, tracer,
+                                                                 expected, matrix_note):
+    """kprobes on the five vfs_* functions, or the syscall tracepoints: every call, each op."""
+    t = getattr(probe_tracers, tracer)
+    _vfs_line(t, expected)
+    gaps = _known_gaps(method)
+    _check_vfs(t, nfs_loads[version], method, skip_ops=gaps)
+    _check_gap(t, nfs_loads[version], method, gaps, matrix_note)
 
 
+@pytest.mark.matrix(VFS_ROW, "fentry")
 @pytest.mark.parametrize("version", ["3", "4.2"])
-def test_vfs_fentry_reports_each_stalled_nfs_call(probe_tracers, nfs_loads, version):
+def test_vfs_fentry_reports_each_stalled_nfs_call(probe_tracers, nfs_loads, version, matrix_note):
+    """fentry on all five functions; vfs_readv/vfs_writev are optional targets: where this kernel
+    lacks one (inlined), the tracer names it and why, and that op alone goes unreported."""
     t = probe_tracers.vfs_fentry
-    t.wait_ready()
-    assert "vfs: fentry/fexit vfs_read vfs_write vfs_fsync_range" in t.stderr, t.stderr
-    _check_vfs(t, nfs_loads[version], "fentry")
+    line = _vfs_line(t, "vfs: fentry/fexit vfs_read vfs_write vfs_fsync_range")
+    missing = {}
+    for op, sym in OPTIONAL_FENTRY.items():
+        m = re.search(rf"{sym}: ([^;)]*)", line.split("(not attached:", 1)[1]) if "(not attached:" in line else None
+        if m:
+            missing[op] = f"{sym}: {m.group(1)}"
+        else:
+            assert re.search(rf"vfs_fsync_range( \S+)* {sym}\b", line), line
+    gaps = _known_gaps("fentry")
+    _check_vfs(t, nfs_loads[version], "fentry", skip_ops=tuple(missing) + gaps)
+    _check_gap(t, nfs_loads[version], "fentry", gaps, matrix_note)
+    load = nfs_loads[version]
+    for op in missing:          # the lost op is not reported under another name either
+        path = f"{load.directory}/{VFS_OPS[op][0]}"
+        assert not t.events(lambda e: e["type"] == "io" and e["path"] == path and e["pid"] == load.pid), op
+    if missing:
+        matrix_note("not attached: " + "; ".join(missing.values()))

@@ -1,0 +1,68 @@
+"""Families that load on this kernel without a stall check here, and the fallback between methods.
+
+* block and sched have only tracepoints: the shared ``tp`` tracer (``--families vfs,block,sched
+  --attach tracepoint``) must load them on this kernel and say with which tracepoints (their
+  events are checked on the host's kernel by tests/bpf; here the matrix records that they
+  load, not that their events are right: the row names say so);
+* a family whose best method cannot load degrades to the next one and says why: with fentry
+  and kprobes made unavailable (the capability checks patched, in-process), `auto` gives VFS
+  its syscall tracepoints and NFS its RPC-only tracepoint method, each log line naming the
+  methods it could not use and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from probe_env import has_tracepoint
+from test_probes_vfs import _family_line
+
+FAMILY_WORDS = {"block": "tracepoints", "sched": "tracepoints"}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param("block", marks=pytest.mark.matrix("block IO (loads; events checked on the host only)", "tracepoint")),
+    pytest.param("sched", marks=pytest.mark.matrix("sched: lifecycle, off-CPU, page faults (loads; events checked "
+                                                   "on the host only)", "tracepoint")),
+])
+def test_tracepoint_only_family_loads(probe_tracers, family):
+    t = probe_tracers.tp
+    t.wait_ready()
+    line = _family_line(t.stderr, family)
+    assert "not loaded" not in line, line
+    assert "tracepoint" in line, line
+
+
+@pytest.mark.matrix("fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)", "forced")
+def test_forced_fallback_to_the_next_method(nfs_mounts, monkeypatch, matrix_note):
+    from stallscope.tracer import kernel, probes
+    from stallscope.tracer.families import nfs as fam_nfs
+    from stallscope.tracer.families import vfs as fam_vfs
+
+    kernel.ensure_headers()
+    monkeypatch.setattr(fam_vfs, "fentry_works", lambda: (False, "fentry made unavailable by the test"))
+    monkeypatch.setattr(kernel, "has_kprobes", lambda tracefs: False)
+    log = []
+    loaded, failed = probes.load(probes.ProbeConfig(min_latency_ns=50_000_000, families=("vfs", "nfs")), log.append)
+    try:
+        text = "\n".join(log)
+        by_family = {p.family: p for p in loaded}
+        assert set(by_family) | set(failed) == {"vfs", "nfs"}, text
+        assert "vfs" in by_family, f"vfs did not fall back to its syscall tracepoints: {failed}\n{text}"
+        assert by_family["vfs"].method == "tracepoint", text
+        assert re.search(r"vfs: syscall tracepoints read write .*\(not fentry: fentry made unavailable by the test; "
+                         r"not kprobe: kernel has no kprobes \(CONFIG_KPROBES off\)\)", text), text
+        if "nfs" in failed:         # only where this kernel lacks what NFS's tracepoint method needs
+            assert "kprobe: kernel has no kprobes" in failed["nfs"], failed
+            if has_tracepoint("sunrpc/rpc_stats_latency") and has_tracepoint("sunrpc/xprt_retransmit"):
+                pytest.fail(f"nfs did not fall back to its tracepoint method: {failed['nfs']}", pytrace=False)
+            assert "tracepoint sunrpc:" in failed["nfs"], failed
+            return matrix_note("VFS only: NFS has no method on this kernel (" + failed["nfs"].split("; ")[-1] + ")")
+        assert by_family["nfs"].method == "tracepoint", text
+        assert re.search(r"nfs: raw tracepoints sunrpc:rpc_stats_latency .*\(RPCs only: per-file ops need kprobes\) "
+                         r"\(not kprobe: kernel has no kprobes \(CONFIG_KPROBES off\)\)", text), text
+    finally:
+        for p in loaded:
+            p.close()
