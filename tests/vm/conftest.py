@@ -253,7 +253,7 @@ def boot_kernel(kernel: str, capture, tmp_path_factory: pytest.TempPathFactory) 
         if REQUIRE_VM:
             pytest.fail(f"STALLSCOPE_REQUIRE_VM=1 but {unmet}", pytrace=False)
         pytest.skip(unmet)
-    timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "1080"))
+    timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "1800"))
     # Not under pytest's basetemp: another pytest session on the host (other tiers, other
     # checkouts) rotates those away, share and console log included, while the guest runs.
     run_dir = Path(tempfile.mkdtemp(prefix=f"stallscope-vm-{kernel}-"))
