@@ -21,7 +21,7 @@ guest test that skipped in the guest.
 
 Environment: ``STALLSCOPE_VM_KERNELS`` (comma-separated subset of the kernels, e.g.
 ``6.1``; default all), ``STALLSCOPE_VM_TIMEOUT`` (seconds for one kernel's boot plus
-all its guest tests, default 1080), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg),
+all its guest tests, default 1800), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg),
 ``STALLSCOPE_VM_CACHE`` (image cache root), ``STALLSCOPE_VM_RESULTS``.
 
 Inside the guest (``/etc/stallscope-vm-guest`` exists, written by
