@@ -116,9 +116,14 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
     before = {d: hw_counters(d) for d in rxe_pair.devices}
     since = time.time_ns()
     netem(rxe_pair.netdevs[0], "loss", "10%")
-    # 60 round trips: ~120 packets at 10% loss (no loss at all: p < 1e-5); 200 once ran past the
-    # 60 s wait in CI (each loss costs an RC retransmit timeout, slow under TCG)
-    pingpong(rxe_pair, 60, 18612, events=False)
+    # 60 round trips: ~120 packets at 10% loss (no loss at all: p < 1e-5). Under loss the
+    # server side of ibv_rc_pingpong can wait forever for a last message whose sender (the
+    # client) already exited; it is killed after 60 s. What this test checks is the counters,
+    # which the retries before that have moved either way.
+    try:
+        pingpong(rxe_pair, 60, 18612, events=False)
+    except subprocess.TimeoutExpired:
+        pass
     run("stallscope-netem", rxe_pair.netdevs[0], "off")
     after = {d: hw_counters(d) for d in rxe_pair.devices}
     time.sleep(3.5)            # two more polls, and the batch that carries them
