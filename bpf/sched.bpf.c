@@ -194,6 +194,17 @@ static __always_inline void fill_common(struct ss_event *e, u32 type, u32 op)
 
 /* ---------------------------------------------------------------- records */
 
+/* The name of the process ``task`` belongs to (its thread group leader's comm). "Who ran
+ * instead" is a process (a tgid), so it is named by the process: a thread's own name (a
+ * helper thread still called "python" in a process that renamed its main thread) would
+ * pair one process's pid with another thread's name. */
+static __always_inline void proc_comm(void *task, char *dst)
+{
+	void *leader = 0;
+	ss_read(leader, task + OFF_TASK_GROUP_LEADER);
+	bpf_probe_read_kernel_str(dst, SS_COMM_LEN, (leader ? leader : task) + OFF_TASK_COMM);
+}
+
 static __always_inline void emit_sched(struct ss_thread *th, u32 tid, u32 op, u64 first,
 				       u64 last, u64 sum, u32 count, u64 key, u32 state,
 				       u32 other, char *other_comm)
@@ -617,7 +628,7 @@ static __always_inline void switch_out(void *ctx, struct ss_cpu *c, void *prev, 
 		th->kind = SP_RUNQ;
 		th->state = SS_SCHED_PREEMPTED;
 		th->other = next_tgid;
-		bpf_probe_read_kernel_str(th->other_comm, SS_COMM_LEN, next + OFF_TASK_COMM);
+		proc_comm(next, th->other_comm);
 		/* watch who holds this CPU while the thread waits for it */
 		th->wait_cpu = bpf_get_smp_processor_id();
 		if (!c->waiting)
@@ -683,7 +694,7 @@ static __always_inline void wakeup_spell(struct ss_thread *th, u32 tid, u64 wake
 		return;
 	u64 id = bpf_get_current_pid_tgid();
 	char comm[SS_COMM_LEN];
-	bpf_get_current_comm(comm, SS_COMM_LEN);
+	proc_comm((void *)bpf_get_current_task(), comm);
 	grp_add(th, tid, &th->g[G_RUNQ], SS_OP_RUNQ, wake, now, 0, SS_SCHED_WAKEUP, id >> 32, comm);
 }
 
@@ -739,7 +750,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 		if (now - c->since > c->best_len) {
 			c->best_len = now - c->since;
 			c->best_tgid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(c->best_comm, SS_COMM_LEN);
+			proc_comm((void *)bpf_get_current_task(), c->best_comm);
 		}
 		c->since = now;
 	}

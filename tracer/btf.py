@@ -164,6 +164,7 @@ SCHED_FIELDS = {
     "OFF_TASK_TGID": ("task_struct", "tgid"),
     "OFF_TASK_COMM": ("task_struct", "comm"),
     "OFF_TASK_REAL_PARENT": ("task_struct", "real_parent"),
+    "OFF_TASK_GROUP_LEADER": ("task_struct", "group_leader"),
     "OFF_TASK_SIGNAL": ("task_struct", "signal"),
     "OFF_TASK_STATE": ("task_struct", "__state|state"),
     "OFF_TASK_FLAGS": ("task_struct", "flags"),
