@@ -7,6 +7,7 @@ import datetime
 import time
 
 from .analyze import VERDICTS, Result
+from .crossnode import signal_name
 from .http_episodes import SLOW, THROTTLING, TIMEOUT, endpoint_summary, full_reason, http_class, statuses_of
 from .verdict import Chain, Verdict, group_verdicts
 
@@ -72,6 +73,8 @@ def describe(e: dict) -> str:
     op = e.get("op", "") or kind
     if kind == "http":
         return _http_event(e)
+    if kind == "exit":
+        return f"exited ({signal_name(int(e.get('exit_status', -1)))}) pid {e.get('pid', 0)} {e.get('comm', '')}".rstrip()
     if kind in ("io", "nfs"):
         n = int(e.get("count", 1) or 1)
         what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
@@ -143,6 +146,43 @@ def _culprit_text(v: Verdict) -> str:
     return what
 
 
+def _ms(ns: int) -> str:
+    """A clock uncertainty: ``0.25 ms``, ``3 ms``, ``120 ms``, ``1.5 s``."""
+    if ns >= 1_000_000_000:
+        return f"{ns / 1e9:.1f} s"
+    return f"{ns / 1e6:.2g} ms" if ns < 10_000_000 else f"{ns / 1e6:.0f} ms"
+
+
+def remote_text(v: Verdict) -> str:
+    """A remote verdict with its cause (analysis/crossnode.py), naming the peer's rank and
+    node and the clock uncertainty between the two nodes: ``remote: rank 3 on node-b: TCP
+    10.0.0.2:40312 -> 10.0.0.1:29500 retransmitting 1.2 s (±3 ms clock)``, ``remote: rank 1
+    on node-c exited (SIGKILL) 0.4 s before (±3 ms clock)``, ``remote: rank 0 on node-a:
+    <its culprit> (±5 ms clock)``."""
+    c = v.culprit or {}
+    who = (f"rank {v.culprit_rank}" if v.culprit_rank >= 0
+           else f"pid {c.get('pid', 0)} {c.get('comm', '')}".rstrip())
+    where = f"{who} on {v.culprit_node or '?'}"
+    clock = f" (±{_ms(v.clock_uncertainty_ns)} clock)" if v.culprit_node != v.node else ""
+    if v.cause == "peer_net":
+        return (f"remote: {where}: TCP {c.get('saddr')}:{c.get('sport')} -> {c.get('daddr')}:{c.get('dport')} "
+                f"retransmitting {_dur(int(c.get('dur_ns', 0)))}{clock}")
+    if v.cause == "peer_exit":
+        d = v.idle_start_ns - int(c.get("ts_ns", 0))
+        when = f"{_dur(d)} before" if d >= 0 else f"{_dur(-d)} after the idle began"
+        return f"remote: {where} exited ({signal_name(int(c.get('exit_status', -1)))}) {when}{clock}"
+    return f"remote: {where}: {_culprit_text(v)}{clock}"
+
+
+def cost_text(v: Verdict) -> str:
+    """``held up 15 ranks ≈ 12.3 GPU-s (estimate)``: a local culprit's cost to its job."""
+    c = v.job_cost
+    if c is None:
+        return ""
+    return (f"held up {c.ranks} rank{'' if c.ranks == 1 else 's'} ≈ {c.gpu_seconds:.1f} GPU-s"
+            + (" (estimate)" if c.estimate else ""))
+
+
 def format_groups(groups: list, limit: int = 20) -> list:
     """Lines for repeated culprits: ``dataset_read /data/shard-#.bin on nfs-server-3: 250
     intervals, 41.0 GPU-minutes``."""
@@ -188,10 +228,14 @@ def format_text(result: Result) -> str:
                  f"{'VERDICT':<11} {'EXPLAINED':>9}  CULPRIT")
     for v in vs:
         dur = f"{v.duration_ns / 1e6:.1f}" + ("+" if v.open else "")
-        if v.culprit is not None:
+        if v.culprit is not None and v.cause:
+            what = remote_text(v)
+        elif v.culprit is not None:
             what = _culprit_text(v)
             if v.remote:
                 what = f"[{v.culprit_node}, clock +-{v.clock_uncertainty_ns / 1e6:.3f}ms] " + what
+            if v.job_cost is not None:
+                what += f"; {cost_text(v)}"
         elif v.contributors:
             what = f"(partly: {describe(v.contributors[0])})"
         elif not v.owners:
@@ -267,10 +311,14 @@ EVENT_HEADER = (f"{'TIME':<12} {'COMM':<16} {'PID':>7} {'TID':>7} {'OP':<12} {'L
 
 def verdict_line(v: Verdict) -> str:
     """One live verdict: ``VERDICT node gpuN idle 800ms explained 96% (+-100ms): <culprit>``."""
-    if v.culprit is not None:
+    if v.culprit is not None and v.cause:
+        what = remote_text(v)
+    elif v.culprit is not None:
         what = _culprit_text(v)
         if v.remote:
             what = f"[remote: {v.culprit_node}] {what}"
+        if v.job_cost is not None:
+            what += f"; {cost_text(v)}"
     elif v.contributors:
         what = f"unexplained (partly: {describe(v.contributors[0])})"
     elif not v.owners:

@@ -173,6 +173,23 @@ def build_chain(links: list, covered_ns: int) -> Chain:
 
 
 @dataclass
+class JobCost:
+    """What a local culprit cost the rest of its job: ``ranks`` (the job's other GPUs held
+    up while it stalled), ``gpu_seconds`` = ranks x the time it explains, and ``estimate``
+    when some of those ranks show no idle interval then (ranks waiting in an NCCL collective
+    keep their GPU busy, so NVML cannot confirm their wait); ``idle_ranks`` did go idle."""
+
+    ranks: int
+    gpu_seconds: float
+    estimate: bool
+    idle_ranks: int = 0
+
+    def to_json(self) -> dict:
+        return {"ranks": self.ranks, "gpu_seconds": self.gpu_seconds, "estimate": self.estimate,
+                "idle_ranks": self.idle_ranks}
+
+
+@dataclass
 class Verdict:
     """What stallscope says about one GPU idle interval."""
 
@@ -208,6 +225,13 @@ class Verdict:
     container: str = ""
     pod_uid: str = ""
     container_id: str = ""
+    # across ranks (analysis/crossnode.py), set only where known: a remote verdict's cause
+    # ("peer_io" a peer's local stall, "peer_net" a peer's TCP flow to this node
+    # retransmitting, "peer_exit" a peer rank died) and that peer's rank; a local culprit's
+    # cost to the rest of its job
+    cause: str | None = None
+    culprit_rank: int = -1
+    job_cost: JobCost | None = None
 
     @property
     def duration_ns(self) -> int:
@@ -236,6 +260,8 @@ class Verdict:
             **{k: v for k, v in (("namespace", self.namespace), ("pod", self.pod),
                                  ("container", self.container), ("pod_uid", self.pod_uid),
                                  ("container_id", self.container_id)) if v},
+            **({"cause": self.cause, "culprit_rank": self.culprit_rank} if self.cause else {}),
+            **({"job_cost": self.job_cost.to_json()} if self.job_cost is not None else {}),
         }
 
 

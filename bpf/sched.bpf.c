@@ -7,7 +7,13 @@
  *   sched_process_exec   SS_T_PROC EXEC with the new comm
  *   sched_process_exit   per thread: its open off-CPU groups are emitted and its state
  *                        dropped; the last thread of a process (signal->live == 0):
- *                        SS_T_PROC EXIT and the tgid leaves the owners
+ *                        SS_T_PROC EXIT and the tgid leaves the owners. The EXIT record
+ *                        carries the process's wait(2) status in ret (task->exit_code,
+ *                        which do_exit sets before this tracepoint; in a group exit,
+ *                        exit_group() or a fatal signal, every thread exits with the
+ *                        group's code: signal in bits 0-6, 0x80 core dumped, exit code
+ *                        in bits 8-15; -1 when unreadable) and state = 1 when the
+ *                        process was an owner
  *   sched_switch         owner threads only: a spell off the CPU starts at switch-out
  *                        (runnable: preempted; D state; S state in a wait that is a
  *                        stall) and ends at switch-in. While an owner thread waits for
@@ -235,7 +241,9 @@ static __always_inline void emit_sched(struct ss_thread *th, u32 tid, u32 op, u6
 	ss_submit(e);
 }
 
-static __always_inline void emit_proc(u32 op, u32 tgid, u32 tid, u32 ppid, void *comm_src, int from_task)
+/* ret and state: EXIT only (the wait(2) status, was an owner); 0 for FORK and EXEC */
+static __always_inline void emit_proc(u32 op, u32 tgid, u32 tid, u32 ppid, void *comm_src, int from_task,
+				      s64 status, u8 owner)
 {
 	struct ss_event *e = ss_reserve();
 	if (!e)
@@ -245,6 +253,8 @@ static __always_inline void emit_proc(u32 op, u32 tgid, u32 tid, u32 ppid, void 
 	e->dur_ns = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->key = ppid;
+	e->ret = status;
+	e->state = owner;
 	e->pid = tgid;
 	e->tid = tid;
 	if (from_task)
@@ -459,7 +469,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 		else
 			owners_changed();
 	}
-	emit_proc(SS_OP_FORK, tgid, pid, ppid, child + OFF_TASK_COMM, 1);
+	emit_proc(SS_OP_FORK, tgid, pid, ppid, child + OFF_TASK_COMM, 1, 0, 0);
 	return 0;
 }
 
@@ -473,7 +483,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	ss_read(rp, task + OFF_TASK_REAL_PARENT);
 	if (rp)
 		ss_read(ppid, rp + OFF_TASK_TGID);
-	emit_proc(SS_OP_EXEC, id >> 32, (u32)id, ppid, 0, 0);
+	emit_proc(SS_OP_EXEC, id >> 32, (u32)id, ppid, 0, 0, 0, 0);
 	return 0;
 }
 
@@ -499,14 +509,19 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 		ss_read(live, sig + OFF_SIGNAL_LIVE);   /* decremented before this tracepoint */
 	if (live != 0)
 		return 0;                               /* other threads of the process live on */
-	if (!owners.delete(&tgid))
+	u8 was_owner = !owners.delete(&tgid);
+	if (was_owner)
 		owners_changed();
 	void *rp = 0;
 	u32 ppid = 0;
 	ss_read(rp, task + OFF_TASK_REAL_PARENT);
 	if (rp)
 		ss_read(ppid, rp + OFF_TASK_TGID);
-	emit_proc(SS_OP_EXIT, tgid, tid, ppid, 0, 0);
+	int code = 0;
+	s64 status = -1;
+	if (bpf_probe_read_kernel(&code, sizeof(code), task + OFF_TASK_EXIT_CODE) == 0)
+		status = code;
+	emit_proc(SS_OP_EXIT, tgid, tid, ppid, 0, 0, status, was_owner);
 	return 0;
 }
 

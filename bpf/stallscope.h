@@ -98,6 +98,9 @@ enum ss_op {
  *         1 D state, 2 S state in a wait that stalls, 3 S state not classified yet (one
  *         spell; user space classifies its stack), 4 preempted, 5 runnable after a wakeup
  *   ret   HTTP: the final status code (0: no answer); key HTTP: connection (fd or SSL *)
+ *   ret   PROC EXIT: the wait(2) status (task exit_code: signal in bits 0-6, 0x80 core
+ *         dumped, exit code in bits 8-15; -1 unreadable)
+ *   state PROC EXIT: 1 if the process was in the owners map (a GPU process or descendant)
  *   path  HTTP: Host value, request path up to '?' and reason phrase at fixed offsets
  *         (SS_HTTP_*); VFS/NFS: leaf-first path components; NFS_RPC: "PROC\0prog\0"; RDMA: device
  *         name; SCHED runq: comm of the task that ran instead

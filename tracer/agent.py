@@ -50,6 +50,7 @@ class AgentConfig:
     job_mapping_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
         attribution.JOB_MAPPING_ENV, attribution.DEFAULT_JOB_MAPPING_DIR))
     attribution_refresh_s: float = 10.0
+    addrs_refresh_s: float = 10.0   # this node's addresses (meta.node.addrs), re-read this often
 
 
 #: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
@@ -67,6 +68,65 @@ def clock_mapping():
         if best is None or b - a < best[1]:
             best = (w - (a + b) // 2, b - a)
     return best
+
+
+#: at most this many addresses in meta.node.addrs
+MAX_ADDRS = 64
+
+
+def node_addrs(proc: str = "/proc", pids=()) -> list:
+    """The IPv4 and IPv6 addresses of this network namespace and of the namespaces of
+    ``pids`` (the GPU processes: a trainer in a pod of its own receives on the pod's
+    address), as text, sorted: the /32 LOCAL host entries of ``net/fib_trie`` and the entries
+    of ``net/if_inet6``, without loopback, link-local, multicast and unspecified ones (which
+    name no node to another node). Each namespace is read once (by its ``ns/net`` inode):
+    two small /proc reads each, no dependency; what cannot be read gives no addresses."""
+    import ipaddress
+    found: set = set()
+    dirs, seen = [os.path.join(proc, "net")], set()
+    for pid in sorted({int(p) for p in pids})[:256]:
+        try:
+            ino = os.stat(os.path.join(proc, str(pid), "ns", "net")).st_ino
+        except OSError:
+            continue
+        if ino not in seen:
+            seen.add(ino)
+            dirs.append(os.path.join(proc, str(pid), "net"))
+    for d in dirs:
+        _netns_addrs(d, found)
+    out = []
+    for a in found:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
+            out.append(str(ip))
+    return sorted(out)[:MAX_ADDRS]
+
+
+def _netns_addrs(net_dir: str, found: set) -> None:
+    """Add the local addresses listed in one ``/proc/.../net`` directory to ``found``."""
+    import ipaddress
+    try:
+        with open(os.path.join(net_dir, "fib_trie")) as f:
+            last = ""
+            for line in f:
+                s = line.strip()
+                if s.startswith("|-- "):
+                    last = s[4:]
+                elif last and s.startswith("/32 host LOCAL"):
+                    found.add(last)
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(net_dir, "if_inet6")) as f:
+            for line in f:
+                h = line.split(None, 1)[0] if line.strip() else ""
+                if len(h) == 32:
+                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
+    except (OSError, ValueError):
+        pass
 
 
 def _release_compiler_memory():
@@ -120,6 +180,11 @@ class Agent:
         self._last_tick_error = ""
         self.procs = ProcCache(cfg.proc_root)
         self.sched = None               # the sched family's user-space half, when loaded
+        self.exits = None               # proc rows for exits that matter (sched family)
+        self._addrs: list = []          # meta.node.addrs, re-read every addrs_refresh_s
+        self._addrs_at = None
+        self._gpu_pids: set = set()     # the processes NVML listed at its last poll
+        self._addrs_pids: set = set()   # ... when the addresses were last read
         self.http_tls = None            # the http family's per-owner libssl uprobes, when loaded
         self._owner_roots = set()       # (pid, start_ns) of processes made owners from user space
         self.owners = SocketOwners(cfg.proc_root)
@@ -165,8 +230,9 @@ class Agent:
         probe = next((p for p in self.loaded if p.family == "sched"), None)
         if probe is None:
             return
-        from .families.sched import Runtime
+        from .families.sched import ExitReporter, Runtime
         self.sched = Runtime(probe.bpf, self.cfg.probe.min_latency_ns, self.cfg.proc_root)
+        self.exits = ExitReporter(self.procs)
         self.procs.kernel_lineage(self.started_ns)
         if self.cfg.probe.pid:
             self._add_owners([self.cfg.probe.pid])
@@ -287,7 +353,10 @@ class Agent:
             if len(recs):
                 tables = decode.split(recs, off, self.methods)
                 if "_proc" in tables:           # lineage first: later rows may name these pids
-                    self.procs.ingest(tables.pop("_proc"))
+                    lineage = tables.pop("_proc")
+                    self.procs.ingest(lineage)
+                    if self.exits is not None:
+                        self.exits.add(lineage)
                 if "_sched" in tables:          # stack names, mapped files: while the process lives
                     tables.update(self.sched.resolve(tables.pop("_sched")))
                 if tables:
@@ -317,8 +386,10 @@ class Agent:
             got["gpu"] = {k: v[keep] for k, v in g.items()}
         if got and any(len(t.get("ts_ns", ())) for t in got.values()):
             self.pending.append(got)
-        if self.sched is not None and got and len(got["gpu_proc"]["pid"]):
-            self._add_owners(np.unique(got["gpu_proc"]["pid"]))
+        if got and len(got["gpu_proc"]["pid"]):
+            self._gpu_pids = {int(x) for x in np.unique(got["gpu_proc"]["pid"])}
+            if self.sched is not None:
+                self._add_owners(np.unique(got["gpu_proc"]["pid"]))
 
     def _sample_rdma(self):
         got = self.rdma_counters.poll()
@@ -350,10 +421,10 @@ class Agent:
             if kind in tables and len(tables[kind]["pid"]):
                 pids.append(np.asarray(tables[kind]["pid"], dtype=np.int64))
                 at.append(np.asarray(tables[kind]["ts_ns"], dtype=np.int64))
-        if pids:
-            proc = self.procs.table_for(np.concatenate(pids), np.concatenate(at))
-            if proc:
-                tables["proc"] = proc
+        proc = self.procs.table_for(np.concatenate(pids), np.concatenate(at)) if pids else {}
+        exits = self.exits.take() if self.exits is not None else {}
+        if proc or exits:               # exit rows last: a pid's latest row is its exit
+            tables["proc"] = concat_tables("proc", [t for t in (proc, exits) if t])
         # bounded: exited processes forgotten, except those open net episodes still name
         self.procs.sweep(keep={ep["pid"] for ep in self.episodes.open.values()})
         off, unc = self._clock()
@@ -371,6 +442,9 @@ class Agent:
         counters["proc.cached"] = len(self.procs)
         counters["proc.forgotten"] = self.procs.forgotten
         counters["proc.pid_reuse_seen"] = self.procs.reuse_seen
+        if self.exits is not None:
+            counters["proc.exits_reported"] = self.exits.reported
+            counters["proc.exits_dropped"] = self.exits.dropped
         if self.http_tls is not None:
             counters["http.tls_pids"] = len(self.http_tls.pids())
             counters["http.tls_attach_errors"] = self.http_tls.errors
@@ -386,7 +460,7 @@ class Agent:
                 "abi": ABI_VERSION, "schema": SCHEMA_VERSION,
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
-                "not_loaded": self.failed, "final": final}
+                "not_loaded": self.failed, "final": final, "node": {"addrs": self._node_addrs()}}
         shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}
         if shed:                # announced: these stalls are sampled by duration, not all kept
             meta["shed"] = shed
@@ -402,6 +476,16 @@ class Agent:
         batch = Batch(self.cfg.node, self.seq, tables, counters, self._hist_cache, meta)
         self.seq += 1
         return batch
+
+    def _node_addrs(self) -> list:
+        """meta.node.addrs (this namespace's and the GPU processes'): read at most every
+        ``addrs_refresh_s``."""
+        now = time.monotonic()
+        if (self._addrs_at is None or now - self._addrs_at >= self.cfg.addrs_refresh_s
+                or self._gpu_pids != self._addrs_pids):       # a new GPU process: maybe a new netns
+            self._addrs_at, self._addrs_pids = now, set(self._gpu_pids)
+            self._addrs = node_addrs(self.cfg.proc_root, self._gpu_pids)
+        return list(self._addrs)
 
     def flush(self, final: bool = False):
         batch = self.build_batch(final)

@@ -168,6 +168,7 @@ SCHED_FIELDS = {
     "OFF_TASK_SIGNAL": ("task_struct", "signal"),
     "OFF_TASK_STATE": ("task_struct", "__state|state"),
     "OFF_TASK_FLAGS": ("task_struct", "flags"),
+    "OFF_TASK_EXIT_CODE": ("task_struct", "exit_code"),
     "OFF_SIGNAL_LIVE": ("signal_struct", "live"),
 }
 SCHED_FIELDS_X86_64 = {"OFF_PT_REGS_ORIG_AX": ("pt_regs", "orig_ax"), "OFF_PT_REGS_DI": ("pt_regs", "di")}

@@ -138,9 +138,13 @@ TABLES = {
     # compute processes seen on each GPU at ts_ns
     "gpu_proc": {"ts_ns": "u", "gpu": "u", "pid": "u"},
     # process lineage and job identity for every pid that appears in the batch; pod_uid and
-    # container_id from its cgroup (wire/cgroup.py), "" when it is in no pod or container
+    # container_id from its cgroup (wire/cgroup.py), "" when it is in no pod or container;
+    # exit_ns (wall, 0: not exited or not known) and exit_status (the wait(2) status: signal
+    # in bits 0-6, 0x80 core dumped, exit code in bits 8-15; -1 unknown) in the row the
+    # tracer sends when a process that matters exits (a GPU owner or descendant, or a
+    # process with a job or rank); a pid's latest row carries the latest facts
     "proc": {"pid": "u", "ppid": "u", "comm": "s", "start_ns": "u", "job": "s", "rank": "i",
-             "pod_uid": "s", "container_id": "s"},
+             "pod_uid": "s", "container_id": "s", "exit_ns": "u", "exit_status": "i"},
 }
 #: columns added after schema 1, with how to fill them where a table lacks them (a batch
 #: from an older tracer, a table built by hand): the value is a function of the table
@@ -148,7 +152,9 @@ OPTIONAL = {
     "io": {"count": lambda t: np.ones(table_len(t), dtype=np.uint64),
            "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64)},
     "proc": {"pod_uid": lambda t: np.full(table_len(t), "", dtype=object),
-             "container_id": lambda t: np.full(table_len(t), "", dtype=object)},
+             "container_id": lambda t: np.full(table_len(t), "", dtype=object),
+             "exit_ns": lambda t: np.zeros(table_len(t), dtype=np.uint64),
+             "exit_status": lambda t: np.full(table_len(t), -1, dtype=np.int64)},
 }
 
 

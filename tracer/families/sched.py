@@ -3,7 +3,9 @@ the kernel, and the off-CPU time of owner threads.
 
 Records:
   SS_T_PROC   fork/exec/exit of every process -> ``_proc`` (the agent feeds it to
-              tracer/procinfo.ProcCache, which ships ``proc`` rows)
+              tracer/procinfo.ProcCache, which ships ``proc`` rows); an exit carries the
+              process's wait(2) status and whether it was an owner, and :class:`ExitReporter`
+              turns the exits that matter into ``proc`` rows with ``exit_ns``/``exit_status``
   SS_T_SCHED  an owner thread's merged off-CPU spells -> ``_sched``; :class:`Runtime`
               finishes them into the ``sched`` table (op blocked|runq) and, for blocked
               page faults, ``io`` rows (op page_fault), since naming a reason needs this
@@ -27,7 +29,7 @@ import numpy as np
 from stallscope.tracer import btf
 from stallscope.tracer.bpfload import ProbeError, base_cflags, load_bpf, tp_exists
 from stallscope.tracer.decode import comm_str, ops, unique_map
-from stallscope.wire.schema import OP_CODES, T_PROC, T_SCHED
+from stallscope.wire.schema import OP_CODES, T_PROC, T_SCHED, concat_tables
 
 NAME = "sched"
 RECORD_TYPES = (T_PROC, T_SCHED)
@@ -44,6 +46,7 @@ G_FAULT = 2
 SP_GROUP = (SP_BLOCKED, SP_RUNQ, SP_FAULT)      # the spell kind that joins each group
 
 OP_BLOCKED = OP_CODES["blocked"]
+OP_EXIT = OP_CODES["exit"]
 OP_RUNQ = OP_CODES["runq"]
 OP_FAULT = OP_CODES["page_fault"]
 UNKNOWN_MAPPING = "[unknown mapping]"
@@ -131,8 +134,12 @@ def _raw_tp_type():
 
 def decode(rtype, r, base, method) -> dict:
     if rtype == T_PROC:
+        ex = r["op"] == OP_EXIT
         return {"_proc": {"ts_ns": base["ts_ns"], "op": ops(r["op"]), "pid": base["pid"],
-                          "tid": base["tid"], "ppid": r["key"].astype(np.uint64), "comm": base["comm"]}}
+                          "tid": base["tid"], "ppid": r["key"].astype(np.uint64), "comm": base["comm"],
+                          # exits only: the wait(2) status (-1 unknown), an owner when it died
+                          "exit_status": np.where(ex, r["ret"], -1).astype(np.int64),
+                          "owner": np.where(ex, r["state"], 0).astype(np.uint64)}}
     return {"_sched": {**base, "op": r["op"].astype(np.uint64), "key": r["key"].astype(np.uint64),
                        "sum_ns": r["ret"].astype(np.int64), "aux": r["aux"].astype(np.uint64),
                        "dev": r["dev"].astype(np.uint64), "state": r["state"].astype(np.uint64),
@@ -146,6 +153,73 @@ def _comm_field(r) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- user space side
+
+class ExitReporter:
+    """``proc`` rows with ``exit_ns``/``exit_status`` for the exits that matter to blame
+    across ranks: processes that were owners when they died (NVML's processes and their
+    descendants, the kernel's flag) and processes with a job or a rank. Other exits on a busy
+    host are not shipped.
+
+    :meth:`add` takes the ``_proc`` columns of a drain after ``ProcCache.ingest`` (the exit is
+    known, identity settled from the process or its parent); :meth:`take` (one call per
+    batch) returns at most ``max_rows`` exits, ranks first, then owners, then the rest of the
+    job's processes, each preceded by the process's own row and its ancestors where those
+    were not reported yet (so its lineage is complete and its exit row comes last: readers
+    keep a pid's latest row). Exits beyond the bound are counted in ``dropped``."""
+
+    def __init__(self, procs, max_rows: int = 1024):
+        self.procs = procs
+        self.max_rows = int(max_rows)
+        self.pending: list = []     # (priority, order, pid, exit ns, status, row)
+        self.reported = 0
+        self.dropped = 0
+        self._order = 0
+
+    def add(self, t: dict) -> None:
+        if "exit_status" not in t:
+            return
+        for i in np.flatnonzero(np.asarray(t["op"], dtype=object) == "exit"):
+            pid, ts = int(t["pid"][i]), int(t["ts_ns"][i])
+            row = self.procs.lookup(pid, ts)
+            if row is None:
+                continue                # never known (gone before it was seen): nothing to say
+            _ppid, _comm, _start, job, rank = row
+            owner = bool(int(t["owner"][i]))
+            if not (owner or job or rank >= 0):
+                continue
+            prio = 0 if rank >= 0 else 1 if owner else 2
+            self._order += 1
+            self.pending.append((prio, self._order, pid, ts, int(t["exit_status"][i]), row))
+
+    def _ids(self, pid: int, start_ns: int) -> tuple:
+        """(pod_uid, container_id) of the incarnation that started at start_ns."""
+        for p in reversed(self.procs.info.get(pid, ())):
+            if p.start_ns == start_ns:
+                return p.pod_uid, p.container_id
+        return "", ""
+
+    def take(self) -> dict:
+        """A ``proc`` table (possibly empty) for the exits added since the last call."""
+        todo, self.pending = sorted(self.pending), []
+        if len(todo) > self.max_rows:
+            self.dropped += len(todo) - self.max_rows
+            todo = todo[:self.max_rows]
+        if not todo:
+            return {}
+        # their own rows and ancestors where not reported yet, then the exit rows
+        pre = self.procs.table_for([x[2] for x in todo], [x[3] for x in todo])
+        rows = [x[5] for x in todo]
+        ids = [self._ids(x[2], x[5][2]) for x in todo]
+        obj = (lambda vals: np.array(vals, dtype=object))
+        exits = {"pid": np.array([x[2] for x in todo], dtype=np.uint64),
+                 "ppid": np.array([r[0] for r in rows], dtype=np.uint64), "comm": obj([r[1] for r in rows]),
+                 "start_ns": np.array([r[2] for r in rows], dtype=np.uint64), "job": obj([r[3] for r in rows]),
+                 "rank": np.array([r[4] for r in rows], dtype=np.int64), "pod_uid": obj([i[0] for i in ids]),
+                 "container_id": obj([i[1] for i in ids]), "exit_ns": np.array([x[3] for x in todo], dtype=np.uint64),
+                 "exit_status": np.array([x[4] for x in todo], dtype=np.int64)}
+        self.reported += len(todo)
+        return concat_tables("proc", [pre, exits] if pre else [exits])
+
 
 class _TestRunAttr(ct.Structure):
     """union bpf_attr for BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h)."""
