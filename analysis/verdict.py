@@ -251,7 +251,7 @@ class Verdict:
             "synth_samples": self.synth_samples, "verdict": self.verdict,
             "culprit": self.culprit, "remote": self.remote, "culprit_node": self.culprit_node,
             "clock_uncertainty_ns": self.clock_uncertainty_ns,
-            "explained_fraction": self.explained_fraction,
+            "explained_fraction": self.explained_fraction, "lost_ns": self.lost_ns,
             "local_explained_fraction": self.local_explained_fraction,
             "contributors": self.contributors, "owners": self.owners,
             "gpu_pids": self.gpu_pids, "job": self.job, "rank": self.rank,

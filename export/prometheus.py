@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from stallscope.wire.schema import HIST_SLOTS, STALL_TABLES, table_len
 from stallscope.wire.sink import is_loss_counter
@@ -58,6 +58,8 @@ METRICS = {
                               "a sink's dropped events).",
     "stallscope_batches_lost": "Batches a tracer's sink could not deliver (reason: the sink).",
     "stallscope_tracer_tick_errors": "Agent loop ticks that failed (logged once, then counted).",
+    "stallscope_lake_errors": "Lake writes that failed (the collector retries; its store keeps the data).",
+    "stallscope_lake_pending_batches": "Batches stored by the collector and not yet in the lake.",
     "stallscope_exporter_errors": "Batches or verdicts this exporter failed to account for.",
 }
 
@@ -84,11 +86,14 @@ def verdict_labels(v) -> tuple:
 
 class StallscopeMetrics:
     """The exporter's state and its Prometheus collector. ``rejected``: a callable giving
-    the number of malformed batches so far (the collector's count), read at scrape time."""
+    the number of malformed batches so far (the collector's count), read at scrape time;
+    ``lake``: a callable giving the lake writer's counters (``lake.errors``,
+    ``lake.pending_batches``), None when the collector writes no lake."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, rejected=None, log=None):
+    def __init__(self, registry: CollectorRegistry | None = None, rejected=None, log=None, lake=None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.rejected = rejected
+        self.lake = lake
         self.log = log or (lambda m: print(f"stallscope: {m}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._idle: dict = {}          # verdict labels -> [seconds, explained seconds, count]
@@ -187,6 +192,17 @@ class StallscopeMetrics:
         yield _counter("stallscope_batches_lost", ["Hostname", "reason"], blost)
         yield _counter("stallscope_tracer_tick_errors", ["Hostname"],
                        (([node], c["tick_errors"]) for node, c in sorted(counters.items()) if "tick_errors" in c))
+        if self.lake is not None:
+            try:
+                lc = dict(self.lake())
+            except Exception:
+                errors["lake"] = errors.get("lake", 0) + 1
+            else:
+                yield _counter("stallscope_lake_errors", [], [((), int(lc.get("lake.errors", 0)))])
+                g = GaugeMetricFamily("stallscope_lake_pending_batches",
+                                      METRICS["stallscope_lake_pending_batches"])
+                g.add_metric([], int(lc.get("lake.pending_batches", 0)))
+                yield g
         yield _counter("stallscope_exporter_errors", ["stage"], (([k], n) for k, n in sorted(errors.items())))
 
     # ------------------------------------------------------------------ serving

@@ -123,6 +123,8 @@ def collect(bind, store, upstream, duration, as_json, no_verdicts, lake, lake_fl
     signal.signal(signal.SIGHUP, lambda *_: sec.reload())
     if exports.metrics is not None:
         exports.metrics.rejected = lambda: col.rejected
+        if writer is not None:
+            exports.metrics.lake = writer.counters
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     click.echo(f"stallscope collect: listening on {col.endpoint}"

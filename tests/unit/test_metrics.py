@@ -423,3 +423,27 @@ def test_metrics_port_in_use_is_a_one_line_error(tmp_path):
         s.close()
     assert r.exit_code == 1
     assert re.fullmatch(r"Error: --metrics-port: cannot listen on 127\.0\.0\.1:\d+: .+\n", r.output), r.output
+
+
+def test_lake_counters_are_exposed_only_with_a_lake():
+    """A collector writing a lake exposes its failed writes and pending batches, read from the
+    writer at scrape time; without a lake neither metric exists (no zero that would read as
+    "lake healthy")."""
+    state = {"lake.errors": 0, "lake.pending_batches": 5}
+    m, port = served(lake=lambda: dict(state))
+    try:
+        got = scrape(port)
+        assert got["stallscope_lake_errors"] == [("stallscope_lake_errors_total", {}, 0.0)]
+        assert got["stallscope_lake_pending_batches"] == [("stallscope_lake_pending_batches", {}, 5.0)]
+        state.update({"lake.errors": 3, "lake.pending_batches": 0})
+        got = scrape(port)
+        assert got["stallscope_lake_errors"][0][2] == 3.0
+        assert got["stallscope_lake_pending_batches"][0][2] == 0.0
+    finally:
+        m.close()
+    m, port = served()
+    try:
+        got = scrape(port)
+        assert "stallscope_lake_errors" not in got and "stallscope_lake_pending_batches" not in got
+    finally:
+        m.close()
