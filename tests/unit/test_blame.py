@@ -327,7 +327,7 @@ def test_verdict_json_carries_the_design_fields_as_plain_json():
     assert len(res.verdicts) == 3
     for v in res.verdicts:
         d = v.to_json()
-        assert list(d) == V1_FIELDS + ["class", "chain", "basis"]
+        assert list(d) == V1_FIELDS + ["class", "chain", "basis", "lost_ns"]
         assert DESIGN_VERDICT | BRIEF_VERDICT <= set(d)
         assert _plain(d), d
         json.dumps(d)
