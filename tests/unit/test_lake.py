@@ -125,6 +125,59 @@ def test_batches_come_back_as_decode_gives_them(tmp_path):
     assert back[-1].tables == {} and back[-1].meta["final"] is True
 
 
+def _joined(batches):
+    """What :meth:`LakeReader.columns` promises from ``batches``: each table joined in order,
+    the meta runs, the clocks, the counters' highest values."""
+    from stallscope.wire.schema import TABLES, concat_tables
+    tables = {k: concat_tables(k, [b.tables[k] for b in batches if k in b.tables])
+              for k in TABLES if any(k in b.tables for b in batches)}
+    runs: list = []
+    for b in batches:
+        m = {k: v for k, v in b.meta.items() if k != "clock"}
+        if runs and runs[-1][1] == m:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, m])
+    top: dict = {}
+    for b in batches:
+        for k, v in b.counters.items():
+            top[k] = max(top.get(k, int(v)), int(v))
+    return tables, [tuple(r) for r in runs], [b.meta.get("clock") for b in batches], top
+
+
+@pytest.mark.parametrize("span", [None, (2, 5)])
+def test_columns_are_the_batches_joined(span, tmp_path):
+    """columns() gives exactly what batches() holds, joined: copies from a rewrite dropped,
+    a restart's repeated batch seqs in batch order, a time window cut by batch wall time."""
+    counters = {"vfs.lost_ringbuf": 3, "vfs.emitted": (1 << 62) + 1, "tick_errors": 0}
+    batches = []
+    for run in range(2):
+        for seq in range(4):
+            meta = realistic_meta(seq)
+            meta["clock"] = {**meta["clock"], "sent_ns": MIDNIGHT + (run * 4 + seq) * S}
+            meta["delivery"] = {"boot_id": "boot-1", "seq": 100 * (run + 1) + seq}
+            c = dict(counters, **{"vfs.emitted": counters["vfs.emitted"] + run * 10 + seq})
+            batches.append(Batch("gpu-node-07", seq, realistic_tables(5 + seq, seq + 10 * run), c, {}, meta))
+    url = str(tmp_path / "lake")
+    lake.write_batches(url, "gpu-node-07", batches[:5])
+    lake.write_batches(url, "gpu-node-07", batches[3:])      # two batches twice
+    since, until = (None, None) if span is None else (MIDNIGHT + span[0] * S, MIDNIGHT + span[1] * S)
+    r = lake.LakeReader(url)
+    back = r.batches("gpu-node-07", since, until)
+    assert len(back) == (8 if span is None else 3)
+    got = r.columns("gpu-node-07", since, until)
+    tables, runs, clocks, top = _joined(back)
+    assert got.batches == len(back)
+    assert list(got.tables) == list(tables)
+    for kind, t in tables.items():
+        for c, a in t.items():
+            assert got.tables[kind][c].dtype == a.dtype, (kind, c)
+            assert list(got.tables[kind][c]) == list(a), (kind, c)
+    assert [tuple(x) for x in got.meta_runs] == runs
+    assert got.clocks == clocks and got.counters == top
+    assert lake.LakeReader(url).columns("no-such-node").batches == 0
+
+
 def test_a_file_from_an_older_schema_reads_with_the_new_columns_filled(tmp_path):
     root = str(tmp_path / "lake")
     b = Batch("n1", 0, realistic_tables(4, 1), {}, {}, realistic_meta(1))
