@@ -7,15 +7,21 @@ steps, and turn stall indexes back into event dicts (DESIGN.md field names) and 
 
 ``analyze(batches)`` does a whole store or recording at once; :class:`LiveAnalyzer` does the
 same over a sliding window as batches arrive and hands back each verdict once, as soon as its
-interval has ended (the collector prints them within a couple of seconds).
+interval has ended (the collector prints them within a couple of seconds).  Both run two
+stages, :func:`node_stage` per node and :func:`job_stage` per job, which the fleet report
+(``analysis/fleet.py``) runs as Dask tasks: the same code, so the same verdicts.
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
+import copy
+import pickle
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -104,6 +110,40 @@ class _Node:
                 self.chunks[kind].append(_normalize(kind, t))
         meta = b.meta or {}
         g = meta.get("gpu") or {}
+        self._absorb_gpu_meta(g)
+        clock = meta.get("clock") or {}
+        if isinstance(g, dict) and g.get("gpus"):
+            self.holders.absorb(g["gpus"], self._sent(clock))
+        self._absorb_clock(clock)
+        self._absorb_counters(b.counters)
+
+    def absorb_columns(self, nc) -> None:
+        """A node's batches as the lake joins them (``wire.lake.NodeColumns``: tables in batch
+        order, meta in runs, clocks, counter tops): the state :meth:`absorb` leaves after
+        each of those batches in turn, without building them."""
+        self.batches += nc.batches
+        for kind, t in nc.tables.items():
+            if kind in TABLES and table_len(t):
+                self.chunks[kind].append(_normalize(kind, t))
+        k, latest = 0, -1       # the newest time holders were given at (sent_ns >= 0)
+        for n, meta in nc.meta_runs:
+            g = (meta or {}).get("gpu") or {}
+            self._absorb_gpu_meta(g)          # n times the same value: once is the same
+            gpus = g.get("gpus") if isinstance(g, dict) else None
+            ours = False        # the holders at the newest time are this run's
+            for clock in nc.clocks[k:k + n]:
+                clock = clock or {}
+                if gpus:
+                    t = self._sent(clock)
+                    if not (ours and t >= latest):    # else: the same holders again, no change
+                        self.holders.absorb(gpus, t)
+                    if t >= latest:
+                        latest, ours = t, True
+                self._absorb_clock(clock)
+            k += n
+        self._absorb_counters(nc.counters)
+
+    def _absorb_gpu_meta(self, g) -> None:
         if isinstance(g, dict):
             for k, v in (g.get("sample_period_ns") or {}).items():
                 if v:
@@ -113,14 +153,19 @@ class _Node:
                     self.uuids[int(info["index"])] = _py(info.get("uuid", ""))
             if g.get("unavailable"):
                 self.gpu_unavailable = str(g["unavailable"])
-        clock = meta.get("clock") or {}
-        if isinstance(g, dict) and g.get("gpus"):
-            self.holders.absorb(g["gpus"], int(clock.get("sent_ns") or 0) if isinstance(clock, dict) else 0)
+
+    @staticmethod
+    def _sent(clock) -> int:
+        return int(clock.get("sent_ns") or 0) if isinstance(clock, dict) else 0
+
+    def _absorb_clock(self, clock) -> None:
         if isinstance(clock, dict) and clock.get("uncertainty_ns"):
             self.unc_ns = max(self.unc_ns, int(clock["uncertainty_ns"]))
         if isinstance(clock, dict) and clock.get("ntp_synced") is False:
             self.unsynced = True
-        for k, v in (b.counters or {}).items():
+
+    def _absorb_counters(self, counters) -> None:
+        for k, v in (counters or {}).items():
             if isinstance(v, (int, float, np.integer)):
                 self.counters[k] = max(self.counters.get(k, 0), int(v))
 
@@ -185,9 +230,7 @@ def analyze(batches, on_phase=None, **params) -> Result:
         on_phase(PHASES[0])
     nodes = _collect(batches)
     res = _analyze_nodes(nodes, p, on_phase=on_phase)
-    res.nodes = {n: {"tables": {k: (nd.proc() if k == "proc" else nd.stall_table(k))
-                                for k in ("gpu", "gpu_proc", "proc", *STALL_TABLES)},
-                     "gpu_uuids": dict(nd.uuids)} for n, nd in nodes.items()}
+    res.nodes = {n: export_tables(nd) for n, nd in nodes.items()}
     return res
 
 
@@ -255,178 +298,484 @@ def _job_of(roots, info) -> tuple:
     return job, (min(ranks) if ranks else -1)
 
 
-def _analyze_nodes(nodes: dict, p: dict, select=None, on_phase=None) -> Result:
-    """Verdicts for the nodes' data.  ``select(cols) -> bool mask`` (cols: per-interval
-    arrays node, gpu, idle_end_ns, resolution_ns, open, verdict, job) limits which verdict
-    dicts get built; the summary always counts every interval."""
-    names = sorted(nodes)
-    phase = on_phase or (lambda _name: None)
+# --------------------------------------------------------------------------- the two stages
+#
+# analyze(), LiveAnalyzer and the fleet report (analysis/fleet.py) run the same two stages:
+# node_stage() does everything one node's data decides (idle intervals, owners, local blame,
+# each interval's job and rank, its verdict as the node sees it) and keeps only a small,
+# picklable NodePart; job_stage() takes every node's JobFacts for one job and decides what
+# crosses nodes (today: a local culprit chain of one rank is the remote culprit of another
+# rank's unexplained interval); each node's part takes the findings for it, and assemble()
+# builds the verdicts asked for and sums up.
 
-    # samples -> idle intervals
+class Source:
+    """A local culprit chain as the job stage carries it to other ranks: the culprit stall
+    (``culprit`` event dict, ``start_ns``/``end_ns``) and the chain's stalls (``links``
+    event dicts, ``link_start``/``link_end``, by start).  The event dicts are made from the
+    node's stalls when first asked for; ``freeze()`` (or pickling) makes them all and
+    drops the stalls."""
+
+    def __init__(self, st: _Stalls, stall: int, chain: np.ndarray, basis):
+        self.start_ns = int(st.start[stall])
+        self.end_ns = self.start_ns + int(st.dur[stall])
+        self.link_start = st.start[chain]
+        self.link_end = self.link_start + st.dur[chain]
+        self.basis = basis
+        self._st: _Stalls | None = st
+        self._stall, self._chain = stall, chain
+        self._culprit: dict | None = None
+        self._links: list | None = None
+
+    @property
+    def culprit(self) -> dict:
+        if self._culprit is None:
+            assert self._st is not None
+            self._culprit = self._st.event(self._stall)
+        return self._culprit
+
+    @property
+    def links(self) -> list:
+        if self._links is None:
+            assert self._st is not None
+            self._links = [self._st.event(int(j)) for j in self._chain]
+        return self._links
+
+    def freeze(self) -> None:
+        if self._st is not None:
+            self._culprit, self._links = self.culprit, self.links
+            self._st = self._chain = None
+
+    def __getstate__(self):
+        self.freeze()
+        return self.__dict__
+
+
+@dataclass
+class RemoteCulprit:
+    """A job stage's finding for one interval: its culprit is another rank's local culprit
+    chain (``source``), ``unc_ns`` the clock uncertainty between the two nodes.  A finding
+    names the verdict it makes (``verdict``: culprit, remote or unexplained) and
+    ``apply(v) -> Verdict`` turns the node's verdict into the final one."""
+
+    source: Source
+    unc_ns: int
+    verdict: str = "remote"
+
+    def apply(self, v: Verdict) -> Verdict:
+        """``v`` (an interval without a local culprit) as a remote verdict: a new Verdict."""
+        v = copy.copy(v)
+        s, e, src = v.idle_start_ns, v.idle_end_ns, self.source
+        culprit = dict(src.culprit)
+        culprit["overlap_ns"] = max(0, min(src.end_ns, e) - max(src.start_ns, s))
+        chain = build_chain(src.links, _covered(src.link_start, src.link_end, s, e))
+        v.verdict, v.culprit, v.remote, v.culprit_node = "remote", culprit, True, culprit["node"]
+        v.clock_uncertainty_ns = self.unc_ns
+        v.explained_fraction = float(min(chain.covered_ns / max(v.lost_ns, 1), 1.0))
+        v.klass, v.chain, v.basis = chain.klass, chain, src.basis
+        return v
+
+
+@dataclass
+class JobFacts:
+    """One node's share of one job, all that :func:`job_stage` reads: the node's intervals of
+    the job (``idx``: their positions in its :class:`NodePart`) and their local culprit
+    chains (``sources``, by position).  Small and picklable."""
+
+    node: str
+    unc_ns: int                 # the node's clock uncertainty, plus clock_skew_ns
+    idx: np.ndarray
+    gpu: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    res: np.ndarray
+    lost: np.ndarray
+    rank: np.ndarray
+    culprit: np.ndarray         # bool: a local culprit
+    best_start: np.ndarray      # the local top chain's span
+    best_end: np.ndarray
+    sources: collections.abc.Mapping
+    extra: dict = field(default_factory=dict)   # the node's facts for other cross-node causes
+
+
+@dataclass
+class NodePart:
+    """What :func:`node_stage` keeps of one node: per interval (by gpu, start) its span, job,
+    rank, local culprit and verdict kind, the local culprit chains of intervals of a job, and
+    the node's counts for the summary.
+
+    ``take(findings)`` folds in the job stages' findings; ``build(mask)`` makes the verdicts
+    of the masked intervals (they need the node's tables), findings applied, in either
+    order; ``release()`` drops the tables, after which the part pickles small; ``pack()``
+    keeps the verdicts as one pickled blob while the part waits (on a Dask worker)."""
+
+    name: str
+    gpu: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    res: np.ndarray
+    open: np.ndarray
+    lost: np.ndarray
+    job: np.ndarray             # object: job name, "" for none
+    rank: np.ndarray
+    culprit: np.ndarray         # bool
+    best_start: np.ndarray
+    best_end: np.ndarray
+    unc_ns: int
+    has_source: np.ndarray      # bool: a local culprit and a job (a Source for the job stage)
+    counts: dict                # the node's share of the summary
+    kind: np.ndarray            # index in VERDICTS: culprit, remote, unexplained
+    verdicts: list = field(default_factory=list)   # per interval: Verdict, or None (not built)
+    findings: dict = field(default_factory=dict)   # interval -> finding, for verdicts not built
+    extra: dict = field(default_factory=dict)      # node facts for other cross-node causes
+    tables: dict = field(default_factory=dict)     # for the exports, when asked
+    sources: dict = field(default_factory=dict)    # interval -> Source, made on demand
+    packed: bytes = b""                            # the verdicts, pickled (pack())
+    _make: Callable[[int], Verdict] | None = field(default=None, repr=False, compare=False)
+    _source: Callable[[int], Source] | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __sizeof__(self) -> int:
+        """Bytes held, roughly: Dask sizes task results by this (which worker runs a node's
+        next task, how near a worker is to its memory limit).  Arrays, ~4 KiB per verdict,
+        source or finding (unpickled verdicts measured 3.9-4.6 KiB), the export tables."""
+        arrays = sum(a.nbytes for a in (self.gpu, self.start, self.end, self.res, self.open,
+                                         self.lost, self.job, self.rank, self.culprit,
+                                         self.best_start, self.best_end, self.has_source, self.kind))
+        objects = sum(v is not None for v in self.verdicts) + len(self.sources) + len(self.findings)
+        tables = sum(c.nbytes * (8 if c.dtype == object else 1)
+                     for t in (self.tables.get("tables") or {}).values() for c in t.values())
+        return object.__sizeof__(self) + arrays + 4096 * objects + tables + len(self.packed)
+
+    def pack(self) -> None:
+        """The verdicts as one pickled blob: several times smaller than the objects, nothing
+        for the garbage collector to scan, cheap to move or spill.  ``unpack()`` undoes it."""
+        if not self.packed:
+            self.packed = pickle.dumps(self.verdicts, protocol=pickle.HIGHEST_PROTOCOL)
+            self.verdicts = []
+
+    def unpack(self) -> None:
+        if self.packed:
+            self.verdicts, self.packed = pickle.loads(self.packed), b""
+
+    def build(self, mask=None) -> None:
+        """The node's verdicts for the intervals in ``mask`` (all when None)."""
+        self.unpack()
+        todo = range(len(self)) if mask is None else np.flatnonzero(mask).tolist()
+        for i in todo:
+            if self.verdicts[i] is None:
+                if self._make is None:
+                    raise RuntimeError(f"node {self.name}: verdicts asked after release()")
+                v = self._make(i)
+                f = self.findings.pop(i, None)
+                self.verdicts[i] = v if f is None else f.apply(v)
+
+    def take(self, findings: dict) -> None:
+        """A job stage's findings for this node (interval -> finding): applied to the
+        verdicts built, kept for the others."""
+        self.unpack()
+        for i, f in findings.items():
+            self.kind[i] = VERDICTS.index(f.verdict)
+            if self.verdicts[i] is not None:
+                self.verdicts[i] = f.apply(self.verdicts[i])
+            else:
+                self.findings[i] = f
+
+    def source(self, i: int) -> Source:
+        """The local culprit chain of interval i (which ``has_source``)."""
+        src = self.sources.get(i)
+        if src is None:
+            if self._source is None:
+                raise RuntimeError(f"node {self.name}: a source asked after release()")
+            src = self.sources[i] = self._source(i)
+        return src
+
+    def release(self) -> None:
+        """Make every source, then forget the node's tables (the builders keep them)."""
+        for i in np.flatnonzero(self.has_source).tolist():
+            self.source(i).freeze()
+        self._make = self._source = None
+
+    def jobs(self) -> list:
+        return sorted(set(self.job.tolist()) - {""})
+
+    def job_facts(self) -> dict:
+        """job -> this node's :class:`JobFacts` for it."""
+        out = {}
+        for job in self.jobs():
+            idx = np.flatnonzero(self.job == job)
+            out[job] = JobFacts(
+                self.name, self.unc_ns, idx, self.gpu[idx], self.start[idx], self.end[idx],
+                self.res[idx], self.lost[idx], self.rank[idx], self.culprit[idx],
+                self.best_start[idx], self.best_end[idx], _Sources(self, idx), self.extra)
+        return out
+
+
+class _Sources(collections.abc.Mapping):
+    """``JobFacts.sources``: position in ``idx`` -> the part's :class:`Source`, made when
+    first asked for; pickles as a plain dict of them all."""
+
+    def __init__(self, part: NodePart, idx: np.ndarray):
+        self._part, self._idx = part, idx
+        self._pos = np.flatnonzero(part.has_source[idx]).tolist()
+
+    def __getitem__(self, k):
+        i = int(self._idx[k])
+        if not self._part.has_source[i]:
+            raise KeyError(k)
+        return self._part.source(i)
+
+    def __iter__(self):
+        return iter(self._pos)
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+    def __reduce__(self):
+        return dict, (dict(self.items()),)
+
+
+def export_tables(nd: _Node, kinds=None) -> dict:
+    """What the timeline exports draw of a node (``Result.nodes``): the ``kinds`` tables (gpu,
+    gpu_proc, proc and the stall tables when None) and its GPU uuids."""
+    kinds = ("gpu", "gpu_proc", "proc", *STALL_TABLES) if kinds is None else kinds
+    return {"tables": {k: (nd.proc() if k == "proc" else nd.stall_table(k)) for k in kinds},
+            "gpu_uuids": dict(nd.uuids)}
+
+
+def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
+    """Everything one node's data decides, as a :class:`NodePart` (verdicts not built yet).
+    ``phase(name)`` is called as each of the idle/owners/blame steps begins."""
+    phase = phase or (lambda _name: None)
+
+    # samples -> idle intervals (GPU keys of node id 0: one node at a time)
     phase(PHASES[1])
-    keys, ts, util, synth, periods = [], [], [], [], {}
-    for nid, name in enumerate(names):
-        nd = nodes[name]
-        g = nd.table("gpu")
-        keys.append(blame.gpu_key(nid, np.asarray(g["gpu"], dtype=np.int64)))
-        ts.append(np.asarray(g["ts_ns"], dtype=np.int64))
-        util.append(np.asarray(g["util"], dtype=np.int64))
-        synth.append(np.asarray(g["synth"], dtype=np.int64))
-        for gpu, per in nd.periods.items():
-            periods[int(blame.gpu_key(nid, gpu))] = per
-    cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.empty(0, dt))
-    keys, ts, util, synth = cat(keys), cat(ts), cat(util), cat(synth)
-    idle = blame.find_idle(keys, ts, util, synth, periods, threshold=p["idle_threshold"],
-                           partial_threshold=p["partial_threshold"],
+    g = nd.table("gpu")
+    ts = np.asarray(g["ts_ns"], dtype=np.int64)
+    periods = {int(blame.gpu_key(0, gpu)): per for gpu, per in nd.periods.items()}
+    idle = blame.find_idle(blame.gpu_key(0, np.asarray(g["gpu"], dtype=np.int64)), ts,
+                           np.asarray(g["util"], dtype=np.int64),
+                           np.asarray(g["synth"], dtype=np.int64), periods,
+                           threshold=p["idle_threshold"], partial_threshold=p["partial_threshold"],
                            min_periods=p["min_periods"], min_ns=p["min_idle_ns"],
                            max_gap_ns=p["max_gap_ns"])
+    n = len(idle)
+    gpus = blame.key_low(idle.key)
 
     # owners: NVML process lists + lineage
     phase(PHASES[2])
-    gk, gt, gpid, p_node, p_pid, p_ppid = [], [], [], [], [], []
-    info = {}  # node id -> {pid: (comm, job, rank, pod_uid, container_id)}
-    for nid, name in enumerate(names):
-        nd = nodes[name]
-        t = nd.table("gpu_proc")
-        gk.append(blame.gpu_key(nid, np.asarray(t["gpu"], dtype=np.int64)))
-        gt.append(np.asarray(t["ts_ns"], dtype=np.int64))
-        gpid.append(np.asarray(t["pid"], dtype=np.int64))
-        pr = nd.proc()
-        p_node.append(np.full(table_len(pr), nid, dtype=np.int64))
-        p_pid.append(np.asarray(pr["pid"], dtype=np.int64))
-        p_ppid.append(np.asarray(pr["ppid"], dtype=np.int64))
-        info[nid] = {int(a): (_py(c), _py(j) or "", int(r), _py(pu) or "", _py(ci) or "")
-                     for a, c, j, r, pu, ci in zip(pr["pid"], pr["comm"], pr["job"], pr["rank"],
-                                                   pr["pod_uid"], pr["container_id"])}
-    own = blame.owner_groups(idle.key, idle.start, idle.end, cat(gk), cat(gt), cat(gpid),
-                             cat(p_node), cat(p_pid), cat(p_ppid), slack_ns=p["owner_slack_ns"])
+    t = nd.table("gpu_proc")
+    pr = nd.proc()
+    info = {int(a): (_py(c), _py(j) or "", int(r), _py(pu) or "", _py(ci) or "")
+            for a, c, j, r, pu, ci in zip(pr["pid"], pr["comm"], pr["job"], pr["rank"],
+                                          pr["pod_uid"], pr["container_id"])}
+    own = blame.owner_groups(idle.key, idle.start, idle.end,
+                             blame.gpu_key(0, np.asarray(t["gpu"], dtype=np.int64)),
+                             np.asarray(t["ts_ns"], dtype=np.int64), np.asarray(t["pid"], dtype=np.int64),
+                             np.zeros(table_len(pr), dtype=np.int64), np.asarray(pr["pid"], dtype=np.int64),
+                             np.asarray(pr["ppid"], dtype=np.int64), slack_ns=p["owner_slack_ns"])
 
     # stalls -> local verdicts
     phase(PHASES[3])
-    st = _Stalls(names, nodes)
+    st = _Stalls([name], {name: nd})
     al = blame.align(idle.start, idle.end, idle.res, own.group, st.start, st.dur, st.key,
                      own.pair_key, own.pair_group, min_explained=p["min_explained"],
                      max_contributors=p["max_contributors"], iv_lost=idle.lost,
                      st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
 
-    # jobs -> remote verdicts: a local culprit chain, as one span, for the other ranks
-    phase(PHASES[4])
-    g_job = [_job_of([int(r) for r in roots], info[nd]) for nd, roots in zip(own.node, own.roots)]
-    # no job in the owners' environment or cgroup: the one the GPU's Slurm job mapping names
-    map_job = [""] * len(idle)
-    if any(nodes[n].holders.hist for n in names):
-        map_job = [nodes[names[int(blame.key_node(k))]].holders.job(int(blame.key_low(k)), int(t))
-                   if g < 0 or not g_job[g][0] else "" for k, t, g in zip(idle.key, idle.start, own.group)]
-    job_names = sorted({j for j, _r in g_job if j} | set(map_job) - {""})
-    job_code = {j: i for i, j in enumerate(job_names)}
-    g_code = np.array([job_code.get(j, -1) for j, _r in g_job] + [-1], dtype=np.int64)
-    iv_job = g_code[own.group]      # group -1 picks the trailing -1
-    iv_job = np.where(iv_job >= 0, iv_job, np.array([job_code.get(j, -1) for j in map_job], dtype=np.int64))
-    unc = np.array([nodes[n].unc_ns + int(p["clock_skew_ns"]) for n in names] or [0],
-                   dtype=np.int64)
-    local = np.where(al.culprit >= 0, np.arange(len(idle)), -1)
-    src, src_unc = blame.remote_blame(idle.key, iv_job, idle.start, idle.end, idle.res,
-                                      local, al.best_start, al.best_end - al.best_start, unc,
-                                      same_node=p["remote_same_node"])
+    # job and rank of each interval: the owners' (environment or cgroup), else the job the
+    # GPU's Slurm job mapping names
+    g_job = [_job_of([int(r) for r in roots], info) for roots in own.roots]
+    jobs = [g_job[gi][0] if gi >= 0 else "" for gi in own.group.tolist()]
+    if nd.holders.hist:
+        jobs = [j or nd.holders.job(int(gpu), int(s)) for j, gpu, s in zip(jobs, gpus, idle.start)]
+    rank = np.array([g_job[gi][1] if gi >= 0 else -1 for gi in own.group.tolist()], dtype=np.int64)
+    job = np.array(jobs, dtype=object)
+    culprit = al.culprit >= 0
 
-    kind = np.where(al.culprit >= 0, 0, np.where(src >= 0, 1, 2))
-    iv_names = np.array(names + [""], dtype=object)[blame.key_node(idle.key)]
-    iv_jobs = np.array(job_names + [""], dtype=object)[iv_job]     # -1 picks ""
-    build = np.ones(len(idle), dtype=bool)
-    if select is not None:
-        build = np.asarray(select({
-            "node": iv_names, "gpu": blame.key_low(idle.key), "idle_end_ns": idle.end,
-            "resolution_ns": idle.res, "open": idle.open,
-            "verdict": np.array(VERDICTS, dtype=object)[kind], "job": iv_jobs}), dtype=bool)
+    def chain_of(i):
+        """The top chain of interval i: its stall indexes (by start)."""
+        return [int(x) for x in al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]]]
 
-    def chain_of(i, s=None, e=None):
-        """The top chain of interval i (its stalls, by start); covered within [s, e) if given."""
-        a, b = al.chain_ptr[i], al.chain_ptr[i + 1]
-        idx = [int(x) for x in al.chain_stall[a:b]]
-        if s is None:
-            cover = int(al.best_cover[i])
-        else:
-            cover, reach = 0, s
-            for j in idx:
-                lo, hi = max(int(st.start[j]), reach), min(int(st.start[j] + st.dur[j]), e)
-                if hi > lo:
-                    cover += hi - lo
-                reach = max(reach, hi)
-        return build_chain([st.event(j) for j in idx], cover)
+    def source(i: int) -> Source:
+        return Source(st, int(al.culprit[i]), al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]],
+                      _BASIS[int(al.basis[i])])
 
-    phase(PHASES[5])
-    verdicts = []
-    for i in np.flatnonzero(build):
-        nid, gpu = int(blame.key_node(idle.key[i])), int(blame.key_low(idle.key[i]))
-        name = names[nid]
+    def make(i: int) -> Verdict:
+        """Interval i's verdict as this node sees it: culprit or unexplained."""
+        gpu = int(gpus[i])
         s, e = int(idle.start[i]), int(idle.end[i])
-        lost_ns = max(int(idle.lost[i]), 1)
-        g = int(own.group[i])
-        job, rank = g_job[g] if g >= 0 else ("", -1)
-        job = job or map_job[i]
-        who = pod_fields(nodes[name].holders.at(gpu, s)[0])
-        who.update(owner_cgroup([int(x) for x in own.roots[g]], info[nid]) if g >= 0 else {})
+        gi = int(own.group[i])
+        who = pod_fields(nd.holders.at(gpu, s)[0])
+        who.update(owner_cgroup([int(x) for x in own.roots[gi]], info) if gi >= 0 else {})
         a, b = al.contrib_ptr[i], al.contrib_ptr[i + 1]
         contributors = [st.event(int(x), ov) for x, ov in
                         zip(al.contrib_stall[a:b], al.contrib_overlap[a:b])]
         local_x = float(al.explained[i])
-        remote, culprit_node, c_unc, chain, basis = False, None, 0, None, None
+        culprit_ev, culprit_node, chain, basis = None, None, None, None
         if al.culprit[i] >= 0:
-            verdict, culprit = "culprit", st.event(int(al.culprit[i]), al.best_overlap[i])
-            explained, culprit_node = local_x, name
-            chain, basis = chain_of(i), _BASIS[int(al.basis[i])]
-        elif src[i] >= 0:
-            si = int(src[i])
-            c = int(al.culprit[si])
-            cs, ce = int(st.start[c]), int(st.start[c] + st.dur[c])
-            ov = max(0, min(ce, e) - max(cs, s))
-            verdict, culprit, remote = "remote", st.event(c, ov), True
-            culprit_node = culprit["node"]
-            c_unc = int(src_unc[i])
-            chain, basis = chain_of(si, s, e), _BASIS[int(al.basis[si])]
-            explained = min(chain.covered_ns / lost_ns, 1.0)
-        else:
-            verdict, culprit, explained = "unexplained", None, local_x
-        verdicts.append(Verdict(
-            node=name, gpu=gpu, gpu_uuid=nodes[name].uuids.get(gpu, ""),
+            culprit_ev, culprit_node = st.event(int(al.culprit[i]), al.best_overlap[i]), name
+            chain = build_chain([st.event(j) for j in chain_of(i)], int(al.best_cover[i]))
+            basis = _BASIS[int(al.basis[i])]
+        return Verdict(
+            node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),
             idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),
             open=bool(idle.open[i]), open_start=bool(idle.open_start[i]),
-            synth_samples=int(idle.n_synth[i]), verdict=verdict, culprit=culprit, remote=remote,
-            culprit_node=culprit_node, clock_uncertainty_ns=c_unc,
-            explained_fraction=float(explained), local_explained_fraction=local_x,
+            synth_samples=int(idle.n_synth[i]),
+            verdict="culprit" if culprit_ev is not None else "unexplained",
+            culprit=culprit_ev, remote=False, culprit_node=culprit_node, clock_uncertainty_ns=0,
+            explained_fraction=local_x, local_explained_fraction=local_x,
             contributors=contributors,
-            owners=[int(x) for x in own.members[g]] if g >= 0 else [],
-            gpu_pids=[int(x) for x in own.roots[g]] if g >= 0 else [],
-            job=job, rank=int(rank), klass=None if chain is None else chain.klass,
-            chain=chain, basis=basis, lost_ns=int(idle.lost[i]), **who))
+            owners=[int(x) for x in own.members[gi]] if gi >= 0 else [],
+            gpu_pids=[int(x) for x in own.roots[gi]] if gi >= 0 else [],
+            job=str(job[i]), rank=int(rank[i]), klass=None if chain is None else chain.klass,
+            chain=chain, basis=basis, lost_ns=int(idle.lost[i]), **who)
 
-    lost = collections.Counter()
-    for nd in nodes.values():
-        for k, v in nd.counters.items():
-            if "lost" in k or "dropped" in k:
-                lost[k] += v
-    sample_period = {}
-    for k, per in idle.periods.items():
-        sample_period.setdefault(names[int(blame.key_node(k))], {})[str(int(blame.key_low(k)))] = per
-    summary = {
-        "nodes": names,
+    counts = {
         "gpus": len(idle.periods),
         "samples": int(len(ts)),
-        "intervals": len(idle),
-        "verdicts": {v: int(np.sum(kind == k)) for k, v in enumerate(VERDICTS)},
-        "idle_ns": int(np.sum(idle.end - idle.start)) if len(idle) else 0,
-        "lost_ns": int(np.sum(idle.lost)) if len(idle) else 0,
+        "idle_ns": int(np.sum(idle.end - idle.start)) if n else 0,
+        "lost_ns": int(np.sum(idle.lost)) if n else 0,
         "stalls": st.counts(),
-        "sample_period_ns": sample_period,
-        "clock_uncertainty_ns": {n: nodes[n].unc_ns for n in names},
+        "sample_period_ns": {str(int(blame.key_low(k))): per for k, per in idle.periods.items()},
+        "clock_uncertainty_ns": nd.unc_ns,
+        "lost": {k: v for k, v in nd.counters.items() if "lost" in k or "dropped" in k},
+        "clock_unsynced": nd.unsynced,
+        "gpu_unavailable": nd.gpu_unavailable,
+    }
+    return NodePart(name, gpus, idle.start, idle.end, idle.res, idle.open, idle.lost, job, rank,
+                    culprit, al.best_start, al.best_end, nd.unc_ns + int(p["clock_skew_ns"]),
+                    culprit & (job != ""), counts, np.where(culprit, 0, 2), [None] * n,
+                    _make=make, _source=source)
+
+
+def _covered(start: np.ndarray, end: np.ndarray, s: int, e: int) -> int:
+    """The union of the spans (sorted by start) inside [s, e)."""
+    cover, reach = 0, s
+    for a, b in zip(start.tolist(), end.tolist()):
+        lo, hi = max(a, reach), min(b, e)
+        if hi > lo:
+            cover += hi - lo
+        reach = max(reach, hi)
+    return cover
+
+
+def job_stage(job: str, facts: list, p: dict) -> dict:
+    """What crosses nodes within one job, from every node's :class:`JobFacts` for it (any
+    order): ``{node: {interval: finding}}``, a finding (:class:`RemoteCulprit`) per interval
+    whose node-level verdict changes.  Today one cause: an interval without a local culprit
+    takes the local culprit chain of another rank's overlapping interval
+    (:func:`blame.remote_blame`), as a ``remote`` verdict for what the chain covers of it.
+    Other cross-node causes belong here too: they read the same facts (``JobFacts.extra``
+    holds what the node stage extracted for them) and add findings."""
+    facts = sorted(facts, key=lambda f: f.node)     # node order = analyze()'s node ids
+    out: dict = {f.node: {} for f in facts}
+    if not facts:
+        return out
+    cat = (lambda col: np.concatenate([getattr(f, col) for f in facts]))
+    key = np.concatenate([blame.gpu_key(k, f.gpu) for k, f in enumerate(facts)])
+    start, end, res, has = cat("start"), cat("end"), cat("res"), cat("culprit")
+    bs, be = cat("best_start"), cat("best_end")
+    first = np.cumsum([0] + [len(f.idx) for f in facts]).tolist()
+    src, src_unc = blame.remote_blame(key, np.zeros(len(key), dtype=np.int64), start, end, res,
+                                      np.where(has, np.arange(len(key)), -1), bs, be - bs,
+                                      np.array([f.unc_ns for f in facts], dtype=np.int64),
+                                      same_node=p["remote_same_node"])
+    node = blame.key_node(key).tolist()
+    for t in np.flatnonzero(src >= 0).tolist():
+        si = int(src[t])
+        ft, fs = facts[node[t]], facts[node[si]]
+        out[ft.node][int(ft.idx[t - first[node[t]]])] = RemoteCulprit(
+            fs.sources[si - first[node[si]]], int(src_unc[t]))
+    return out
+
+
+def jobs_of(parts) -> dict:
+    """job -> [JobFacts], from every node's part (in-process: the fleet does this on Dask)."""
+    by_job = collections.defaultdict(list)
+    for part in parts:
+        for job, f in part.job_facts().items():
+            by_job[job].append(f)
+    return by_job
+
+
+def assemble(parts, p: dict, select=None) -> Result:
+    """The verdicts (sorted by node, gpu, idle_start_ns) and the summary from every node's
+    part, the job stages' findings taken.  ``select(cols) -> bool mask`` (cols: per-interval
+    arrays node, gpu, idle_end_ns, resolution_ns, open, verdict, job) limits which verdicts
+    get built; the summary counts every interval."""
+    parts = sorted(parts, key=lambda x: x.name)
+    kind = np.concatenate([x.kind for x in parts]) if parts else np.empty(0, np.int64)
+    if select is not None:
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt))
+        mask = np.asarray(select({
+            "node": cat([np.full(len(x), x.name, dtype=object) for x in parts], object),
+            "gpu": cat([x.gpu for x in parts], np.int64),
+            "idle_end_ns": cat([x.end for x in parts], np.int64),
+            "resolution_ns": cat([x.res for x in parts], np.int64),
+            "open": cat([x.open for x in parts], bool),
+            "verdict": np.array(VERDICTS, dtype=object)[kind],
+            "job": cat([x.job for x in parts], object)}), dtype=bool)
+    else:
+        mask = np.ones(len(kind), dtype=bool)
+
+    verdicts, lo = [], 0
+    for part in parts:
+        m = mask[lo:lo + len(part)]
+        lo += len(part)
+        part.build(m)
+        verdicts.extend(part.verdicts[i] for i in np.flatnonzero(m).tolist())
+
+    lost = collections.Counter()
+    stalls = collections.Counter()
+    for part in parts:
+        lost.update(part.counts["lost"])
+        stalls.update(part.counts["stalls"])
+    names = [x.name for x in parts]
+    c = [x.counts for x in parts]
+    summary = {
+        "nodes": names,
+        "gpus": sum(x["gpus"] for x in c),
+        "samples": sum(x["samples"] for x in c),
+        "intervals": int(len(kind)),
+        "verdicts": {v: int(np.sum(kind == k)) for k, v in enumerate(VERDICTS)},
+        "idle_ns": sum(x["idle_ns"] for x in c),
+        "lost_ns": sum(x["lost_ns"] for x in c),
+        "stalls": dict(stalls),
+        "sample_period_ns": {n: x["sample_period_ns"] for n, x in zip(names, c) if x["sample_period_ns"]},
+        "clock_uncertainty_ns": {n: x["clock_uncertainty_ns"] for n, x in zip(names, c)},
         "lost": dict(lost),
         "lost_total": int(sum(lost.values())),
-        "clock_unsynced": [n for n in names if nodes[n].unsynced],
-        "gpu_unavailable": {n: nodes[n].gpu_unavailable for n in names
-                            if nodes[n].gpu_unavailable},
+        "clock_unsynced": [n for n, x in zip(names, c) if x["clock_unsynced"]],
+        "gpu_unavailable": {n: x["gpu_unavailable"] for n, x in zip(names, c) if x["gpu_unavailable"]},
         "params": dict(p),
     }
     return Result(verdicts, summary)
+
+
+def _once(on_phase):
+    """``on_phase``, called once per phase name (the node stage runs once per node)."""
+    seen = set()
+
+    def phase(name):
+        if on_phase and name not in seen:
+            seen.add(name)
+            on_phase(name)
+    return phase
+
+
+def _analyze_nodes(nodes: dict, p: dict, select=None, on_phase=None) -> Result:
+    """Verdicts for the nodes' data: :func:`node_stage` per node, :func:`job_stage` per job,
+    :func:`assemble` (``select``: see there)."""
+    phase = _once(on_phase)
+    parts = {name: node_stage(name, nodes[name], p, phase) for name in sorted(nodes)}
+    phase(PHASES[4])
+    for job, facts in sorted(jobs_of(parts.values()).items()):
+        for node, found in job_stage(job, facts, p).items():
+            parts[node].take(found)
+    phase(PHASES[5])
+    return assemble(parts.values(), p, select)
 
 
 # --------------------------------------------------------------------------- live

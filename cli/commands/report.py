@@ -1,4 +1,5 @@
-"""`stallscope report`: verdicts for every GPU idle interval in a store or a recording."""
+"""`stallscope report`: verdicts for every GPU idle interval in a store, a recording, or a
+Parquet lake (``--lake``: analysed on Dask, analysis/fleet.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,25 @@ Examples:
   stallscope report rack3.db --trace run.json        # open in ui.perfetto.dev ("Open trace file")
   stallscope report rack3.db --html run.html         # one offline file: timeline + verdicts
   stallscope report node7.ssrec --trace t.json --trace-base-ns "$(jq .baseTimeNanoseconds kineto.json)"
+
+\b
+A lake (`collect --lake`), analysed on Dask: a local cluster (one worker per CPU) by default,
+or an existing one whose workers have stallscope[fleet] installed and reach the lake URL:
+  stallscope report --lake /shared/stallscope-lake --workers 8
+  stallscope report --lake s3://fleet/lake --lake-option endpoint_url=http://minio:9000 --json
+  stallscope report --lake s3://fleet/lake --scheduler tcp://dask-scheduler:8786 --group
+  # Slurm (dask-jobqueue): SLURMCluster(cores=8, processes=8, memory="64GB").scale(jobs=16);
+  #   pass its .scheduler_address (tcp://NODE:PORT) while that Python process keeps it up
+  # Kubernetes (dask-kubernetes): KubeCluster(name="fleet") serves tcp://fleet-scheduler:8786
+  #   in the cluster; from outside: kubectl port-forward svc/fleet-scheduler 8786, then
+  stallscope report --lake s3://fleet/lake --scheduler tcp://localhost:8786
 """
+
+
+class _UsageExit(click.ClickException):
+    """A one-line error, exit status 2 (a source or scheduler that cannot be used)."""
+
+    exit_code = 2
 
 
 class _Progress:
@@ -60,6 +79,12 @@ class _Progress:
             self._open("write trace events", total=total, unit=" events")
         self.bar.update(n - self.bar.n)
 
+    def tasks(self, stage: str, done: int, total: int) -> None:
+        """Fleet report: Dask tasks of a stage ("nodes", "jobs", "verdicts") done."""
+        if self.bar is None or self.desc != stage:
+            self._open(stage, total=total, unit=" tasks")
+        self.bar.update(done - self.bar.n)
+
     def phase(self, name: str) -> None:
         if self.bar is None or self.desc != "analyze":
             self._open("analyze", total=len(analyze.PHASES), unit=" phases")
@@ -83,6 +108,25 @@ def load_or_fail(src: str, progress=None) -> list:
         raise click.ClickException(str(e)) from None
 
 
+def _fleet(url, lake_options, scheduler, workers, bars, exports: bool, endpoints: bool):
+    """fleet_report() with its errors as one-line ClickExceptions (exit 2: the lake or the
+    scheduler cannot be used).  The workers send back the tables the output draws: all for
+    the exports, the HTTP requests for the endpoint summary (its own, or the table's)."""
+    from stallscope.analysis.fleet import EXPORT_KINDS, FleetError, SchedulerError, fleet_report
+    from stallscope.commands.collect import parse_lake_options
+    from stallscope.wire.lake import LakeError
+
+    tables = EXPORT_KINDS if exports else ("http",) if endpoints else None
+    try:
+        return fleet_report(url, scheduler=scheduler, workers=workers,
+                            storage_options=parse_lake_options(lake_options) or None,
+                            progress=bars.tasks, tables=tables)
+    except (LakeError, SchedulerError) as e:
+        raise _UsageExit(str(e)) from None
+    except (FleetError, OSError, ValueError) as e:
+        raise click.ClickException(f"lake {url}: {e}") from None
+
+
 @click.command("report", epilog=REPORT_EPILOG)
 @click.argument("source", required=False)
 @click.option("--store", default=None, help="Store file or recording (same as SOURCE).")
@@ -103,16 +147,38 @@ def load_or_fail(src: str, progress=None) -> list:
 @click.option("--html", "html_path", metavar="FILE",
               help="Also write one self-contained, offline HTML file: a zoomable timeline of "
                    "utilization, idle intervals, culprit stalls and their links, and the verdicts.")
-def report(source, store, as_json, as_groups, as_endpoints, trace_path, trace_base_ns, html_path):
-    """Verdicts per GPU idle interval from a store or a recording; the table ends with the
-    repeated culprits and the idle GPU time they explain."""
-    src = source or store or DEFAULT_STORE
+@click.option("--lake", metavar="URL", default=None,
+              help="Analyse a Parquet lake (`collect --lake`: a path or an fsspec URL such as "
+                   "s3://bucket/lake) instead of a store, on Dask: per-node blame as one task per "
+                   "node, the cross-node pass as one task per job. Same output as for a store.")
+@click.option("--lake-option", "lake_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec storage option for --lake (repeatable; dotted keys nest).")
+@click.option("--scheduler", metavar="ADDR", default=None,
+              help="With --lake: the Dask scheduler to run on (tcp://host:8786); its workers read "
+                   "the lake themselves. Default: a local cluster for this report.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --lake and no --scheduler: local worker processes (default: one per CPU).")
+def report(source, store, as_json, as_groups, as_endpoints, trace_path, trace_base_ns, html_path,
+           lake, lake_options, scheduler, workers):
+    """Verdicts per GPU idle interval from a store, a recording or a lake; the table ends
+    with the repeated culprits and the idle GPU time they explain."""
+    if lake and (source or store):
+        raise click.UsageError("give a store/recording or --lake, not both")
+    if (scheduler or workers or lake_options) and not lake:
+        raise click.UsageError("--scheduler, --workers and --lake-option go with --lake")
+    if scheduler and workers:
+        raise click.UsageError("--workers sizes the local cluster: not with --scheduler")
+    src = lake or source or store or DEFAULT_STORE
     bars = _Progress()
     try:
-        batches = load_or_fail(src, progress=bars.decoded)
-        res = analyze.analyze(batches, on_phase=bars.phase)
+        if lake:
+            res = _fleet(lake, lake_options, scheduler, workers, bars, bool(trace_path or html_path),
+                         as_endpoints or not (as_json or as_groups))
+        else:
+            batches = load_or_fail(src, progress=bars.decoded)
+            res = analyze.analyze(batches, on_phase=bars.phase)
+            del batches
         bars.close()
-        del batches
         for path, what, write in (
                 (trace_path, "trace", lambda p: chrome_trace.export(res, p, trace_base_ns, bars.written)),
                 (html_path, "HTML report", lambda p: html_report.export(res, p, src))):
