@@ -1,4 +1,4 @@
-"""`python -m bench [tracer|blame|ingest|accuracy|fuzz|wire|http|soak] [--quick]`: run the benchmarks, one JSON line per figure.
+"""`python -m bench [tracer|blame|ingest|accuracy|fuzz|wire|http|soak|fleet] [--quick]`: run the benchmarks, one JSON line per figure.
 
 Every figure comes with its same-run baseline (a ratio), since these machines
 are shared and noisy. The tracer figures need root (they load real probes).
@@ -9,14 +9,15 @@ import sys
 
 SUITES = {"tracer": "bench.tracer_bench", "blame": "bench.bench_blame", "ingest": "bench.bench_ingest",
           "accuracy": "bench.bench_accuracy", "fuzz": "bench.bench_fuzz", "wire": "bench.bench_wire",
-          "http": "bench.bench_http", "soak": "bench.bench_soak"}
-LONG = {"soak"}     # its own options (`soak --minutes 30 --tracers 8`); never part of a plain run
+          "http": "bench.bench_http", "soak": "bench.bench_soak", "fleet": "bench.fleet"}
+# their own options (`soak --minutes 30 --tracers 8`, `fleet --nodes 1024 --json`); never part of a plain run
+LONG = {"soak", "fleet"}
 
 
 def main(argv):
     quick = "--quick" in argv
-    if argv[:1] == ["soak"]:
-        return importlib.import_module(SUITES["soak"]).main(quick=quick, argv=[a for a in argv[1:] if a != "--quick"])
+    if argv[:1] and argv[0] in LONG:
+        return importlib.import_module(SUITES[argv[0]]).main(quick=quick, argv=[a for a in argv[1:] if a != "--quick"])
     names = [a for a in argv if not a.startswith("-")] or [n for n in SUITES if n not in LONG]
     for name in names:
         if name not in SUITES:
