@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import copy
 import pickle
 import time
 from bisect import bisect_right
@@ -27,7 +26,7 @@ import numpy as np
 
 from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len
 
-from . import blame
+from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
 from .http_episodes import episodes
 from .verdict import Verdict, build_chain
@@ -45,6 +44,7 @@ DEFAULTS = {
     "max_contributors": blame.MAX_CONTRIBUTORS,  # contributors listed per verdict
     "remote_same_node": True,                    # other GPUs of a job on the culprit's node too
     "clock_skew_ns": 0,                          # extra per-node wall-clock error to assume
+    "exit_window_ns": crossnode.DEFAULTS["exit_window_ns"],  # a peer's death explains idle this long after
 }
 VERDICTS = ("culprit", "remote", "unexplained")
 #: stall kind codes for the alignment: one per table, scheduler rows split by op
@@ -102,6 +102,7 @@ class _Node:
         self.unsynced = False     # wall clock not NTP/PTP-synchronized (adjtimex)
         self.batches = 0
         self.holders = GpuHolders()   # gpu index -> pods and jobs over time (tracer attribution)
+        self.addrs: set = set()   # the node's addresses (meta.node.addrs): peers' flows to it
 
     def absorb(self, b) -> None:
         self.batches += 1
@@ -109,6 +110,7 @@ class _Node:
             if kind in TABLES and table_len(t):
                 self.chunks[kind].append(_normalize(kind, t))
         meta = b.meta or {}
+        self.addrs.update(crossnode.addrs_from_meta(meta))
         g = meta.get("gpu") or {}
         self._absorb_gpu_meta(g)
         clock = meta.get("clock") or {}
@@ -129,6 +131,7 @@ class _Node:
         for n, meta in nc.meta_runs:
             g = (meta or {}).get("gpu") or {}
             self._absorb_gpu_meta(g)          # n times the same value: once is the same
+            self.addrs.update(crossnode.addrs_from_meta(meta or {}))
             gpus = g.get("gpus") if isinstance(g, dict) else None
             ours = False        # the holders at the newest time are this run's
             for clock in nc.clocks[k:k + n]:
@@ -351,31 +354,6 @@ class Source:
 
 
 @dataclass
-class RemoteCulprit:
-    """A job stage's finding for one interval: its culprit is another rank's local culprit
-    chain (``source``), ``unc_ns`` the clock uncertainty between the two nodes.  A finding
-    names the verdict it makes (``verdict``: culprit, remote or unexplained) and
-    ``apply(v) -> Verdict`` turns the node's verdict into the final one."""
-
-    source: Source
-    unc_ns: int
-    verdict: str = "remote"
-
-    def apply(self, v: Verdict) -> Verdict:
-        """``v`` (an interval without a local culprit) as a remote verdict: a new Verdict."""
-        v = copy.copy(v)
-        s, e, src = v.idle_start_ns, v.idle_end_ns, self.source
-        culprit = dict(src.culprit)
-        culprit["overlap_ns"] = max(0, min(src.end_ns, e) - max(src.start_ns, s))
-        chain = build_chain(src.links, _covered(src.link_start, src.link_end, s, e))
-        v.verdict, v.culprit, v.remote, v.culprit_node = "remote", culprit, True, culprit["node"]
-        v.clock_uncertainty_ns = self.unc_ns
-        v.explained_fraction = float(min(chain.covered_ns / max(v.lost_ns, 1), 1.0))
-        v.klass, v.chain, v.basis = chain.klass, chain, src.basis
-        return v
-
-
-@dataclass
 class JobFacts:
     """One node's share of one job, all that :func:`job_stage` reads: the node's intervals of
     the job (``idx``: their positions in its :class:`NodePart`) and their local culprit
@@ -498,7 +476,13 @@ class NodePart:
         self._make = self._source = None
 
     def jobs(self) -> list:
-        return sorted(set(self.job.tolist()) - {""})
+        """The jobs this node takes part in: of its intervals, and of the ranks, exits and
+        loss episodes it saw (a node whose GPUs stayed busy still counts for a job's cost,
+        and the node of a rank that died for the others' waits)."""
+        jobs = set(self.job.tolist())
+        for k in ("members", "exits", "losses"):
+            jobs.update(x.job for x in self.extra.get(k, ()))
+        return sorted(jobs - {""})
 
     def job_facts(self) -> dict:
         """job -> this node's :class:`JobFacts` for it."""
@@ -647,47 +631,26 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
     return NodePart(name, gpus, idle.start, idle.end, idle.res, idle.open, idle.lost, job, rank,
                     culprit, al.best_start, al.best_end, nd.unc_ns + int(p["clock_skew_ns"]),
                     culprit & (job != ""), counts, np.where(culprit, 0, 2), [None] * n,
+                    extra=crossnode.node_extra({"net": nd.table("net"), "proc": pr, "gpu_proc": t}, nd.addrs),
                     _make=make, _source=source)
-
-
-def _covered(start: np.ndarray, end: np.ndarray, s: int, e: int) -> int:
-    """The union of the spans (sorted by start) inside [s, e)."""
-    cover, reach = 0, s
-    for a, b in zip(start.tolist(), end.tolist()):
-        lo, hi = max(a, reach), min(b, e)
-        if hi > lo:
-            cover += hi - lo
-        reach = max(reach, hi)
-    return cover
 
 
 def job_stage(job: str, facts: list, p: dict) -> dict:
     """What crosses nodes within one job, from every node's :class:`JobFacts` for it (any
-    order): ``{node: {interval: finding}}``, a finding (:class:`RemoteCulprit`) per interval
-    whose node-level verdict changes.  Today one cause: an interval without a local culprit
-    takes the local culprit chain of another rank's overlapping interval
-    (:func:`blame.remote_blame`), as a ``remote`` verdict for what the chain covers of it.
-    Other cross-node causes belong here too: they read the same facts (``JobFacts.extra``
-    holds what the node stage extracted for them) and add findings."""
+    order): ``{node: {interval: finding}}``, a finding per interval whose node-level verdict
+    changes (``analysis/crossnode.py``): an interval without a local culprit takes a remote
+    cause (a peer rank's death, a peer's TCP flow to this node retransmitting, a peer's local
+    culprit chain), and a local culprit gets its cost to the rest of the job."""
     facts = sorted(facts, key=lambda f: f.node)     # node order = analyze()'s node ids
     out: dict = {f.node: {} for f in facts}
     if not facts:
         return out
-    cat = (lambda col: np.concatenate([getattr(f, col) for f in facts]))
-    key = np.concatenate([blame.gpu_key(k, f.gpu) for k, f in enumerate(facts)])
-    start, end, res, has = cat("start"), cat("end"), cat("res"), cat("culprit")
-    bs, be = cat("best_start"), cat("best_end")
-    first = np.cumsum([0] + [len(f.idx) for f in facts]).tolist()
-    src, src_unc = blame.remote_blame(key, np.zeros(len(key), dtype=np.int64), start, end, res,
-                                      np.where(has, np.arange(len(key)), -1), bs, be - bs,
-                                      np.array([f.unc_ns for f in facts], dtype=np.int64),
-                                      same_node=p["remote_same_node"])
-    node = blame.key_node(key).tolist()
-    for t in np.flatnonzero(src >= 0).tolist():
-        si = int(src[t])
-        ft, fs = facts[node[t]], facts[node[si]]
-        out[ft.node][int(ft.idx[t - first[node[t]]])] = RemoteCulprit(
-            fs.sources[si - first[node[si]]], int(src_unc[t]))
+    res = crossnode.analyze_job([crossnode.node_facts(f, job, p) for f in facts], p)
+    idx = {f.node: f.idx for f in facts}
+    for (node, k), cause in res.causes.items():
+        out[node][int(idx[node][k])] = cause
+    for (node, k), cost in res.costs.items():
+        out[node][int(idx[node][k])] = crossnode.CostFinding(cost)
     return out
 
 

@@ -86,10 +86,18 @@ class Interval:
     chain: Chain | None = None
     basis: str | None = None
     events: Any = ()
+    local: bool = False         # a local culprit whose event ``events.culprit`` makes when asked
 
     @property
     def explained(self) -> bool:
-        return self.culprit is not None
+        return self.local or self.culprit is not None
+
+    def culprit_event(self) -> dict | None:
+        """The local culprit's event; made from ``events`` when first needed (a node has
+        many local culprits, few become another rank's remote culprit)."""
+        if self.culprit is None and self.local:
+            self.culprit = getattr(self.events, "culprit", None)
+        return self.culprit
 
     def span(self) -> tuple:
         """(first start, last end) of the local culprit chain; (0, 0) when none."""
@@ -97,9 +105,10 @@ class Interval:
             return min(int(a) for a, _b in self.links), max(int(b) for _a, b in self.links)
         if self.chain is not None:
             return self.chain.start_ns, self.chain.end_ns
-        if self.culprit is not None:
-            ts = int(self.culprit["ts_ns"])
-            return ts, ts + int(self.culprit["dur_ns"])
+        c = self.culprit_event()
+        if c is not None:
+            ts = int(c["ts_ns"])
+            return ts, ts + int(c["dur_ns"])
         return 0, 0
 
     def covered(self, s: int, e: int) -> int:
@@ -393,7 +402,7 @@ def _peer_io(f: _Flat) -> dict:
         s = int(src[t])
         sv = f.ivs[s]
         a, b = int(f.start[t]), int(f.end[t])
-        c = dict(sv.culprit or {})
+        c = dict(sv.culprit_event() or {})
         cs = int(c.get("ts_ns", 0))
         c["overlap_ns"] = max(0, min(cs + int(c.get("dur_ns", 0)), b) - max(cs, a))
         out[int(t)] = RemoteCause(f.names[int(f.node[t])], int(f.index[t]), "peer_io",
@@ -704,8 +713,8 @@ def node_facts(jf, job: str, p: dict | None = None) -> NodeFacts:
         src = sources[k] if bool(jf.culprit[k]) and k in sources else None
         links = tuple(zip(src.link_start.tolist(), src.link_end.tolist())) if src is not None else ()
         ivs.append(Interval(int(jf.gpu[k]), int(jf.start[k]), int(jf.end[k]), int(jf.res[k]), int(jf.lost[k]),
-                            int(jf.rank[k]), job, culprit=None if src is None else src.culprit, links=links,
-                            basis=None if src is None else src.basis, events=() if src is None else src))
+                            int(jf.rank[k]), job, links=links, basis=None if src is None else src.basis,
+                            events=() if src is None else src, local=src is not None))
     extra = jf.extra or {}
     return NodeFacts(jf.node, tuple(extra.get("addrs", ())), int(jf.unc_ns) - int(p["clock_skew_ns"]), ivs,
                      list(extra.get("losses", ())), list(extra.get("exits", ())), list(extra.get("members", ())))
