@@ -309,7 +309,8 @@ def apply(v: Verdict, cause: RemoteCause | None = None, cost: JobCost | None = N
             v, verdict="remote", culprit=cause.culprit, remote=True, culprit_node=cause.source_node,
             clock_uncertainty_ns=cause.clock_uncertainty_ns,
             explained_fraction=float(min(cause.covered_ns / max(v.lost_ns, 1), 1.0)),
-            chain=chain, klass=None if chain is None else chain.klass, basis=cause.basis,
+            chain=chain, basis=cause.basis,
+            klass="rank_exit" if cause.cause == "peer_exit" else (None if chain is None else chain.klass),
             cause=cause.cause, culprit_rank=cause.source_rank)
     if cost is not None and v.verdict == "culprit":
         v = dataclasses.replace(v, job_cost=cost)

@@ -15,7 +15,8 @@ from .http_episodes import full_reason, http_class, statuses_of
 
 #: failure modes a culprit chain can be classed as
 CLASSES = ("dataset_read", "checkpoint_write", "metadata", "network", "cpu", "blocked",
-           "api_throttling", "api_error", "api_timeout", "api_slow")
+           "api_throttling", "api_error", "api_timeout", "api_slow",
+           "rank_exit")   # a remote verdict: another rank of the job died (no chain of stalls)
 
 #: (stall type, op) -> class; ops not listed take the type's default (_TYPE_CLASS).
 #: Copies (sendfile, splice, copy_file_range) count as reads of their source: a row carries

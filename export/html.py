@@ -34,6 +34,7 @@ COLOURS = {
     "api_error": "#bcbd22",
     "api_timeout": "#17becf",
     "api_slow": "#7f7f7f",
+    "rank_exit": "#000000",
     "unexplained": "#9e9e9e",
 }
 assert set(CLASSES) <= set(COLOURS), "every verdict class needs a colour"

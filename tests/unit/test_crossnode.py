@@ -156,6 +156,7 @@ def test_peer_rank_killed_before_the_idle():
     assert cause.covered_ns == 2 * S and cause.culprit["signal"] == signal.SIGKILL
     v = cn.apply(verdict_for(b, 0), cause)
     assert v.verdict == "remote" and v.chain is None and v.explained_fraction == 1.0
+    assert v.klass == "rank_exit" and v.to_json()["class"] == "rank_exit"
     assert "remote: rank 1 on node-c exited (SIGKILL) 0.4 s before (±3 ms clock)" in verdict_line(v)
     # an exit code, and a death a little after the idle began (within one period)
     c = node("node-c", exits=[ex(50 * MS, status=3 << 8)])
