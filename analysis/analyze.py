@@ -103,6 +103,7 @@ class _Node:
         self.batches = 0
         self.holders = GpuHolders()   # gpu index -> pods and jobs over time (tracer attribution)
         self.addrs: set = set()   # the node's addresses (meta.node.addrs): peers' flows to it
+        self.net_open_since = 0     # the latest batch's meta.net.open_since_ns: 0 when none
 
     def absorb(self, b) -> None:
         self.batches += 1
@@ -111,6 +112,10 @@ class _Node:
                 self.chunks[kind].append(_normalize(kind, t))
         meta = b.meta or {}
         self.addrs.update(crossnode.addrs_from_meta(meta))
+        net = meta.get("net")
+        # the tracer's loss episodes still open at this batch (0: none): the node's data is
+        # complete only up to their start
+        self.net_open_since = int(net.get("open_since_ns") or 0) if isinstance(net, dict) else 0
         g = meta.get("gpu") or {}
         self._absorb_gpu_meta(g)
         clock = meta.get("clock") or {}
@@ -796,6 +801,8 @@ class LiveAnalyzer:
             for x in np.unique(gid):
                 per_gpu[(name, int(x))] = int(gts[gid == x].max())
             per_node[name] = int(gts.max())
+            if nd.net_open_since:   # a loss episode still open there: its row is still to come
+                per_node[name] = min(per_node[name], nd.net_open_since - 1)
         return per_node, per_gpu
 
     def _run(self, final: bool) -> list:

@@ -22,7 +22,7 @@ from stallscope.wire.sink import loss_counters
 from . import attribution, decode, kernel, podresources, probes
 from .families import BY_NAME
 from .net import EpisodeBuilder
-from .procinfo import ProcCache, SocketOwners
+from .procinfo import ProcCache, SocketOwners, cgroup2_mount, pid_cgroup_id
 from .ring import Shedder
 
 
@@ -188,7 +188,13 @@ class Agent:
         self.http_tls = None            # the http family's per-owner libssl uprobes, when loaded
         self._owner_roots = set()       # (pid, start_ns) of processes made owners from user space
         self.owners = SocketOwners(cfg.proc_root)
-        self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000)
+        keep = None
+        if cfg.probe.cgroup_id:
+            # tcp:tcp_retransmit_skb fires (mostly in softirq) for every socket of the host and
+            # every network namespace: keep the episodes whose owner is in the traced cgroup
+            mount = cgroup2_mount(cfg.proc_root)
+            keep = (lambda pid: pid_cgroup_id(pid, cfg.proc_root, mount) == cfg.probe.cgroup_id)
+        self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000, keep=keep)
         self.headers = ""
         self.events_out = 0
         self._hist_cache = {}
@@ -461,6 +467,9 @@ class Agent:
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
                 "not_loaded": self.failed, "final": final, "node": {"addrs": self._node_addrs()}}
+        open_since = [ep["start"] for ep in self.episodes.open.values() if ep.get("keep", True)]
+        if open_since:      # loss episodes still open: their rows come later (the live analysis waits)
+            meta["net"] = {"open_since_ns": int(min(open_since))}
         shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}
         if shed:                # announced: these stalls are sampled by duration, not all kept
             meta["shed"] = shed

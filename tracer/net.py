@@ -68,8 +68,9 @@ def kernel_hz(release: str | None = None) -> int:
 
 
 class EpisodeBuilder:
-    def __init__(self, owners, gap_ns: int = 1_000_000_000, hz: int | None = None):
+    def __init__(self, owners, gap_ns: int = 1_000_000_000, hz: int | None = None, keep=None):
         self.owners = owners          # SocketOwners
+        self.keep = keep              # pid -> bool, asked once its owner is known (--cgroup)
         self.gap_ns = gap_ns
         self.hz = hz or kernel_hz()
         self.open = {}                # flow key -> episode dict
@@ -135,6 +136,7 @@ class EpisodeBuilder:
             ep["rto_ns"] = rto_ns or ep["rto_ns"]
             if not ep["pid"] and ep["ino"]:
                 ep["pid"] = self.owners.owner(ep["ino"])
+                ep["keep"] = self._keep(ep["pid"])
         return self
 
     def _new(self, key, r, i, ts):
@@ -146,7 +148,12 @@ class EpisodeBuilder:
                                "srtt_ns": srtt_ns, "ino": ino,
                                "pid": self.owners.owner(ino),
                                "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
+        ep["keep"] = self._keep(ep["pid"])
         return ep
+
+    def _keep(self, pid) -> bool:
+        """Whether an episode of ``pid`` is this tracer's (decided while its owner lives)."""
+        return True if self.keep is None else bool(pid) and bool(self.keep(int(pid)))
 
     def _close(self, key):
         ep = self.open.pop(key)
@@ -158,7 +165,7 @@ class EpisodeBuilder:
         for key, ep in list(self.open.items()):
             if force or now_ns - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
                 self._close(key)
-        closed, self._closed = self._closed, []
+        closed, self._closed = [ep for ep in self._closed if ep.get("keep", True)], []
         if not closed:
             return {}
         cols = {c: [] for c in ("ts_ns", "dur_ns", "pid", "tid", "comm", "op", "saddr", "sport",

@@ -440,3 +440,32 @@ class SocketOwners:
         if ino not in self.map and time.monotonic() - self._last_scan >= self.min_rescan_s:
             self._scan()
         return self.map.get(ino, 0)
+
+
+def cgroup2_mount(proc: str = "/proc") -> str:
+    """Where the cgroup v2 hierarchy is mounted (``<proc>/self/mountinfo``); "" if nowhere."""
+    try:
+        with open(os.path.join(proc, "self", "mountinfo")) as f:
+            for line in f:
+                pre, sep, post = line.partition(" - ")
+                if sep and post.split(" ", 1)[0] == "cgroup2":
+                    return pre.split()[4]
+    except OSError:
+        pass
+    return ""
+
+
+def pid_cgroup_id(pid: int, proc: str = "/proc", mount: str | None = None) -> int:
+    """The cgroup v2 id (its directory's inode number, what bpf_get_current_cgroup_id gives)
+    of a process; 0 when it is gone or has no v2 cgroup."""
+    mount = cgroup2_mount(proc) if mount is None else mount
+    if not mount or pid <= 0:
+        return 0
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup")) as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return os.stat(mount + line[3:].strip().rstrip("/")).st_ino
+    except OSError:
+        pass
+    return 0

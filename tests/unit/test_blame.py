@@ -429,6 +429,26 @@ def test_live_waits_for_the_other_nodes_of_a_job_then_blames_remotely():
     assert live.add([b2]) == []
 
 
+def test_live_waits_for_a_peer_whose_loss_episode_is_still_open():
+    """A tracer ships a TCP loss episode only once it is over (about a second after its last
+    retransmit) and says meanwhile from when one is open (meta.net.open_since_ns): the other
+    ranks' unexplained intervals wait for it (within wait_ns), as for a node behind. (An io
+    row stands in for the late episode: what is checked is the wait.)"""
+    stall = io(S0 - 5 * MS, 1_000 * MS, 101)
+    a, b = two_nodes(stall)[::-1]
+    a = Batch(a.node, a.seq, {k: t for k, t in a.tables.items() if k != "io"}, a.counters, a.hist, a.meta)
+    live = LiveAnalyzer(min_gap_s=0)
+    open_meta = {**a.meta, "net": {"open_since_ns": S0 - 5 * MS}}
+    a_open = Batch(a.node, a.seq, a.tables, a.counters, a.hist, open_meta)
+    assert live.add([b, a_open]) == []          # node-a's samples are all in, its episode is not
+    late = Batch("node-a", 1, {"io": table("io", [stall])}, {}, {}, a.meta)
+    out = live.add([late])
+    assert {v.node: v.verdict for v in out} == {"node-a": "culprit", "node-b": "remote"}
+    # without the announcement the same data is final at once, node-b unexplained
+    live = LiveAnalyzer(min_gap_s=0)
+    assert {v.node: v.verdict for v in live.add([b, a])} == {"node-a": "unexplained", "node-b": "unexplained"}
+
+
 def test_live_reports_an_interval_cut_by_a_hole_once_data_resumes():
     b = trainer_batch("a", [100] * 10 + [0] * 10)
     hole = 40_000 * MS

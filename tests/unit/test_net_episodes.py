@@ -92,3 +92,43 @@ def test_flows_are_kept_apart():
             (1100 * MS, "retransmit", 1, 200, RTO_FIRED, 100, 0xB0, 6000)]
     _eb, net = build(rows)
     assert sorted(net["dport"].tolist()) == [5000, 6000] and list(net["retransmits"]) == [1, 1]
+
+
+def test_episodes_of_processes_outside_the_traced_cgroup_are_left_out():
+    """With --cgroup the tracer keeps the episodes whose owner is in it, decided when the
+    episode starts (its owner may be gone by the flush); an unknown owner is not ours."""
+    rows = [(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300)]
+    asked = []
+
+    def keep(pid):
+        asked.append(pid)
+        return pid == 4242
+
+    eb, net = build(rows, keep=keep)
+    assert list(net["pid"]) == [4242] and asked == [4242]
+    eb, net = build(rows, keep=lambda pid: False)
+    assert not net or len(net["pid"]) == 0
+    eb = EpisodeBuilder(Owners({}), hz=HZ, keep=lambda pid: True)      # owner unknown
+    eb.add(rtx(rows))
+    net = eb.flush(10**15, force=True)
+    assert not net or len(net["pid"]) == 0
+
+
+def test_pid_cgroup_id_is_the_cgroup_directory_inode(tmp_path):
+    import os
+
+    from stallscope.tracer.procinfo import cgroup2_mount, pid_cgroup_id
+    cg = tmp_path / "cg"
+    (cg / "node-a" / "job").mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text(
+        "22 1 0:21 / /sys rw - sysfs sysfs rw\n"
+        f"30 22 0:26 / {cg} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    (proc / "42").mkdir()
+    (proc / "42" / "cgroup").write_text("0::/node-a/job\n")
+    assert cgroup2_mount(str(proc)) == str(cg)
+    assert pid_cgroup_id(42, str(proc)) == os.stat(cg / "node-a" / "job").st_ino
+    assert pid_cgroup_id(43, str(proc)) == 0            # gone
+    (proc / "self" / "mountinfo").write_text("22 1 0:21 / /sys rw - sysfs sysfs rw\n")
+    assert pid_cgroup_id(42, str(proc)) == 0            # no cgroup v2 mounted
