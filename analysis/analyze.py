@@ -132,23 +132,27 @@ class _Node:
         for kind, t in nc.tables.items():
             if kind in TABLES and table_len(t):
                 self.chunks[kind].append(_normalize(kind, t))
+        clocks = [c if isinstance(c, dict) else {} for c in nc.clocks]
         k, latest = 0, -1       # the newest time holders were given at (sent_ns >= 0)
         for n, meta in nc.meta_runs:
             g = (meta or {}).get("gpu") or {}
             self._absorb_gpu_meta(g)          # n times the same value: once is the same
             self.addrs.update(crossnode.addrs_from_meta(meta or {}))
             gpus = g.get("gpus") if isinstance(g, dict) else None
-            ours = False        # the holders at the newest time are this run's
-            for clock in nc.clocks[k:k + n]:
-                clock = clock or {}
-                if gpus:
-                    t = self._sent(clock)
+            if gpus:
+                ours = False    # the holders at the newest time are this run's
+                for t in [int(c.get("sent_ns") or 0) for c in clocks[k:k + n]]:
                     if not (ours and t >= latest):    # else: the same holders again, no change
                         self.holders.absorb(gpus, t)
                     if t >= latest:
                         latest, ours = t, True
-                self._absorb_clock(clock)
             k += n
+        # what _absorb_clock leaves after every clock, in one pass
+        unc = [int(c["uncertainty_ns"]) for c in clocks if c.get("uncertainty_ns")]
+        if unc:
+            self.unc_ns = max(self.unc_ns, max(unc))
+        if any(c.get("ntp_synced") is False for c in clocks):
+            self.unsynced = True
         self._absorb_counters(nc.counters)
 
     def _absorb_gpu_meta(self, g) -> None:

@@ -654,23 +654,27 @@ def exits_from_tables(proc: dict, gpu_proc: dict | None = None, slack_ns: int = 
     job = _col(proc, "job", n, "", object)
     rank = _col(proc, "rank", n, -1, np.int64).astype(np.int64)
     comm = _col(proc, "comm", n, "", object)
-    listed: dict = {}
     if gpu_proc is not None:
         gp = np.asarray(gpu_proc.get("pid", ()), dtype=np.int64)
-        gts = np.asarray(gpu_proc.get("ts_ns", ()), dtype=np.int64)
-        ggpu = np.asarray(gpu_proc.get("gpu", ()), dtype=np.int64)
         want = np.isin(gp, pid[rows])
-        for p_, ts, g in zip(gp[want], gts[want], ggpu[want]):
-            listed.setdefault(int(p_), []).append((int(ts), int(g)))
+        gp = gp[want]
+        gts = np.asarray(gpu_proc.get("ts_ns", ()), dtype=np.int64)[want]
+        ggpu = np.asarray(gpu_proc.get("gpu", ()), dtype=np.int64)[want]
+        o = np.lexsort((ggpu, gts, gp))             # by pid, then time, then GPU
+        gp, gts, ggpu = gp[o], gts[o], ggpu[o]
     out = []
     for i in rows:
         g = -1
         if gpu_proc is not None:
-            seen = [(ts, gg) for ts, gg in listed.get(int(pid[i]), ())
-                    if start[i] - slack_ns <= ts <= exit_ns[i] + slack_ns]
-            if not seen:
+            # the GPU NVML listed it on last between its start and its exit (+- slack): the
+            # latest (time, gpu) of its rows in that span
+            a, b = np.searchsorted(gp, pid[i], "left"), np.searchsorted(gp, pid[i], "right")
+            ts = gts[a:b]
+            lo = a + int(np.searchsorted(ts, start[i] - slack_ns, "left"))
+            hi = a + int(np.searchsorted(ts, exit_ns[i] + slack_ns, "right"))
+            if hi <= lo:
                 continue
-            g = max(seen)[1]
+            g = int(ggpu[hi - 1])
         elif rank[i] < 0:
             continue
         out.append(Exit(int(pid[i]), int(exit_ns[i]), int(status[i]), int(rank[i]), str(job[i] or ""),

@@ -502,13 +502,20 @@ class LakeReader:
         d = f"{self.root}/{dataset}/date={day}/node={ndir}"
         return [f"{d}/{n}" for n in sorted(self._ls(d)) if _visible(n)]
 
-    def _read(self, path: str, columns=None):
+    def _read(self, path: str, columns=None, drop=()):
+        """The file's table: ``columns`` (all when None) less ``drop`` (not decoded at all)."""
         import pyarrow.parquet as pq
+
+        def read(pf):
+            cols = columns
+            if drop:
+                cols = [c for c in (columns or pf.schema_arrow.names) if c not in drop]
+            return pf.read(columns=cols, use_threads=False)    # Dask workers are the parallelism
         if self._local:                 # pyarrow's own file access: no Python file object in between
-            t = pq.ParquetFile(path).read(columns=columns)
+            t = read(pq.ParquetFile(path))
         else:
             with self.fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=columns)
+                t = read(pq.ParquetFile(f))
         _check_version(t.schema.metadata, path)
         return t
 
@@ -637,6 +644,7 @@ class LakeReader:
 
     def _columns(self, node: str, since_ns, until_ns) -> NodeColumns:
         import pyarrow as pa
+        import pyarrow.compute as pc
         ndir = node_dir(node)
         days = self._days(BATCH, since_ns, until_ns)
         bcols = ["bid", "seq", "wall_ns", "counters", "meta", "clock"]
@@ -649,22 +657,38 @@ class LakeReader:
             return NodeColumns(node, 0, {}, [], [], {})
         seg_of = np.repeat(np.arange(len(parts)), [t.num_rows for t in parts])
         bt = pa.concat_tables(parts)
-        bid = np.asarray(bt.column("bid").to_pylist(), dtype=object)
         seq = bt.column("seq").to_numpy()
         wall = bt.column("wall_ns").to_numpy()
-        # the first copy of each batch wins (file order), inside [since, until): as batches()
-        _u, first = np.unique(bid, return_index=True)
-        keep = np.zeros(len(bid), dtype=bool)
-        keep[first] = True
+        nb = len(seq)
+        in_span = np.ones(nb, dtype=bool)
         if since_ns is not None:
-            keep &= wall >= since_ns
+            in_span &= wall >= since_ns
         if until_ns is not None:
-            keep &= wall < until_ns
-        rows = np.flatnonzero(keep)
-        order = rows[np.lexsort((bid[rows], wall[rows], seq[rows]))]       # seq, wall, bid
-        pos = {b: i for i, b in enumerate(bid[order])}                      # bid -> batch position
-        owner = {b: segs[int(seg_of[r])] for b, r in zip(bid[order], order)}
-        whole = len(rows) == len(bid)           # no copy, nothing outside the span: every row counts
+            in_span &= wall < until_ns
+        # the common case: no copy of a batch, every batch in the span, batch seqs unique (no
+        # tracer restart in it): batch order is seq order, a row's batch position its seq's
+        # rank, and no bid is made a Python string
+        by_seq = (bool(in_span.all()) and len(np.unique(seq)) == nb
+                  and pc.count_distinct(bt.column("bid")).as_py() == nb)
+        pos: dict = {}
+        owner: dict = {}
+        if by_seq:
+            order = np.argsort(seq, kind="stable")
+            whole = True
+        else:
+            bid = np.asarray(bt.column("bid").to_pylist(), dtype=object)
+            # the first copy of each batch wins (file order), inside [since, until): as batches()
+            _u, first = np.unique(bid, return_index=True)
+            keep = np.zeros(nb, dtype=bool)
+            keep[first] = True
+            keep &= in_span
+            rows = np.flatnonzero(keep)
+            order = rows[np.lexsort((bid[rows], wall[rows], seq[rows]))]       # seq, wall, bid
+            whole = len(rows) == nb             # no copy, nothing outside the span: every row counts
+        seq_sorted = seq[order] if by_seq else np.empty(0, np.int64)
+        if not by_seq:
+            pos = {b: i for i, b in enumerate(bid[order])}                  # bid -> batch position
+            owner = {b: segs[int(seg_of[r])] for b, r in zip(bid[order], order)}
         tables = {}
         for kind, spec in TABLES.items():
             chunks, where = [], []
@@ -673,17 +697,25 @@ class LakeReader:
                     seg = (day, path.rsplit("/", 1)[1])
                     if seg not in segs:
                         continue
-                    t = self._read(path)
+                    if by_seq:
+                        t = self._read(path, drop=("bid",))
+                    else:
+                        t = self._read(path)
                     if not t.num_rows:
                         continue
                     have = set(t.column_names)
                     lacking = [c for c in spec if c not in have and c not in OPTIONAL.get(kind, {})]
                     if lacking:
                         raise LakeError(f"{path}: no column {lacking[0]!r} (not a stallscope lake file?)")
-                    enc = t.column("bid").combine_chunks().dictionary_encode()
-                    names = enc.dictionary.to_pylist()
-                    at = np.array([pos.get(b, -1) if whole or owner.get(b) == seg else -1 for b in names],
-                                  dtype=np.int64)[enc.indices.to_numpy()]
+                    if by_seq:
+                        fseq = t.column("seq").to_numpy()
+                        at = np.searchsorted(seq_sorted, fseq)
+                        at[(at >= len(seq_sorted)) | (seq_sorted[np.minimum(at, len(seq_sorted) - 1)] != fseq)] = -1
+                    else:
+                        enc = t.column("bid").combine_chunks().dictionary_encode()
+                        names = enc.dictionary.to_pylist()
+                        at = np.array([pos.get(b, -1) if whole or owner.get(b) == seg else -1 for b in names],
+                                      dtype=np.int64)[enc.indices.to_numpy()]
                     sel = np.flatnonzero(at >= 0)
                     if not len(sel):
                         continue
@@ -762,7 +794,7 @@ def _counter_tops(texts: list) -> dict:
         return top
     try:
         t = pj.read_json(pa.BufferReader("\n".join(texts).encode()),
-                         read_options=pj.ReadOptions(block_size=1 << 26))
+                         read_options=pj.ReadOptions(block_size=1 << 26, use_threads=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         t = None
     if t is not None and all(pa.types.is_integer(f.type) or pa.types.is_boolean(f.type)
