@@ -735,28 +735,32 @@ class LakeReader:
             if len(o) > 1 and np.any(o[1:] < o[:-1]):
                 joined = {c: v[o] for c, v in joined.items()}
             tables[kind] = complete(kind, joined)
-        # meta: runs of identical values (a tracer's meta changes seldom), clocks, counters
-        meta_b = bt.column("meta").to_pylist()
-        clock_b = bt.column("clock").to_pylist()
-        counters = bt.column("counters").to_pylist()
-        runs: list = []
-        prev = None
-        for r in order:
-            m = meta_b[r]
-            if runs and m == prev:
-                runs[-1][0] += 1
-            else:
-                runs.append([1, _unpack(m)])
-                prev = m
+        # meta: runs of identical values (a tracer's meta changes seldom), clocks, counters;
+        # per-batch values stay in Arrow until they must become Python objects
+        ordered = bt.take(pa.array(order))
+        enc = ordered.column("meta").combine_chunks().dictionary_encode()
+        idx = enc.indices.to_numpy(zero_copy_only=False)
+        cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
+        bounds = [0, *cut.tolist(), len(idx)]
+        values = enc.dictionary.to_pylist()
+        unpacked: dict = {}
+        runs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                v = int(idx[a])
+                if v not in unpacked:
+                    unpacked[v] = _unpack(values[v])
+                runs.append((b - a, unpacked[v]))
+        clock_col = ordered.column("clock").combine_chunks()
         clocks: list = [None] * len(order)     # one msgpack stream: unpacked in one C loop
-        have = [i for i, r in enumerate(order) if clock_b[r] is not None]
-        if have:
+        valid = np.flatnonzero(clock_col.is_valid().to_numpy(zero_copy_only=False))
+        if len(valid):
             un = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
-            un.feed(b"".join(clock_b[order[i]] for i in have))
-            for i, c in zip(have, un):
+            un.feed(_joined(clock_col.filter(clock_col.is_valid()), b""))
+            for i, c in zip(valid.tolist(), un):
                 clocks[i] = c
-        return NodeColumns(node, len(order), tables, [(n, m) for n, m in runs], clocks,
-                           _counter_tops([counters[r] for r in order]))
+        return NodeColumns(node, len(order), tables, runs, clocks,
+                           _counter_tops(ordered.column("counters").combine_chunks()))
 
     # verdicts ------------------------------------------------------------
     def verdicts(self, node: str | None = None, since_ns: int | None = None,
@@ -782,18 +786,35 @@ class LakeReader:
         return out
 
 
-def _counter_tops(texts: list) -> dict:
-    """The highest value each numeric counter has in the JSON objects ``texts`` (absent, null,
-    or not a number in an object: that object does not count for it). pyarrow's JSON reader
-    takes the lot at once; Python's parser where pyarrow cannot type a column."""
+def _joined(arr, sep: bytes) -> bytes:
+    """The values of a string or binary Arrow array (no nulls), each followed by ``sep``, as
+    one bytes object: the array's own data buffer when ``sep`` is empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if sep:
+        arr = pc.binary_join_element_wise(arr, pa.scalar(sep, arr.type), pa.scalar(b"", arr.type))
+    arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+    if not len(arr):
+        return b""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32 if arr.type in (pa.string(), pa.binary())
+                            else np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    return arr.buffers()[2].to_pybytes()[int(offsets[0]):int(offsets[-1])]
+
+
+def _counter_tops(col) -> dict:
+    """The highest value each numeric counter has in the JSON objects of the string array
+    ``col`` (absent, null, or not a number in an object: that object does not count for
+    it). pyarrow's JSON reader takes the lot at once; Python's parser where pyarrow cannot
+    type a column."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.json as pj
     top: dict = {}
-    if not texts:
+    if not len(col):
         return top
+    col = col.filter(col.is_valid())
     try:
-        t = pj.read_json(pa.BufferReader("\n".join(texts).encode()),
+        t = pj.read_json(pa.BufferReader(_joined(col, b"\n")),
                          read_options=pj.ReadOptions(block_size=1 << 26, use_threads=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         t = None
@@ -804,7 +825,7 @@ def _counter_tops(texts: list) -> dict:
             if col.null_count < len(col):
                 top[name] = int(pc.max(col).as_py())
         return top
-    for c in json.loads("[" + ",".join(texts) + "]"):        # floats or odd values: exact, slower
+    for c in json.loads("[" + ",".join(col.to_pylist()) + "]"):   # floats or odd values: exact, slower
         for k, v in c.items():
             if isinstance(v, (int, float)):
                 v = int(v)

@@ -145,11 +145,13 @@ def _joined(batches):
     return tables, [tuple(r) for r in runs], [b.meta.get("clock") for b in batches], top
 
 
-@pytest.mark.parametrize("span", [None, (2, 5)])
-def test_columns_are_the_batches_joined(span, tmp_path):
+@pytest.mark.parametrize("span,ratio", [(None, None), ((2, 5), None), (None, 2.5)])
+def test_columns_are_the_batches_joined(span, ratio, tmp_path):
     """columns() gives exactly what batches() holds, joined: copies from a rewrite dropped,
-    a restart's repeated batch seqs in batch order, a time window cut by batch wall time."""
-    counters = {"vfs.lost_ringbuf": 3, "vfs.emitted": (1 << 62) + 1, "tick_errors": 0}
+    a restart's repeated batch seqs in batch order, a time window cut by batch wall time,
+    a float counter (parsed the slow, exact way)."""
+    counters = {"vfs.lost_ringbuf": 3, "vfs.emitted": (1 << 62) + 1, "tick_errors": 0,
+                **({"ratio": ratio} if ratio is not None else {})}
     batches = []
     for run in range(2):
         for seq in range(4):
@@ -176,6 +178,29 @@ def test_columns_are_the_batches_joined(span, tmp_path):
     assert [tuple(x) for x in got.meta_runs] == runs
     assert got.clocks == clocks and got.counters == top
     assert lake.LakeReader(url).columns("no-such-node").batches == 0
+
+
+def test_columns_fast_path_equals_batches(tmp_path):
+    """Unique batch seqs and no copies (the common case: rows placed by seq, no bid read),
+    segments written out of order: the same as batches(), joined."""
+    batches = []
+    for seq in range(6):
+        meta = realistic_meta(seq)
+        meta["clock"] = {**meta["clock"], "sent_ns": MIDNIGHT + seq * S}
+        meta["delivery"] = {"boot_id": "boot-1", "seq": 100 + seq}
+        batches.append(Batch("n1", seq, realistic_tables(3 + seq, seq), {"c": seq}, {}, meta))
+    url = str(tmp_path / "lake")
+    lake.write_batches(url, "n1", batches[3:])
+    lake.write_batches(url, "n1", batches[:3])
+    r = lake.LakeReader(url)
+    back = r.batches("n1")
+    got = r.columns("n1")
+    tables, runs, clocks, top = _joined(back)
+    assert [b.seq for b in back] == list(range(6)) and got.batches == 6
+    for kind, t in tables.items():
+        for c, a in t.items():
+            assert list(got.tables[kind][c]) == list(a), (kind, c)
+    assert [tuple(x) for x in got.meta_runs] == runs and got.clocks == clocks and got.counters == top == {"c": 5}
 
 
 def test_a_file_from_an_older_schema_reads_with_the_new_columns_filled(tmp_path):
