@@ -132,7 +132,12 @@ class _Node:
         for kind, t in nc.tables.items():
             if kind in TABLES and table_len(t):
                 self.chunks[kind].append(_normalize(kind, t))
-        clocks = [c if isinstance(c, dict) else {} for c in nc.clocks]
+        if nc.clocks is None:   # the lake's flat clock columns
+            sent = nc.sent_ns.tolist() if nc.sent_ns is not None else [0] * nc.batches
+            clocks = []
+        else:
+            clocks = [c if isinstance(c, dict) else {} for c in nc.clocks]
+            sent = [int(c.get("sent_ns") or 0) for c in clocks]
         k, latest = 0, -1       # the newest time holders were given at (sent_ns >= 0)
         for n, meta in nc.meta_runs:
             g = (meta or {}).get("gpu") or {}
@@ -141,17 +146,16 @@ class _Node:
             gpus = g.get("gpus") if isinstance(g, dict) else None
             if gpus:
                 ours = False    # the holders at the newest time are this run's
-                for t in [int(c.get("sent_ns") or 0) for c in clocks[k:k + n]]:
+                for t in sent[k:k + n]:
                     if not (ours and t >= latest):    # else: the same holders again, no change
                         self.holders.absorb(gpus, t)
                     if t >= latest:
                         latest, ours = t, True
             k += n
         # what _absorb_clock leaves after every clock, in one pass
-        unc = [int(c["uncertainty_ns"]) for c in clocks if c.get("uncertainty_ns")]
-        if unc:
-            self.unc_ns = max(self.unc_ns, max(unc))
-        if any(c.get("ntp_synced") is False for c in clocks):
+        unc = [int(c["uncertainty_ns"]) for c in clocks if c.get("uncertainty_ns")] + [nc.unc_ns]
+        self.unc_ns = max(self.unc_ns, max(unc))
+        if nc.unsynced or any(c.get("ntp_synced") is False for c in clocks):
             self.unsynced = True
         self._absorb_counters(nc.counters)
 

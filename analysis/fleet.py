@@ -148,6 +148,12 @@ def default_workers() -> int:
 
 def _connect(distributed, scheduler, workers):
     """(client, cluster we started or None)."""
+    import dask
+    # a client whose event loop waits on a busy process (the scheduler of a local cluster
+    # runs in this process; a 2-core machine shared with other work) must not be cut off
+    # after dask's default 30 s of unread data: seen once as ETIMEDOUT mid-report
+    if str(dask.config.get("distributed.comm.timeouts.tcp", "30s")) in ("30s", "30"):
+        dask.config.set({"distributed.comm.timeouts.tcp": "300s"})
     if scheduler:
         try:
             return distributed.Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s",

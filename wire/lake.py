@@ -280,7 +280,8 @@ def _table_for(kind: str, group: list):
 def _batch_table(group: list, ident: dict):
     import pyarrow as pa
     rows = {k: [] for k in ("bid", "seq", "boot_id", "dseq", "sent_ns", "wall_ns", "final",
-                            "n_events", "rows", "tables", "counters", "meta", "clock", "hist")}
+                            "n_events", "rows", "tables", "counters", "meta", "clock", "hist",
+                            "clock_sent_ns", "clock_unc_ns", "clock_ntp_synced")}
     pack = functools.partial(msgpack.packb, use_bin_type=True, default=_msgpack_default)
     for bid, b in group:
         _bid, boot, dseq, sent, wall = ident[bid]
@@ -300,18 +301,52 @@ def _batch_table(group: list, ident: dict):
         rows["counters"].append(json.dumps(b.counters or {}, default=_json_default))
         # the clock changes every batch, the rest of meta and the histograms seldom: apart, they
         # are dictionary-coded in the file and unpacked once per distinct value on reading
+        clock = meta.get("clock")
         rows["clock"].append(pack(meta.pop("clock")) if "clock" in meta else None)
+        # what readers take of every clock, flat (the fleet report reads these, not the clock):
+        # sent_ns (0 when none), uncertainty_ns (null when none or 0), ntp_synced (null unless
+        # a boolean)
+        c = clock if isinstance(clock, dict) else {}
+        rows["clock_sent_ns"].append(_int_or(c.get("sent_ns"), 0))
+        rows["clock_unc_ns"].append(_int_or(c.get("uncertainty_ns"), 0) or None)
+        ntp = c.get("ntp_synced")
+        rows["clock_ntp_synced"].append(ntp if isinstance(ntp, bool) else None)
         rows["meta"].append(pack(meta))
         rows["hist"].append(pack(b.hist or {}))
     types = {"bid": pa.string(), "seq": pa.int64(), "boot_id": pa.string(), "dseq": pa.int64(),
              "sent_ns": pa.int64(), "wall_ns": pa.int64(), "final": pa.bool_(), "n_events": pa.int64(),
              "rows": pa.int64(), "tables": pa.string(), "counters": pa.string(), "meta": pa.binary(),
-             "clock": pa.binary(), "hist": pa.binary()}
+             "clock": pa.binary(), "hist": pa.binary(), "clock_sent_ns": pa.int64(),
+             "clock_unc_ns": pa.int64(), "clock_ntp_synced": pa.bool_()}
     return pa.table({k: pa.array(v, type=types[k]) for k, v in rows.items()})
 
 
-def _publish(fs, root: str, dataset: str, day: str, node: str, name: str, table) -> str:
-    table = table.replace_schema_metadata(_file_meta(dataset, node))
+def _int_or(v, default: int) -> int:
+    """``int(v)`` for a number that fits int64 (not a boolean), else ``default``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            i = int(v)
+        except (OverflowError, ValueError):
+            return default
+        if -(1 << 63) <= i < (1 << 63):
+            return i
+    return default
+
+
+def _tops_of(counters) -> dict:
+    """The highest value of each numeric counter over ``counters`` (dicts), as ints."""
+    top: dict = {}
+    for c in counters:
+        for k, v in (c or {}).items():
+            if isinstance(v, (int, float)):
+                v = int(v)
+                if v > top.get(k, v - 1):
+                    top[k] = v
+    return top
+
+
+def _publish(fs, root: str, dataset: str, day: str, node: str, name: str, table, extra=None) -> str:
+    table = table.replace_schema_metadata({**_file_meta(dataset, node), **(extra or {})})
     path = f"{root}/{dataset}/date={day}/node={node_dir(node)}/{name}.parquet"
     _put(fs, path, table)
     return fs.unstrip_protocol(path)
@@ -345,7 +380,10 @@ def write_batches(url: str, node: str, batches: list, storage_options: dict | No
             t = _table_for(kind, group)
             if t is not None:
                 out.append(_publish(fs, root, kind, day, node, name, t))
-        out.append(_publish(fs, root, BATCH, day, node, name, _batch_table(group, ident)))
+        # the segment's counter tops, so a reader of the whole segment need not parse them all
+        tops = json.dumps(_tops_of(b.counters for _bid, b in group), default=_json_default)
+        out.append(_publish(fs, root, BATCH, day, node, name, _batch_table(group, ident),
+                            {f"{_META_PREFIX}counter_tops": tops}))
     return out
 
 
@@ -467,8 +505,11 @@ class NodeColumns:
     batches: int
     tables: dict
     meta_runs: list
-    clocks: list
+    clocks: list | None             # None: the files carry the flat clock columns below
     counters: dict
+    sent_ns: np.ndarray | None = None   # each batch's clock sent_ns (0: none), with clocks None
+    unc_ns: int = 0                     # the largest clock uncertainty_ns
+    unsynced: bool = False              # a clock said ntp_synced false
 
 
 class LakeReader:
@@ -648,13 +689,19 @@ class LakeReader:
         ndir = node_dir(node)
         days = self._days(BATCH, since_ns, until_ns)
         bcols = ["bid", "seq", "wall_ns", "counters", "meta", "clock"]
-        parts, segs = [], []
+        flat_cols = ["clock_sent_ns", "clock_unc_ns", "clock_ntp_synced"]
+        parts, segs, file_tops = [], [], []
         for day in days:
             for path in self._files(BATCH, day, ndir):
-                parts.append(self._read(path, bcols))
+                t = self._read(path, drop=("hist", "tables", "boot_id", "dseq", "final", "n_events", "rows"))
+                parts.append(t)
                 segs.append((day, path.rsplit("/", 1)[1]))
+                tops = (t.schema.metadata or {}).get(f"{_META_PREFIX}counter_tops".encode())
+                file_tops.append(None if tops is None else json.loads(tops))
         if not parts:
             return NodeColumns(node, 0, {}, [], [], {})
+        flat = all(all(c in t.column_names for c in flat_cols) for t in parts)
+        parts = [t.select(bcols + (flat_cols if flat else [])).replace_schema_metadata(None) for t in parts]
         seg_of = np.repeat(np.arange(len(parts)), [t.num_rows for t in parts])
         bt = pa.concat_tables(parts)
         seq = bt.column("seq").to_numpy()
@@ -737,7 +784,7 @@ class LakeReader:
             tables[kind] = complete(kind, joined)
         # meta: runs of identical values (a tracer's meta changes seldom), clocks, counters;
         # per-batch values stay in Arrow until they must become Python objects
-        ordered = bt.take(pa.array(order))
+        ordered = bt if np.array_equal(order, np.arange(nb)) else bt.take(pa.array(order))
         enc = ordered.column("meta").combine_chunks().dictionary_encode()
         idx = enc.indices.to_numpy(zero_copy_only=False)
         cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
@@ -751,6 +798,17 @@ class LakeReader:
                 if v not in unpacked:
                     unpacked[v] = _unpack(values[v])
                 runs.append((b - a, unpacked[v]))
+        if whole and all(x is not None for x in file_tops):
+            counters = _tops_of(file_tops)      # every batch of every segment counts
+        else:
+            counters = _counter_tops(ordered.column("counters").combine_chunks())
+        if flat:
+            unc = pc.max(ordered.column("clock_unc_ns")).as_py()
+            ntp = ordered.column("clock_ntp_synced").combine_chunks()
+            return NodeColumns(node, len(order), tables, runs, None, counters,
+                               sent_ns=ordered.column("clock_sent_ns").to_numpy(),
+                               unc_ns=int(unc or 0),
+                               unsynced=bool(pc.any(pc.invert(ntp.filter(ntp.is_valid()))).as_py() or False))
         clock_col = ordered.column("clock").combine_chunks()
         clocks: list = [None] * len(order)     # one msgpack stream: unpacked in one C loop
         valid = np.flatnonzero(clock_col.is_valid().to_numpy(zero_copy_only=False))
@@ -759,8 +817,7 @@ class LakeReader:
             un.feed(_joined(clock_col.filter(clock_col.is_valid()), b""))
             for i, c in zip(valid.tolist(), un):
                 clocks[i] = c
-        return NodeColumns(node, len(order), tables, runs, clocks,
-                           _counter_tops(ordered.column("counters").combine_chunks()))
+        return NodeColumns(node, len(order), tables, runs, clocks, counters)
 
     # verdicts ------------------------------------------------------------
     def verdicts(self, node: str | None = None, since_ns: int | None = None,
@@ -825,13 +882,7 @@ def _counter_tops(col) -> dict:
             if col.null_count < len(col):
                 top[name] = int(pc.max(col).as_py())
         return top
-    for c in json.loads("[" + ",".join(col.to_pylist()) + "]"):   # floats or odd values: exact, slower
-        for k, v in c.items():
-            if isinstance(v, (int, float)):
-                v = int(v)
-                if v > top.get(k, v - 1):
-                    top[k] = v
-    return top
+    return _tops_of(json.loads("[" + ",".join(col.to_pylist()) + "]"))   # floats or odd values: exact, slower
 
 
 def _unpack(b: bytes):

@@ -145,6 +145,21 @@ def _joined(batches):
     return tables, [tuple(r) for r in runs], [b.meta.get("clock") for b in batches], top
 
 
+def clock_facts_of(clocks):
+    """What the analysis takes of the batches' clocks: sent_ns each, the largest uncertainty,
+    whether one was unsynchronized."""
+    cs = [c or {} for c in clocks]
+    return ([int(c.get("sent_ns") or 0) for c in cs],
+            max([int(c["uncertainty_ns"]) for c in cs if c.get("uncertainty_ns")] or [0]),
+            any(c.get("ntp_synced") is False for c in cs))
+
+
+def clock_facts(nc):
+    if nc.clocks is not None:
+        return clock_facts_of(nc.clocks)
+    return [int(x) for x in nc.sent_ns], nc.unc_ns, nc.unsynced
+
+
 @pytest.mark.parametrize("span,ratio", [(None, None), ((2, 5), None), (None, 2.5)])
 def test_columns_are_the_batches_joined(span, ratio, tmp_path):
     """columns() gives exactly what batches() holds, joined: copies from a rewrite dropped,
@@ -176,7 +191,7 @@ def test_columns_are_the_batches_joined(span, ratio, tmp_path):
             assert got.tables[kind][c].dtype == a.dtype, (kind, c)
             assert list(got.tables[kind][c]) == list(a), (kind, c)
     assert [tuple(x) for x in got.meta_runs] == runs
-    assert got.clocks == clocks and got.counters == top
+    assert clock_facts(got) == clock_facts_of(clocks) and got.counters == top
     assert lake.LakeReader(url).columns("no-such-node").batches == 0
 
 
@@ -186,7 +201,8 @@ def test_columns_fast_path_equals_batches(tmp_path):
     batches = []
     for seq in range(6):
         meta = realistic_meta(seq)
-        meta["clock"] = {**meta["clock"], "sent_ns": MIDNIGHT + seq * S}
+        meta["clock"] = {**meta["clock"], "sent_ns": MIDNIGHT + seq * S, "ntp_synced": seq != 2,
+                         "uncertainty_ns": 1000 * (7 - seq)}
         meta["delivery"] = {"boot_id": "boot-1", "seq": 100 + seq}
         batches.append(Batch("n1", seq, realistic_tables(3 + seq, seq), {"c": seq}, {}, meta))
     url = str(tmp_path / "lake")
@@ -200,7 +216,9 @@ def test_columns_fast_path_equals_batches(tmp_path):
     for kind, t in tables.items():
         for c, a in t.items():
             assert list(got.tables[kind][c]) == list(a), (kind, c)
-    assert [tuple(x) for x in got.meta_runs] == runs and got.clocks == clocks and got.counters == top == {"c": 5}
+    assert [tuple(x) for x in got.meta_runs] == runs and got.counters == top == {"c": 5}
+    assert got.clocks is None and clock_facts(got) == clock_facts_of(clocks)     # the flat columns
+    assert clock_facts(got)[1:] == (7000, True)
 
 
 def test_a_file_from_an_older_schema_reads_with_the_new_columns_filled(tmp_path):
