@@ -10,7 +10,6 @@ so that they, not pytest, are the GPU's processes."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,8 @@ import pytest
 
 from stallscope.sim import nvmlsim
 from stallscope.wire.recording import read_recording
-from tests.bpf.tracerun import ROOT, Trace
+from tests.bpf.test_sched import Child as _SchedChild
+from tests.bpf.tracerun import Trace
 
 pytestmark = pytest.mark.bpf
 
@@ -75,26 +75,11 @@ def simlib():
     return nvmlsim.build()
 
 
-class Child:
-    def __init__(self, fn, *args, env=None):
-        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import tests.bpf.test_exit_status as t; "
-                f"t.{fn}(*{[str(a) for a in args]!r})")
-        clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "RANK", "STALLSCOPE_JOB",
-                                                                  "STALLSCOPE_RANK", "MASTER_ADDR")}
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**clean, "PYTHONPATH": ROOT, **(env or {})})
-        self.pid = self.proc.pid
+class Child(_SchedChild):
+    """A workload function of this module; no job identity inherited from the test run."""
 
-    def ready(self):
-        line = self.proc.stdout.readline()
-        assert line and json.loads(line)["ready"] == self.pid, line
-        return self
-
-    def go(self):
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return self
+    MODULE = "tests.bpf.test_exit_status"
+    DROP_ENV = ("SLURM_JOB_ID", "RANK", "STALLSCOPE_JOB", "STALLSCOPE_RANK", "MASTER_ADDR")
 
 
 def _exit_rows(rec):

@@ -158,14 +158,19 @@ def simlib():
 
 
 class Child:
-    """A workload function of this module in its own process, started and then released."""
+    """A workload function of ``MODULE`` in its own process, started and then released; the
+    variables in ``DROP_ENV`` are not inherited."""
+
+    MODULE = "tests.bpf.test_sched"
+    DROP_ENV: tuple = ()
 
     def __init__(self, fn, *args, env=None):
-        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import tests.bpf.test_sched as t; "
+        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import {self.MODULE} as t; "
                 f"t.{fn}(*{[str(a) for a in args]!r})")
+        inherited = {k: v for k, v in os.environ.items() if k not in self.DROP_ENV}
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+                                     env={**inherited, "PYTHONPATH": ROOT, **(env or {})})
         self.pid = self.proc.pid
 
     def ready(self, timeout=30):
