@@ -22,15 +22,13 @@ the functions: the rest of the analysis imports without it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
-import gc
 import logging
 import os
 import pickle
 import uuid
 
-from stallscope.wire.lake import LakeError, LakeReader
+from stallscope.wire.lake import LakeError, LakeReader, gc_paused
 
 from . import analyze as _an
 
@@ -49,18 +47,11 @@ class SchedulerError(FleetError):
     """The Dask scheduler given does not answer (or the local cluster asked for is not one)."""
 
 
-@contextlib.contextmanager
 def _no_gc():
     """The cyclic garbage collector paused: building or unpickling a node's verdicts makes
     many objects and no cycles, and each collection would rescan all of them (measured: 3x
     slower unpickling).  Process-wide: the workers run one task at a time."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+    return gc_paused()
 
 
 # --------------------------------------------------------------------------- tasks (on workers)

@@ -31,6 +31,7 @@ this module imports without them (tracer nodes do not have them).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
@@ -493,6 +494,19 @@ def _visible(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """The cyclic garbage collector paused for the block: building many small acyclic objects
+    (a node's batches, its verdicts) is then not slowed by collections that rescan them all."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 @dataclass
 class NodeColumns:
     """One node's batches as columns (:meth:`LakeReader.columns`): ``batches`` how many;
@@ -593,13 +607,8 @@ class LakeReader:
         columns newer than the file filled as decode fills them). Batches whose histograms, or
         meta values other than the clock, are equal may share those objects: treat them as
         read-only."""
-        paused = gc.isenabled()         # many small acyclic objects: the cyclic GC's passes over
-        gc.disable()                    # them were about half the time of a node-hour's read
-        try:
-            return self._batches(node, since_ns, until_ns)
-        finally:
-            if paused:
-                gc.enable()
+        with gc_paused():       # many small acyclic objects: the cyclic GC's passes over them
+            return self._batches(node, since_ns, until_ns)     # were half a node-hour's read
 
     def _batches(self, node: str, since_ns, until_ns) -> list:
         ndir = node_dir(node)
@@ -675,13 +684,8 @@ class LakeReader:
         runs of identical values, their clocks and the highest value of each counter. The fleet
         report reads a node this way: a node-hour is 14,400 batches of 250 ms, and building them
         costs more than analysing their rows."""
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return self._columns(node, since_ns, until_ns)
-        finally:
-            if paused:
-                gc.enable()
 
     def _columns(self, node: str, since_ns, until_ns) -> NodeColumns:
         import pyarrow as pa
