@@ -69,6 +69,16 @@ def verdict_for(nd: cn.NodeFacts, i: int) -> Verdict:
 
 # --------------------------------------------------------------------------- peer_net
 
+def net_table(ts, sport, dport):
+    """A one-row net table: pid 300's flow 10.0.0.2:sport -> 10.0.0.1:dport, 4 retransmits."""
+    one = (lambda v, dt: np.array([v], dtype=dt))
+    return {"ts_ns": one(ts, np.uint64), "dur_ns": one(S, np.uint64), "pid": one(300, np.uint64),
+            "tid": one(0, np.uint64), "comm": one("python", object), "op": one("retransmit", object),
+            "saddr": one("10.0.0.2", object), "sport": one(sport, np.uint64), "daddr": one("10.0.0.1", object),
+            "dport": one(dport, np.uint64), "state": one("ESTABLISHED", object),
+            "retransmits": one(4, np.uint64), "sock_ino": one(7, np.uint64)}
+
+
 def test_peer_flow_to_this_node_retransmitting():
     """node-a's rank 3 sends to node-b (10.0.0.1) and retransmits from 50 ms before node-b's
     idle for 1.2 s: node-b's unexplained interval is blamed on that flow, with both nodes'
@@ -338,13 +348,7 @@ def test_facts_from_tables():
     ms = cn.members_from_tables(gpu_proc, proc)
     assert [(m.gpu, m.job, m.rank, m.first_ns, m.last_ns) for m in ms] == \
         [(0, "job7", 4, T0 + S, T0 + S), (1, "job7", 3, T0 + S, T0 + 2 * S)]
-    net = {"ts_ns": np.array([T0], dtype=np.uint64), "dur_ns": np.array([S], dtype=np.uint64),
-           "pid": np.array([300], dtype=np.uint64), "tid": np.array([0], dtype=np.uint64),
-           "comm": np.array(["python"], dtype=object), "op": np.array(["retransmit"], dtype=object),
-           "saddr": np.array(["10.0.0.2"], dtype=object), "sport": np.array([1], dtype=np.uint64),
-           "daddr": np.array(["10.0.0.1"], dtype=object), "dport": np.array([2], dtype=np.uint64),
-           "state": np.array(["ESTABLISHED"], dtype=object), "retransmits": np.array([4], dtype=np.uint64),
-           "sock_ino": np.array([7], dtype=np.uint64)}
+    net = net_table(T0, 1, 2)
     (lo,) = cn.losses_from_tables(net, proc)
     assert (lo.job, lo.rank, lo.daddr, lo.retransmits) == ("job7", 4, "10.0.0.1", 4)
     assert lo.as_event("node-a")["sock_ino"] == 7
@@ -494,13 +498,7 @@ def test_from_tables_to_findings():
             "exit_status": np.array([-1, signal.SIGKILL], dtype=np.int64)}
     gpu_proc = {"ts_ns": np.array([T0, T0], dtype=np.uint64), "gpu": np.array([0, 1], dtype=np.uint64),
                 "pid": np.array([300, 301], dtype=np.uint64)}
-    net = {"ts_ns": np.array([T0 + 1 * S], dtype=np.uint64), "dur_ns": np.array([S], dtype=np.uint64),
-           "pid": np.array([300], dtype=np.uint64), "tid": np.array([0], dtype=np.uint64),
-           "comm": np.array(["python"], dtype=object), "op": np.array(["retransmit"], dtype=object),
-           "saddr": np.array(["10.0.0.2"], dtype=object), "sport": np.array([40312], dtype=np.uint64),
-           "daddr": np.array(["10.0.0.1"], dtype=object), "dport": np.array([29500], dtype=np.uint64),
-           "state": np.array(["ESTABLISHED"], dtype=object), "retransmits": np.array([4], dtype=np.uint64),
-           "sock_ino": np.array([7], dtype=np.uint64)}
+    net = net_table(T0 + 1 * S, 40312, 29500)
     sender = cn.node_extra({"net": net, "proc": proc, "gpu_proc": gpu_proc},
                            cn.addrs_from_meta({"node": {"addrs": ["10.0.0.2"]}}))
     assert [x.pid for x in sender["exits"]] == [301] and len(sender["members"]) == 2
