@@ -45,16 +45,17 @@ def statuses_of(e: dict) -> list:
 
 def http_class(e: dict) -> str:
     """Failure class of one request or episode (an event dict): throttling when any attempt
-    was answered 429 or 503, timeout when the last got no answer, error for other
-    answers >= 400, else a slow call."""
+    was answered 429 or 503; otherwise the kind of its last failed attempt: timeout when it
+    got no answer (the client gave up, or the server closed), error when answered >= 400;
+    a slow call when no attempt failed. (Two timeouts and then a success is a timeout
+    episode: the GPU waited on the timeouts.)"""
     sts = statuses_of(e)
     if any(s in THROTTLE_STATUSES for s in sts):
         return THROTTLING
-    if sts and sts[-1] == 0:
-        return TIMEOUT
-    if any(s >= 400 or s == 0 for s in sts):
-        return ERROR
-    return SLOW
+    failed = [s for s in sts if s >= 400 or s == 0]
+    if not failed:
+        return SLOW
+    return TIMEOUT if failed[-1] == 0 else ERROR
 
 
 def episodes(t: dict, max_gap_ns: int = MAX_GAP_NS) -> dict:

@@ -40,7 +40,7 @@ def _http_answers(klass: str, answers: dict, reasons: dict) -> str:
     if klass == SLOW or not errs:
         final = max(answers) if answers else 0
         return f"{final} {reasons.get(final, full_reason(final, ''))}".strip()
-    code = max(errs, key=lambda c: (errs[c], c))
+    code = 0 if klass == TIMEOUT and 0 in errs else max(errs, key=lambda c: (errs[c], c))
     if code == 0:
         return f"no answer x{errs[code]}"
     return f"{code} {reasons.get(code) or full_reason(code, '')} x{errs[code]}".replace("  ", " ")

@@ -13,7 +13,9 @@
  *               see tracer/uprobe_sites.py), attached per process by the tracer for GPU
  *               owners and their descendants only: ss_tls_write (entry), ss_tls_read
  *               (entry) + ss_tls_read_ret (return). Key: (tgid, SSL *), so memory-BIO
- *               clients (asyncio) work too.
+ *               clients (asyncio) work too. The socket write a TLS request head causes
+ *               links its fd to the SSL *, so closing that fd (a client timeout) ends
+ *               the request without an answer, as for plaintext.
  *
  * What leaves the kernel (struct ss_event, SS_T_HTTP): method, Host value (48 bytes),
  * path up to '?' (64 bytes), status code and reason phrase (16 bytes), times, pid/tid,
@@ -175,7 +177,8 @@ static __always_inline void find_host(struct http_conn *h, const char *ubuf, u64
 	}
 }
 
-/* A write of len bytes at ubuf on connection (tls, id): a request head starts a request. */
+/* A write of len bytes at ubuf on connection (tls, id): a request head starts a request
+ * (returns 1 then, else 0). */
 static __always_inline int on_write(u32 tls, u64 id, const char *ubuf, u64 len, int check_sock)
 {
 	if (len < 16 || !ubuf)
@@ -226,7 +229,7 @@ static __always_inline int on_write(u32 tls, u64 id, const char *ubuf, u64 len, 
 	__builtin_memset(h->reason, 0, REASON_LEN);
 	struct conn_key key = { .tgid = pid_tgid >> 32, .tls = tls, .id = id };
 	conns.update(&key, h);
-	return 0;
+	return 1;
 }
 
 /* ------------------------------------------------------------------ status line */
@@ -451,15 +454,80 @@ static __always_inline u64 msg_iov(const void *msg, u64 *len)
 	return first_iov((const void *)iov, len);
 }
 
+/* ------------------------------------------------------------------ TLS socket link
+ *
+ * A TLS request is keyed by its SSL *, but a client that gives up on it (a timeout)
+ * closes the socket, not the SSL. So the first socket write a thread makes after a TLS
+ * request head (the encrypted head itself, sent from inside SSL_write) links that
+ * socket's fd to the SSL *; closing the fd then ends the TLS request without an answer,
+ * as it does a plaintext one. Memory-BIO clients (asyncio) link too when the event loop
+ * sends the record from the same thread, which it does at once while the socket is
+ * writable. Cost for other writes: one array lookup (the thread's pending slot). */
+#ifdef SS_HTTP_TLS
+#define TLS_LINK_NS 1000000000ULL   /* a head's socket write comes within this, or never */
+struct tls_pending {
+	u32 tid;
+	u32 pad;
+	u64 ssl;
+	u64 ts;
+};
+BPF_ARRAY(tls_wr, struct tls_pending, SS_INFLIGHT_SLOTS);
+/* (tgid, 0, fd) -> the SSL * whose request head went out on that socket */
+BPF_TABLE("lru_hash", struct conn_key, u64, tls_fds, HTTP_CONNS);
+
+static __always_inline void tls_link(u64 fd, int check_sock)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	int idx = (u32)pid_tgid & (SS_INFLIGHT_SLOTS - 1);
+	struct tls_pending *p = tls_wr.lookup(&idx);
+	if (!p || !p->ssl || p->tid != (u32)pid_tgid)
+		return;
+	u64 ssl = p->ssl;
+	p->ssl = 0;
+	if (bpf_ktime_get_ns() - p->ts > TLS_LINK_NS)
+		return;
+	if (check_sock && !fd_is_socket(fd))
+		return;
+	struct conn_key key = { .tgid = pid_tgid >> 32, .tls = 0, .id = fd };
+	tls_fds.update(&key, &ssl);
+}
+
+/* the fd is closing: its TLS request, if one still waits, got no answer */
+static __always_inline void tls_close(struct conn_key *fdkey, u64 now)
+{
+	u64 *ssl = tls_fds.lookup(fdkey);
+	if (!ssl)
+		return;
+	struct conn_key key = { .tgid = fdkey->tgid, .tls = 1, .id = *ssl };
+	tls_fds.delete(fdkey);
+	struct http_conn *h = conns.lookup(&key);
+	if (!h)
+		return;
+	if (h->stage == ST_AWAIT)
+		emit(h, &key, now, SS_F_HTTP_NOANSWER);
+	conns.delete(&key);
+}
+#else
+static __always_inline void tls_link(u64 fd, int check_sock) {}
+static __always_inline void tls_close(struct conn_key *fdkey, u64 now) {}
+#endif
+
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
-{ return on_write(0, args->fd, args->buf, args->count, 1); }
+{
+	tls_link(args->fd, 1);
+	return on_write(0, args->fd, args->buf, args->count, 1);
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
-{ return on_write(0, args->fd, args->buff, args->len, 0); }
+{
+	tls_link(args->fd, 0);
+	return on_write(0, args->fd, args->buff, args->len, 0);
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_writev)
 {
 	u64 len = 0;
+	tls_link(args->fd, 1);
 	u64 base = first_iov(args->vec, &len);
 	return on_write(0, args->fd, (const char *)base, len, 1);
 }
@@ -467,6 +535,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_writev)
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
 {
 	u64 len = 0;
+	tls_link(args->fd, 0);
 	u64 base = msg_iov(args->msg, &len);
 	return on_write(0, args->fd, (const char *)base, len, 0);
 }
@@ -493,6 +562,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	struct conn_key key = { .tgid = pid_tgid >> 32, .tls = 0, .id = args->fd };
+	tls_close(&key, bpf_ktime_get_ns());
 	struct http_conn *h = conns.lookup(&key);
 	if (!h)
 		return 0;
@@ -509,7 +579,18 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 /* ssl_write_internal(SSL *s, const void *buf, size_t num, ...) */
 int ss_tls_write(struct pt_regs *ctx)
 {
-	return on_write(1, PT_REGS_PARM1(ctx), (const char *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0);
+	u64 ssl = PT_REGS_PARM1(ctx);
+	if (!on_write(1, ssl, (const char *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0))
+		return 0;
+	u64 pid_tgid = bpf_get_current_pid_tgid();    /* a request head: link its socket (above) */
+	int idx = (u32)pid_tgid & (SS_INFLIGHT_SLOTS - 1);
+	struct tls_pending *p = tls_wr.lookup(&idx);
+	if (p) {
+		p->tid = (u32)pid_tgid;
+		p->ssl = ssl;
+		p->ts = bpf_ktime_get_ns();
+	}
+	return 0;
 }
 
 /* ssl_read_internal(SSL *s, void *buf, size_t num, size_t *readbytes) */

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PY_CALLER = "import sys; from tests.fixtures.httpfault import caller_main; caller_main(sys.argv[1:])"
 
 
-def run_scenario(tmp, url, client, ca=None, windows=2, path="/ckpt/step"):
+def run_scenario(tmp, url, client, ca=None, windows=2, path="/ckpt/step", client_args=()):
     """Tracer + trainer + distractor; returns what the test checks."""
     from stallscope.sim import nvmlsim
     lib = nvmlsim.build()
@@ -37,7 +37,7 @@ def run_scenario(tmp, url, client, ca=None, windows=2, path="/ckpt/step"):
     env = {**os.environ, "STALLSCOPE_NVMLSIM_STATE": state, "PYTHONPATH": ROOT}
     rec = os.path.join(tmp, "rec.ssrec")
     tlog, dlog = os.path.join(tmp, "trainer.jsonl"), os.path.join(tmp, "distractor.jsonl")
-    common = ["--client", client, "--url", url, "--scratch", tmp] + (["--ca", ca] if ca else [])
+    common = ["--client", client, "--url", url, "--scratch", tmp, *client_args] + (["--ca", ca] if ca else [])
     tracer = subprocess.Popen([sys.executable, "-m", "stallscope", "trace", "--quiet", "--gpu", "--nvml-lib", lib,
                                "--families", "http,sched", "--output", rec], cwd=ROOT, env=env,
                               stderr=subprocess.PIPE)
@@ -87,7 +87,7 @@ def run_scenario(tmp, url, client, ca=None, windows=2, path="/ckpt/step"):
             "tracer_log": head + err.decode(errors="replace")}
 
 
-def check(res, host, status, errors_per_call, reason, tls):
+def check(res, host, status, errors_per_call, reason, tls, klass="api_throttling", outcome="throttled"):
     calls, pid, dpid = res["calls"], res["trainer_pid"], res["distractor_pid"]
     assert calls and dpid, res
     assert res["distractor_calls"], "the distractor made no call while the trainer ran"
@@ -100,7 +100,7 @@ def check(res, host, status, errors_per_call, reason, tls):
         assert best is not None, ("no idle interval for the call", c, res["verdicts"])
         ch = best["chain"]
         assert best["verdict"] == "culprit" and ch and ch["kind"] == "http", (c, best, res["tracer_log"][-2000:])
-        assert best["class"] == "api_throttling", best
+        assert best["class"] == klass, best
         assert ch["pid"] == pid, best
         assert ch["targets"][0]["server"] == host, best
         assert ch["answers"].get(str(status), 0) >= errors_per_call, best
@@ -115,10 +115,11 @@ def check(res, host, status, errors_per_call, reason, tls):
         assert any(r["status"] == status for r in mine), ("the distractor's throttled calls were not traced", mine)
     for r in res["rows"]:                              # only the classified fields left the kernel
         assert "?" not in r["path"] and "secret" not in r["path"] and "token" not in r["path"], r
-    line = f"throttled, {status} {reason} x"
+    line = f"{outcome}, {f'{status} {reason}' if status else 'no answer'} x"
     assert line in res["text"], res["text"]
     ep = {e["host"]: e for e in res["endpoints"]}
-    assert ep[host]["gpu_idle_ns"] > 0 and ep[host]["throttled_ns"] > 0 and pid in ep[host]["blamed_pids"], ep
+    spent = ep[host]["timeout_ns"] if klass == "api_timeout" else ep[host]["throttled_ns"]
+    assert ep[host]["gpu_idle_ns"] > 0 and spent > 0 and pid in ep[host]["blamed_pids"], ep
 
 
 @pytest.fixture
@@ -134,6 +135,21 @@ def test_requests_429_retry_after_blamed(tmp_path, cert, tls):
     for v in res["verdicts"]:
         if v.get("chain"):
             assert v["chain"]["targets"][0]["name"].startswith(f"127.0.0.1:{srv.port}/ckpt/step-"), v
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_requests_timeouts_blamed(tmp_path, cert, tls):
+    """The server does not answer the first two attempts of each call; the client gives up
+    after 0.6 s each time (urllib3 closes the connection and retries). Over TLS the request
+    is keyed by its SSL *, and only the socket's close says it was abandoned: the probe
+    links the two through the socket write the request head causes."""
+    with ThrottleServer(tls=tls, cert=cert, fail=2, hang_s=2.0) as srv:
+        res = run_scenario(str(tmp_path), srv.url, "requests", ca=cert[0] if tls else None,
+                           client_args=("--timeout", "0.6"))
+    check(res, f"127.0.0.1:{srv.port}", 0, 2, "", tls, klass="api_timeout", outcome="timed out")
+    for v in res["verdicts"]:
+        if v.get("chain"):
+            assert v["chain"]["answers"].get("200") == 1, v      # the attempt that got through
 
 
 def test_openai_sdk_429_blamed(tmp_path, cert):

@@ -55,6 +55,9 @@ def test_classes():
     assert http_class({"statuses": "429"}) == "api_throttling"
     assert http_class({"statuses": "500,500"}) == "api_error"
     assert http_class({"statuses": "0"}) == "api_timeout"
+    assert http_class({"statuses": "0,0,200"}) == "api_timeout"     # timed out twice, then answered
+    assert http_class({"statuses": "0,500,200"}) == "api_error"      # the last failure decides
+    assert http_class({"statuses": "500,0"}) == "api_timeout"
     assert http_class({"statuses": "200"}) == "api_slow"
     assert full_reason(429, "Too Many Reques") == "Too Many Requests"
     assert full_reason(503, "Slow Down") == "Slow Down"
