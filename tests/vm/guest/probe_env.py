@@ -51,6 +51,7 @@ class TracerProcess:
         self.env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), **(env or {})}
         self._events: list[dict] = []
         self._stderr: list[str] = []
+        self.unparsed: list[str] = []   # stdout lines that were not one JSON event (a mixed-up write?)
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
@@ -66,6 +67,8 @@ class TracerProcess:
                 try:
                     ev = json.loads(line)
                 except ValueError:
+                    with self._lock:
+                        self.unparsed.append(line[:500])
                     continue
                 with self._lock:
                     self._events.append(ev)

@@ -47,7 +47,13 @@ def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers, matrix_unav
         time.sleep(0.5)
     time.sleep(1.5)
     events = t.events(flow)
-    assert sum(e["retransmits"] for e in events) == truth, events
+    # what to look at if this ever differs: each episode (socket inode, state, count), JSON
+    # lines the reader could not parse, and the tracer's own loss lines
+    seen = {"episodes": [(e["ts_ns"], e.get("sock_ino"), e.get("state"), e["sport"], e["retransmits"])
+                        for e in events],
+           "unparsed_stdout": t.unparsed[-5:],
+           "tracer_stderr": [x for x in t.stderr.splitlines() if "lost" in x or "drop" in x][-10:]}
+    assert sum(e["retransmits"] for e in events) == truth, seen
     for e in events:
         if e["ts_ns"] <= ex.end_wall_ns:        # while the exchange ran: its processes own the flow
             assert e["pid"] == (ex.server_pid if e["sport"] == PORT else ex.client_pid), e
