@@ -18,7 +18,12 @@ import platform
 
 import numpy as np
 
+from ..wire.schema import ENUMS, OP_NAMES
 from .decode import TCP_STATES
+
+#: the op names decode gives the three kinds of _retrans record (bpf/tcp.bpf.c)
+RETRANSMIT_SYNACK = OP_NAMES[ENUMS["SS_OP_RETRANS_SYNACK"]]
+RETRANSMIT_CLOSE = OP_NAMES[ENUMS["SS_OP_RETRANS_CLOSE"]]
 
 CA_OPEN = 0                 # icsk_ca_state: no loss seen yet
 TIME_LOSS_PROBE = 5         # icsk_pending while a tail loss probe is sent (ICSK_TIME_LOSS_PROBE)
@@ -37,7 +42,7 @@ def first_tx_lead(op: str, ca_state: int, pending: int, rto_ns: int, srtt_ns: in
     tcp_schedule_loss_probe). Anything ACK-driven (fast retransmit, RACK, retransmits
     clocked out after an RTO): about two RTTs.
     """
-    if op == "retransmit_synack" or pending == TIMER_FIRED:
+    if op == RETRANSMIT_SYNACK or pending == TIMER_FIRED:
         return rto_ns
     if pending == TIME_LOSS_PROBE and ca_state == CA_OPEN:
         pto = 2 * srtt_ns + (RTO_MIN_NS if packets_out == 1 else 2 * jiffy_ns)
@@ -78,7 +83,7 @@ class EpisodeBuilder:
         self._closed = []
         self.failed = 0          # sends that failed (still counted by the kernel)
         self.untraced = 0        # counted from total_retrans without a tracepoint hit
-        self.last_total = {}     # socket -> its total_retrans at the last record
+        self.last_total = {}     # socket -> (its inode, its total_retrans) at the last record
 
     def add(self, r: dict):
         """Feed the ``_retrans`` table from decode.split().
@@ -86,7 +91,12 @@ class EpisodeBuilder:
         A flow's count is the growth of the socket's own total_retrans counter
         (what TcpRetransSegs also counts), so an increment the tracepoint did
         not show is still counted by the next record of that socket, or by its
-        close record.
+        close record. A socket is its address *and* its inode: a freed socket's
+        address is soon reused, and if its close record was lost (a full ring) the
+        new socket must not continue the old one's counter. (The inode turns 0
+        once the process closed its fd; it never changes to another nonzero one.)
+        A successful retransmit stands for at least its own segments; a failed one (the
+        tracepoint reports those since Linux 6.10) for the counter's growth only.
         """
         order = np.argsort(r["ts_ns"], kind="stable")
         for i in order:
@@ -95,8 +105,9 @@ class EpisodeBuilder:
             total = int(r["total"][i])
             key = (sk, r["saddr"][i], int(r["sport"][i]), r["daddr"][i], int(r["dport"][i]))
             ts = int(r["ts_ns"][i])
-            if op == "retransmit_close":
-                prev = self.last_total.pop(sk, None)
+            ino = int(r["sock_ino"][i])
+            if op == RETRANSMIT_CLOSE:
+                prev = self._prev(self.last_total.pop(sk, None), ino)
                 delta = total - prev if prev is not None and total > prev else 0
                 if delta:
                     self.untraced += delta
@@ -105,17 +116,23 @@ class EpisodeBuilder:
                         ep = self._new(key, r, i, ts)
                     ep["n"] += delta
                 continue
-            if op == "retransmit_synack":
+            if op == RETRANSMIT_SYNACK:
                 count = 1
             else:
-                prev = self.last_total.get(sk)
+                last = self.last_total.get(sk)
+                prev = self._prev(last, ino)
                 segs = int(r["segs"][i]) or 1
-                count = total - prev if prev is not None and total >= prev else segs
-                self.last_total[sk] = total
-                if count > segs:
-                    self.untraced += count - segs
+                grew = total - prev if prev is not None and total >= prev else None
+                self.last_total[sk] = (ino or (last[0] if last is not None and prev is not None else 0), total)
                 if int(r["err"][i]) != 0:
+                    # a failed send (6.10+): counted by the kernel only if it failed after
+                    # the counter was bumped, which the counter's growth tells
                     self.failed += 1
+                    count = grew or 0
+                else:
+                    count = grew if grew is not None and grew >= segs else segs
+                    if count > segs:
+                        self.untraced += count - segs
                 if count == 0:
                     continue
             self.total_retransmits += count
@@ -138,6 +155,15 @@ class EpisodeBuilder:
                 ep["pid"] = self.owners.owner(ep["ino"])
                 ep["keep"] = self._keep(ep["pid"])
         return self
+
+    @staticmethod
+    def _prev(last, ino: int):
+        """The socket's total_retrans at its last record, or None if ``last`` (inode, total)
+        was another socket at the same address (both inodes known and different)."""
+        if last is None:
+            return None
+        old_ino, total = last
+        return None if old_ino and ino and old_ino != ino else total
 
     def _new(self, key, r, i, ts):
         ino = int(r["sock_ino"][i])

@@ -86,7 +86,8 @@ T_HTTP = ENUMS["SS_T_HTTP"]
 
 #: enum ss_op value -> op name shown to users ("read", "fsync", "retransmit", ...)
 OP_NAMES = {v: k[len("SS_OP_"):].lower() for k, v in ENUMS.items() if k.startswith("SS_OP_")}
-OP_NAMES.update({ENUMS["SS_OP_RETRANS"]: "retransmit", ENUMS["SS_OP_RETRANS_SYNACK"]: "retransmit_synack"})
+OP_NAMES.update({ENUMS["SS_OP_RETRANS"]: "retransmit", ENUMS["SS_OP_RETRANS_SYNACK"]: "retransmit_synack",
+                 ENUMS["SS_OP_RETRANS_CLOSE"]: "retransmit_close"})
 OP_CODES = {v: k for k, v in OP_NAMES.items()}
 
 COUNTER_NAMES = {

@@ -21,7 +21,7 @@ class Owners:
 
 
 def rtx(rows):
-    """rows: (ts_ns, op, total_retrans, rto_ms, pending, srtt_us[, sk, dport])."""
+    """rows: (ts_ns, op, total_retrans, rto_ms, pending, srtt_us[, sk, dport, sock_ino])."""
     cols = {c: [] for c in ("ts_ns", "sk", "sock_ino", "op", "state", "family", "sport", "dport",
                             "saddr", "daddr", "rto_jiffies", "segs", "err", "total", "ca_state", "pending",
                             "srtt_us", "packets_out")}
@@ -30,7 +30,8 @@ def rtx(rows):
         ca = 0 if pending == PROBE else 4
         sk = row[6] if len(row) > 6 else 0xA0
         dport = row[7] if len(row) > 7 else 5000
-        for c, v in (("ts_ns", ts), ("sk", sk), ("sock_ino", 77), ("op", op), ("state", 1), ("family", 2),
+        ino = row[8] if len(row) > 8 else 77
+        for c, v in (("ts_ns", ts), ("sk", sk), ("sock_ino", ino), ("op", op), ("state", 1), ("family", 2),
                      ("sport", 40000), ("dport", dport), ("saddr", "10.0.0.1"), ("daddr", "10.0.0.2"),
                      ("rto_jiffies", rto_ms * HZ // 1000), ("segs", 1), ("err", 0), ("total", total),
                      ("ca_state", ca), ("pending", pending), ("srtt_us", srtt), ("packets_out", 1)):
@@ -85,6 +86,32 @@ def test_far_apart_retransmits_are_two_episodes_and_counter_growth_is_counted():
     assert list(net["retransmits"]) == [1, 4]
     assert list(net["ts_ns"]) == [800 * MS, 8800 * MS]
     assert eb.total_retransmits == 4 and eb.untraced == 3
+
+
+def test_a_reused_socket_address_does_not_continue_the_old_sockets_counter():
+    # socket 77 at address 0xA0 retransmitted 3 times and closed, but its close record was
+    # lost (a full ring); socket 88 at the same address then retransmits once (its counter
+    # is 1 again, then 3: one untraced): 1 + 2, not "3 - 3 = 0" and "nothing"
+    rows = [(1000 * MS, "retransmit", 3, 200, RTO_FIRED, 300, 0xA0, 5000, 77),
+            (9000 * MS, "retransmit", 3, 200, RTO_FIRED, 300, 0xA0, 5001, 88),
+            (9300 * MS, "retransmit", 5, 200, RTO_FIRED, 300, 0xA0, 5001, 88)]
+    eb, net = build(rows)
+    assert eb.total_retransmits == 1 + 1 + 2 == sum(net["retransmits"])
+    # the same socket after its process closed the fd (inode 0, an orphan sending its FIN)
+    # continues its counter
+    rows = [(1000 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 77),
+            (1100 * MS, "retransmit", 3, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
+            (1200 * MS, "retransmit_close", 4, 200, RTO_FIRED, 300, 0xA0, 5000, 0)]
+    eb, net = build(rows)
+    assert sum(net["retransmits"]) == 4
+
+
+def test_the_close_and_synack_records_are_recognised_by_the_names_decode_gives_them():
+    # the close record once decoded as "retrans_close" and was taken for a retransmit
+    from stallscope.tracer.net import RETRANSMIT_CLOSE, RETRANSMIT_SYNACK
+    from stallscope.wire.schema import ENUMS, OP_NAMES
+    assert OP_NAMES[ENUMS["SS_OP_RETRANS_CLOSE"]] == RETRANSMIT_CLOSE == "retransmit_close"
+    assert OP_NAMES[ENUMS["SS_OP_RETRANS_SYNACK"]] == RETRANSMIT_SYNACK == "retransmit_synack"
 
 
 def test_flows_are_kept_apart():
