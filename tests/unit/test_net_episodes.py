@@ -97,6 +97,12 @@ def test_a_reused_socket_address_does_not_continue_the_old_sockets_counter():
             (9300 * MS, "retransmit", 5, 200, RTO_FIRED, 300, 0xA0, 5001, 88)]
     eb, net = build(rows)
     assert eb.total_retransmits == 1 + 1 + 2 == sum(net["retransmits"])
+    # with its close record seen, the old socket is forgotten (even were the inode unknown)
+    rows = [(1000 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
+            (1100 * MS, "retransmit_close", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
+            (9000 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5001, 0)]
+    eb, net = build(rows)
+    assert eb.total_retransmits == 2 == sum(net["retransmits"])
     # the same socket after its process closed the fd (inode 0, an orphan sending its FIN)
     # continues its counter
     rows = [(1000 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 77),
