@@ -104,6 +104,7 @@ class _Node:
         self.holders = GpuHolders()   # gpu index -> pods and jobs over time (tracer attribution)
         self.addrs: set = set()   # the node's addresses (meta.node.addrs): peers' flows to it
         self.net_open_since = 0     # the latest batch's meta.net.open_since_ns: 0 when none
+        self._episodes: tuple | None = None    # (http table, its episodes): joined once
 
     def absorb(self, b) -> None:
         self.batches += 1
@@ -196,7 +197,11 @@ class _Node:
     def stall_table(self, kind: str) -> dict:
         """A table as blame sees it: HTTP requests joined into retry episodes."""
         t = self.table(kind)
-        return episodes(t) if kind == "http" and table_len(t) > 1 else t
+        if kind != "http" or table_len(t) <= 1:
+            return t
+        if self._episodes is None or self._episodes[0] is not t:   # new rows or trimmed
+            self._episodes = (t, episodes(t))
+        return self._episodes[1]
 
     def proc(self) -> dict:
         """The node's proc table, one row per pid (the latest report wins)."""
@@ -495,6 +500,7 @@ class NodePart:
         jobs = set(self.job.tolist())
         for k in ("members", "exits", "losses"):
             jobs.update(x.job for x in self.extra.get(k, ()))
+        jobs.update(self.extra.get("jobs", ()))     # a part of some intervals: the node's own
         return sorted(jobs - {""})
 
     def job_facts(self) -> dict:
@@ -541,11 +547,24 @@ def export_tables(nd: _Node, kinds=None) -> dict:
             "gpu_uuids": dict(nd.uuids)}
 
 
-def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
-    """Everything one node's data decides, as a :class:`NodePart` (verdicts not built yet).
-    ``phase(name)`` is called as each of the idle/owners/blame steps begins."""
-    phase = phase or (lambda _name: None)
+@dataclass
+class _Base:
+    """What a node's samples, process lists and lineage decide before any stall is looked
+    at: its idle intervals, their owner groups, and each interval's job and rank."""
 
+    idle: blame.Idle
+    gpus: np.ndarray            # GPU index per interval
+    own: blame.Owners
+    gpu_proc: dict
+    proc: dict
+    info: dict                  # pid -> (comm, job, rank, pod_uid, container_id)
+    job: np.ndarray             # object: per interval, "" for none
+    rank: np.ndarray
+    samples: int
+
+
+def _node_base(nd: _Node, p: dict, phase) -> _Base:
+    """Idle intervals, owners, jobs and ranks of one node (the node stage's first steps)."""
     # samples -> idle intervals (GPU keys of node id 0: one node at a time)
     phase(PHASES[1])
     g = nd.table("gpu")
@@ -557,7 +576,6 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
                            threshold=p["idle_threshold"], partial_threshold=p["partial_threshold"],
                            min_periods=p["min_periods"], min_ns=p["min_idle_ns"],
                            max_gap_ns=p["max_gap_ns"])
-    n = len(idle)
     gpus = blame.key_low(idle.key)
 
     # owners: NVML process lists + lineage
@@ -573,14 +591,6 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
                              np.zeros(table_len(pr), dtype=np.int64), np.asarray(pr["pid"], dtype=np.int64),
                              np.asarray(pr["ppid"], dtype=np.int64), slack_ns=p["owner_slack_ns"])
 
-    # stalls -> local verdicts
-    phase(PHASES[3])
-    st = _Stalls([name], {name: nd})
-    al = blame.align(idle.start, idle.end, idle.res, own.group, st.start, st.dur, st.key,
-                     own.pair_key, own.pair_group, min_explained=p["min_explained"],
-                     max_contributors=p["max_contributors"], iv_lost=idle.lost,
-                     st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
-
     # job and rank of each interval: the owners' (environment or cgroup), else the job the
     # GPU's Slurm job mapping names
     g_job = [_job_of([int(r) for r in roots], info) for roots in own.roots]
@@ -588,7 +598,44 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
     if nd.holders.hist:
         jobs = [j or nd.holders.job(int(gpu), int(s)) for j, gpu, s in zip(jobs, gpus, idle.start)]
     rank = np.array([g_job[gi][1] if gi >= 0 else -1 for gi in own.group.tolist()], dtype=np.int64)
-    job = np.array(jobs, dtype=object)
+    return _Base(idle, gpus, own, t, pr, info, np.array(jobs, dtype=object), rank, int(len(ts)))
+
+
+def _take_idle(idle: blame.Idle, idx: np.ndarray) -> blame.Idle:
+    """The intervals ``idx`` of ``idle`` (same periods)."""
+    return blame.Idle(idle.key[idx], idle.start[idx], idle.end[idx], idle.res[idx], idle.open[idx],
+                      idle.open_start[idx], idle.n_idle[idx], idle.n_synth[idx], idle.lost[idx],
+                      idle.periods)
+
+
+def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
+    """Everything one node's data decides, as a :class:`NodePart` (verdicts not built yet).
+    ``phase(name)`` is called as each of the idle/owners/blame steps begins."""
+    phase = phase or (lambda _name: None)
+    return _node_part(name, nd, _node_base(nd, p, phase), p, phase)
+
+
+def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, stalls=None,
+               extra=None) -> NodePart:
+    """The node stage's blame steps on ``base``: all of its intervals, or only those in the
+    bool mask ``keep`` (the live analyzer's unsettled ones), with the stall tables of
+    ``stalls`` (an object with ``stall_table(kind)``; default ``nd``) and the cross-node
+    facts ``extra`` (default: from ``nd``'s tables)."""
+    idle, own, info = base.idle, base.own, base.info
+    group, job, rank, gpus = own.group, base.job, base.rank, base.gpus
+    if keep is not None:
+        idx = np.flatnonzero(keep)
+        idle = _take_idle(idle, idx)
+        group, job, rank, gpus = group[idx], job[idx], rank[idx], gpus[idx]
+    n = len(idle)
+
+    # stalls -> local verdicts
+    phase(PHASES[3])
+    st = _Stalls([name], {name: nd if stalls is None else stalls})
+    al = blame.align(idle.start, idle.end, idle.res, group, st.start, st.dur, st.key,
+                     own.pair_key, own.pair_group, min_explained=p["min_explained"],
+                     max_contributors=p["max_contributors"], iv_lost=idle.lost,
+                     st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
     culprit = al.culprit >= 0
 
     def chain_of(i):
@@ -603,7 +650,7 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
         """Interval i's verdict as this node sees it: culprit or unexplained."""
         gpu = int(gpus[i])
         s, e = int(idle.start[i]), int(idle.end[i])
-        gi = int(own.group[i])
+        gi = int(group[i])
         who = pod_fields(nd.holders.at(gpu, s)[0])
         who.update(owner_cgroup([int(x) for x in own.roots[gi]], info) if gi >= 0 else {})
         a, b = al.contrib_ptr[i], al.contrib_ptr[i + 1]
@@ -631,7 +678,7 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
 
     counts = {
         "gpus": len(idle.periods),
-        "samples": int(len(ts)),
+        "samples": base.samples,
         "idle_ns": int(np.sum(idle.end - idle.start)) if n else 0,
         "lost_ns": int(np.sum(idle.lost)) if n else 0,
         "stalls": st.counts(),
@@ -641,11 +688,13 @@ def node_stage(name: str, nd: _Node, p: dict, phase=None) -> NodePart:
         "clock_unsynced": nd.unsynced,
         "gpu_unavailable": nd.gpu_unavailable,
     }
+    if extra is None:
+        extra = crossnode.node_extra({"net": nd.table("net"), "proc": base.proc,
+                                      "gpu_proc": base.gpu_proc}, nd.addrs)
     return NodePart(name, gpus, idle.start, idle.end, idle.res, idle.open, idle.lost, job, rank,
                     culprit, al.best_start, al.best_end, nd.unc_ns + int(p["clock_skew_ns"]),
                     culprit & (job != ""), counts, np.where(culprit, 0, 2), [None] * n,
-                    extra=crossnode.node_extra({"net": nd.table("net"), "proc": pr, "gpu_proc": t}, nd.addrs),
-                    _make=make, _source=source)
+                    extra=extra, _make=make, _source=source)
 
 
 def job_stage(job: str, facts: list, p: dict) -> dict:
@@ -767,11 +816,19 @@ class LiveAnalyzer:
     arrive), but no longer than ``wait_ns`` past its end.  ``min_gap_s`` rate-limits the
     re-analysis (wall clock); ``flush()`` returns whatever is left, open intervals included.
     An interval is identified by (node, gpu, idle_end_ns), which trimming cannot change.
+
+    Each run finds the window's idle intervals, owners and jobs (vectorized, cheap), then
+    blames only the intervals near those it could report now (:meth:`_unsettled`): the stall
+    alignment and the job stage, the costly part, scale with the unsettled data, not the
+    window, and give the same verdicts as blaming the whole window (``incremental=False``,
+    kept as the reference the tests compare with).
     """
 
     def __init__(self, window_ns: int = 600_000_000_000, wait_ns: int = 2_000_000_000,
-                 min_gap_s: float = 0.5, clock=time.monotonic, **params):
+                 min_gap_s: float = 0.5, clock=time.monotonic, incremental: bool = True,
+                 **params):
         self.params = _params(params)
+        self.incremental = incremental
         self.window_ns = int(window_ns)
         self.wait_ns = int(wait_ns)
         self.min_gap_s = min_gap_s
@@ -845,9 +902,66 @@ class LiveAnalyzer:
                 mask[i] = True
             return mask
 
-        out = _analyze_nodes(self.nodes, self.params, select=ready).verdicts
+        if self.incremental:
+            out = self._unsettled(gpu_wm, final, ready).verdicts
+        else:
+            out = _analyze_nodes(self.nodes, self.params, select=ready).verdicts
         self.reported.update((v.node, v.gpu, v.idle_end_ns) for v in out)
         return out
+
+    def _unsettled(self, gpu_wm: dict, final: bool, select) -> Result:
+        """What ``_analyze_nodes(self.nodes, params, select)`` returns, blaming only the
+        intervals that can matter this run.
+
+        Every node's idle intervals, owner groups, jobs and ranks come from the whole window,
+        as before: owner groups merge the GPU pids of all intervals with the same owners
+        (``owner_groups``), which sets gpu_pids, job and rank, and a node takes part in a job
+        stage for any interval, loss episode, exit or GPU listing of that job in the window.
+        ``select`` can pick only an interval that is not reported and, unless ``final``, has
+        closed and is one period old; the earliest start ``s`` of those bounds what its
+        verdict reads: a remote source, an idle peer GPU for the job cost or a peer's TCP
+        loss episode must end after ``s - 2u`` (``u``: the largest clock uncertainty plus
+        skew, the most two nodes' times are compared within); a local culprit is a stall
+        overlapping the interval.  So each node keeps its intervals ending at or after
+        ``s - 2u - 1``, the stalls ending at or after the earliest start of those with owners
+        (HTTP retries joined over the whole window first), the net rows ending at or after
+        the same cut, and its exits and GPU listings (job members) from the whole window.  The
+        alignment and the job stage only compare the kept intervals with each other and with
+        these rows, in the same relative order (ties break alike), so the selected verdicts
+        are the whole-window ones."""
+        p = self.params
+        quiet = (lambda _name: None)
+        names = sorted(self.nodes)
+        bases = {name: _node_base(self.nodes[name], p, quiet) for name in names}
+        s_min = None
+        for name, b in bases.items():
+            iv = b.idle
+            if not len(iv):
+                continue
+            fresh = np.fromiter(((name, int(g), int(e)) not in self.reported
+                                 for g, e in zip(b.gpus.tolist(), iv.end.tolist())), bool, len(iv))
+            if not final:
+                wm = np.array([gpu_wm.get((name, int(g)), 0) for g in b.gpus.tolist()], dtype=np.int64)
+                fresh &= ~(iv.open & (wm <= iv.end)) & (wm >= iv.end + iv.res)
+            if fresh.any():
+                s = int(iv.start[fresh].min())
+                s_min = s if s_min is None else min(s_min, s)
+        if s_min is None:
+            return Result()
+        u = max([nd.unc_ns + int(p["clock_skew_ns"]) for nd in self.nodes.values()] + [0])
+        cut = s_min - 2 * u - 1
+        parts = {}
+        for name in names:
+            nd, b = self.nodes[name], bases[name]
+            keep = b.idle.end >= cut
+            owned = keep & (b.own.group >= 0)
+            st_cut = min(cut, int(b.idle.start[owned].min())) if owned.any() else cut
+            parts[name] = _node_part(name, nd, b, p, quiet, keep=keep, stalls=_StallView(nd, st_cut),
+                                     extra=_live_extra(nd, b, cut))
+        for job, facts in sorted(jobs_of(parts.values()).items()):
+            for node, found in job_stage(job, facts, p).items():
+                parts[node].take(found)
+        return assemble(parts.values(), p, select)
 
     def _trim(self, cutoff: int) -> None:
         """Drop rows that ended before ``cutoff`` and verdict ids that can no longer recur."""
@@ -882,3 +996,43 @@ class LiveAnalyzer:
         keep = np.isin(np.asarray(pr["pid"], dtype=np.int64), needed)
         if not keep.all():
             nd.chunks["proc"] = [{c: v[keep] for c, v in pr.items()}]
+
+
+def _ending_from(t: dict, cutoff: int) -> dict:
+    """The rows of a stall table that end at or after ``cutoff`` (``LiveAnalyzer._trim``'s
+    rule), in their order."""
+    if not table_len(t):
+        return t
+    last = np.asarray(t["ts_ns"], dtype=np.int64) + np.asarray(t["dur_ns"], dtype=np.int64)
+    keep = last >= cutoff
+    return t if keep.all() else {c: v[keep] for c, v in t.items()}
+
+
+class _StallView:
+    """A node's stall tables as :meth:`LiveAnalyzer._unsettled` aligns them: the rows ending
+    at or after ``cutoff``; HTTP requests joined into retry episodes over the whole window
+    first (an episode's first attempts may have ended long before)."""
+
+    def __init__(self, nd: _Node, cutoff: int):
+        self.nd, self.cutoff = nd, cutoff
+
+    def stall_table(self, kind: str) -> dict:
+        return _ending_from(self.nd.stall_table(kind), self.cutoff)
+
+
+def _live_extra(nd: _Node, base: _Base, cutoff: int) -> dict:
+    """A node's cross-node facts (``crossnode.node_extra``) for :meth:`LiveAnalyzer._unsettled`:
+    the loss episodes ending at or after ``cutoff``; exits and job members from the whole
+    window (a member's first listing and an exit's GPU look back without bound); and, under
+    ``jobs``, every job the node's whole window names (its intervals', its senders' of loss
+    episodes), so that it takes part in the same job stages."""
+    net = nd.table("net")
+    extra = crossnode.node_extra({"net": _ending_from(net, cutoff), "proc": base.proc,
+                                  "gpu_proc": base.gpu_proc}, nd.addrs)
+    jobs = set(base.job.tolist())
+    for pid in np.unique(np.asarray(net["pid"], dtype=np.int64)).tolist():
+        who = base.info.get(pid)
+        if who:
+            jobs.add(who[1])
+    extra["jobs"] = tuple(sorted(jobs - {""}))
+    return extra

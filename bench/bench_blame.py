@@ -17,7 +17,8 @@ Figures:
   owners    owner_groups from NVML process lists polled every second over the whole span
   remote    remote_blame across the nodes of one job
   analyze   analyze() end to end from tracer batches (verdict dicts included), small sizes
-  live_add  one LiveAnalyzer.add() at steady state with a full 10-minute window (8 nodes)
+  live_add  one LiveAnalyzer.add() at steady state with a full 10-minute window (8 nodes);
+            live_add_whole_window: the same blaming the whole window (the reference)
 
 The synthetic cluster: 16 nodes x 8 GPUs, one training process per GPU with 4 dataloader
 workers, 2 unrelated processes per node; idle intervals of 0.2-3 s between 1-10 s of work;
@@ -280,9 +281,10 @@ def bench_analyze(n_st, n_iv):
            "baseline_sort_seconds": round(base, 3), "ratio_to_baseline": round(w / base, 2)})
 
 
-def bench_live(nodes, seconds, stalls_per_s):
+def bench_live(nodes, seconds, stalls_per_s, incremental=True):
     """LiveAnalyzer.add() at steady state: a full window of ``seconds`` on ``nodes`` x 8
-    GPUs (NVML period 1/6 s, process lists every second), one more second of batches in."""
+    GPUs (NVML period 1/6 s, process lists every second), one more second of batches in.
+    ``incremental=False``: blaming the whole window each run (the reference, as before)."""
     from stallscope.analysis.analyze import LiveAnalyzer, _Node
     from stallscope.wire.schema import Batch
 
@@ -316,7 +318,7 @@ def bench_live(nodes, seconds, stalls_per_s):
         return Batch(f"node{nd:02d}", k, tables, {}, {},
                      {"gpu": {"sample_period_ns": {i: per for i in range(GPUS)}}})
 
-    live = LiveAnalyzer(window_ns=seconds * S, min_gap_s=0)
+    live = LiveAnalyzer(window_ns=seconds * S, min_gap_s=0, incremental=incremental)
     for k in range(seconds):            # fill the window without analyzing every second
         for nd in range(nodes):
             b = second(nd, k)
@@ -326,7 +328,7 @@ def bench_live(nodes, seconds, stalls_per_s):
     w, c, out = _time(lambda: live.add(new))
     n_st = int(sum(len(n.table("io")["ts_ns"]) for n in live.nodes.values()))
     base = _baseline(n_st)
-    _emit({"figure": "live_add", "nodes": nodes, "gpus": nodes * GPUS, "window_s": seconds,
+    _emit({"figure": "live_add" if incremental else "live_add_whole_window", "nodes": nodes, "gpus": nodes * GPUS, "window_s": seconds,
            "stalls_in_window": n_st, "verdicts_returned": len(out), "seconds": round(w, 3),
            "cpu_seconds": round(c, 3), "baseline_sort_seconds": round(base, 3),
            "ratio_to_baseline": round(w / base, 2)})
@@ -347,7 +349,8 @@ def main(quick: bool = False) -> None:
     bench_backstop(n_st, n_iv, repeat=repeat)
     a_st, a_iv = (20_000, 2_000) if quick else (200_000, 20_000)
     bench_analyze(a_st, a_iv)
-    bench_live(*((2, 60, 50) if quick else (8, 600, 50)))
+    for incremental in (True, False):
+        bench_live(*((2, 60, 50) if quick else (8, 600, 50)), incremental=incremental)
 
 
 if __name__ == "__main__":
