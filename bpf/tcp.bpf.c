@@ -50,11 +50,34 @@ static __always_inline u64 sock_ino(const void *sk)
 	return ino;
 }
 
+/* The address family: the tracepoints' own `family` field (tcp_retransmit_skb and
+ * tcp_retransmit_synack have it since Linux 5.11: SS_TCP_SKB_FAMILY and
+ * SS_TCP_SYNACK_FAMILY come from their tracefs formats), else the socket's
+ * sock_common.skc_family (for a SYN-ACK: the listener's; an IPv6 listener's IPv4
+ * peers then show as v4-mapped IPv6 addresses, as the tracepoint stores them). */
+static __always_inline u16 sk_family(const void *sk)
+{
+	u16 f = 0;
+	if (sk)
+		ss_read(f, sk + OFF_SK_FAMILY);
+	return f;
+}
+#ifdef SS_TCP_SKB_FAMILY
+#define SKB_FAMILY(args) ((args)->family)
+#else
+#define SKB_FAMILY(args) sk_family((args)->skaddr)
+#endif
+#ifdef SS_TCP_SYNACK_FAMILY
+#define SYNACK_FAMILY(args) ((args)->family)
+#else
+#define SYNACK_FAMILY(args) sk_family((args)->skaddr)
+#endif
+
 /* the three tracepoints name their address fields alike (a macro, since each
  * has its own generated args type) */
-#define SS_COPY_ADDRS(e, args)                                              \
+#define SS_COPY_ADDRS(e, args, fam)                                         \
 	do {                                                                \
-		if ((args)->family == 10) {                                 \
+		if ((fam) == 10) {                                          \
 			bpf_probe_read_kernel((e)->saddr, 16, (args)->saddr_v6); \
 			bpf_probe_read_kernel((e)->daddr, 16, (args)->daddr_v6); \
 		} else {                                                    \
@@ -112,8 +135,8 @@ static __always_inline struct ss_event *retrans_common(const void *sk, u8 op, u1
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
-	struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS, args->sport, args->dport,
-					    args->family);
+	u16 fam = SKB_FAMILY(args);
+	struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS, args->sport, args->dport, fam);
 	if (!e)
 		return 0;
 	e->state = args->state;
@@ -142,19 +165,20 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 #ifdef SS_TCP_HAS_ERR
 	e->ret = args->err;
 #endif
-	SS_COPY_ADDRS(e, args);
+	SS_COPY_ADDRS(e, args, fam);
 	ss_submit(e);
 	return 0;
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
+	u16 fam = SYNACK_FAMILY(args);
 	struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS_SYNACK, args->sport,
-					    args->dport, args->family);
+					    args->dport, fam);
 	if (!e)
 		return 0;
 	e->state = 12;            /* TCP_NEW_SYN_RECV */
-	SS_COPY_ADDRS(e, args);
+	SS_COPY_ADDRS(e, args, fam);
 	ss_submit(e);
 	return 0;
 }
@@ -175,7 +199,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			e->state = args->oldstate;
 			e->dev = tot;
 			e->segs = 0;
-			SS_COPY_ADDRS(e, args);
+			SS_COPY_ADDRS(e, args, args->family);   /* this tracepoint has had it since 4.16 */
 			ss_submit(e);
 		}
 	}

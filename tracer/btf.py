@@ -143,6 +143,7 @@ FIELDS = {
     "OFF_MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
     "OFF_VFSMOUNT_ROOT": ("vfsmount", "mnt_root"),
     "OFF_SOCK_SOCKET": ("sock", "sk_socket"),
+    "OFF_SK_FAMILY": ("sock_common", "skc_family"),     # sock starts with its sock_common
     "OFF_SOCKALLOC_SOCKET": ("socket_alloc", "socket"),
     "OFF_SOCKALLOC_INODE": ("socket_alloc", "vfs_inode"),
     "OFF_ICSK_RTO": ("inet_connection_sock", "icsk_rto"),

@@ -1,5 +1,7 @@
 """TCP retransmits provoked in a private network namespace, counted against nstat."""
 
+import os
+
 import pytest
 
 from tests.bpf.tracerun import Trace
@@ -9,9 +11,37 @@ pytestmark = pytest.mark.bpf
 PORT = 47011
 
 
-def test_retransmits_match_nstat_with_ports_and_owner():
+def tracefs_without_family_fields(tmp_path) -> str:
+    """A tracefs view for the tracer's checks in which tcp_retransmit_skb and
+    tcp_retransmit_synack have no ``family`` field, as before Linux 5.11 (BCC still attaches
+    through the real tracefs): the tracer must read the family from the socket."""
+    real = "/sys/kernel/tracing/events"
+    fake = tmp_path / "tracing" / "events"
+    (fake / "tcp").mkdir(parents=True)
+    for sub in os.listdir(real):
+        if sub != "tcp":
+            os.symlink(os.path.join(real, sub), fake / sub)
+    for ev in os.listdir(os.path.join(real, "tcp")):
+        src = os.path.join(real, "tcp", ev)
+        if ev not in ("tcp_retransmit_skb", "tcp_retransmit_synack"):
+            os.symlink(src, fake / "tcp" / ev)
+            continue
+        (fake / "tcp" / ev).mkdir()
+        for f in os.listdir(src):
+            if f != "format":
+                os.symlink(os.path.join(src, f), fake / "tcp" / ev / f)
+        with open(os.path.join(src, "format")) as fmt:
+            lines = [ln for ln in fmt if " family;" not in ln]
+        assert len(lines) < sum(1 for _ in open(os.path.join(src, "format"))), "no family field to hide"
+        (fake / "tcp" / ev / "format").write_text("".join(lines))
+    return str(fake.parent)
+
+
+@pytest.mark.parametrize("family_from", ["tracepoint", "socket"])
+def test_retransmits_match_nstat_with_ports_and_owner(tmp_path, family_from):
+    env = {"STALLSCOPE_TRACEFS": tracefs_without_family_fields(tmp_path)} if family_from == "socket" else {}
     with LossyNetns(port=PORT, drop_percent=20) as ns:
-        with Trace("--families", "tcp", families="tcp") as t:
+        with Trace("--families", "tcp", families="tcp", env=env) as t:
             ex = ns.run_exchange(n_messages=300, size=512)
             truth = ns.settled_retrans()
         t.stop(timeout_s=60)

@@ -22,7 +22,11 @@ def methods(cfg, tracefs):
         missing = [tp for tp in TRACEPOINTS if not tp_exists(tracefs, tp)]
         if missing:
             raise ProbeError(f"tracepoint {missing[0]} not found")
-        extra = ["-DSS_TCP_HAS_ERR"] if tp_has_field(tracefs, "tcp/tcp_retransmit_skb", "err") else []
+        # fields that came later: `err` (6.10), `family` (5.11; else read from the socket)
+        extra = [flag for tp, field, flag in (("tcp/tcp_retransmit_skb", "err", "-DSS_TCP_HAS_ERR"),
+                                              ("tcp/tcp_retransmit_skb", "family", "-DSS_TCP_SKB_FAMILY"),
+                                              ("tcp/tcp_retransmit_synack", "family", "-DSS_TCP_SYNACK_FAMILY"))
+                 if tp_has_field(tracefs, tp, field)]
         return load_bpf(NAME, base_cflags(cfg) + extra), "tracepoints " + " ".join(TRACEPOINTS)
     return [("tracepoint", tracepoint)]
 

@@ -368,16 +368,10 @@ def has_tracepoint(tp: str) -> bool:
     return (tracefs() / "events" / tp).is_dir()
 
 
-def has_tracepoint_field(tp: str, field: str) -> bool:
-    try:
-        return f" {field};" in (tracefs() / "events" / tp / "format").read_text()
-    except OSError:
-        return False
-
-
 NFS_NEEDS = {"tracepoint sunrpc:xprt_retransmit (5.11+)": lambda: has_tracepoint("sunrpc/xprt_retransmit"),
              "module BTF of nfs and sunrpc (5.11+)": lambda: has_module_btf("nfs") and has_module_btf("sunrpc")}
 RDMA_KPROBE_NEEDS = {"module BTF of ib_uverbs and ib_core (5.11+)":
                      lambda: has_module_btf("ib_uverbs") and has_module_btf("ib_core")}
-TCP_NEEDS = {"a `family` field in tcp:tcp_retransmit_skb (5.11+)":
-             lambda: has_tracepoint_field("tcp/tcp_retransmit_skb", "family")}
+TCP_NEEDS = {"tracepoints tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack, sock:inet_sock_set_state":
+             lambda: all(has_tracepoint(tp) for tp in ("tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack",
+                                                       "sock/inet_sock_set_state"))}
