@@ -1,8 +1,8 @@
 """Collector ingest: 8 concurrent senders over loopback into one collector process.
 
-Each sender sends pre-encoded batches of IO events over the tracer's protocol (a
-DEALER, each batch with its delivery identity, as ``[tag, seq, payload]``) and waits
-until every one is acknowledged; the collector receives, validates/decodes, commits
+Each sender is the tracer's own delivery (``wire.transport.AckedSender``: a DEALER, a
+credit window of batches, resends after the ack timeout) over pre-encoded batches of IO
+events and GPU samples, until every one is acknowledged; the collector receives, validates/decodes, commits
 them to its SQLite store (synchronous=FULL, deduplicating) and acknowledges each
 commit, on one core. The baseline, in the same run, is a bare ZeroMQ ROUTER socket
 receiving the same bytes and doing nothing with them.
@@ -57,7 +57,33 @@ def _payloads(n_batches: int, per_batch: int, node: str) -> list:
     return out
 
 
-def _sender(endpoint, payloads, start_evt):
+class _ListSource:
+    """The batches of one sender, in memory, as the tracer's spool hands them out
+    (``wire.transport.Source``): read in order, released when acknowledged."""
+
+    def __init__(self, payloads):
+        self.payloads = payloads
+        self.next = 0
+        self.acked_through = -1
+
+    def read_next(self, max_n: int, max_bytes: int) -> list:
+        out, size = [], 0
+        while self.next < len(self.payloads) and len(out) < max_n and size < max_bytes:
+            out.append((self.next, self.payloads[self.next]))
+            size += len(self.payloads[self.next])
+            self.next += 1
+        return out
+
+    def ack_through(self, seq: int) -> None:
+        self.acked_through = max(self.acked_through, seq)
+
+    def sync(self, force: bool = False) -> None:
+        pass
+
+
+def _blast_sender(endpoint, payloads, start_evt, q=None):
+    """The raw baseline's sender: every batch as a tracer frames it, as fast as the socket
+    takes them (the bare ROUTER acknowledges nothing)."""
     import zmq
 
     from stallscope.wire.transport import batch_message
@@ -68,10 +94,24 @@ def _sender(endpoint, payloads, start_evt):
     start_evt.wait()
     for seq, p in enumerate(payloads):
         s.send_multipart(batch_message(seq, p), copy=False)
-        while s.poll(0):            # acknowledgements, read as they come (a tracer does)
-            s.recv_multipart()
     s.close(linger=-1)
     ctx.term()
+
+
+def _sender(endpoint, payloads, start_evt, q=None):
+    """One tracer's delivery: the real AckedSender (credit window, resend after the ack
+    timeout) until every batch is acknowledged; reports its counters."""
+    from stallscope.wire.transport import AckedSender
+    src = _ListSource(payloads)
+    tx = AckedSender(endpoint, src)
+    start_evt.wait()
+    deadline = time.monotonic() + 300
+    while src.acked_through < len(payloads) - 1 and time.monotonic() < deadline:
+        tx.pump(50)
+    if q is not None:
+        q.put({"acked": tx.acked, "resent": tx.resent, "duplicates": tx.duplicates,
+               "complete": src.acked_through == len(payloads) - 1})
+    tx.close()
 
 
 def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_window=False):
@@ -106,10 +146,12 @@ def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_win
     col = Collector(endpoint, store, log=lambda m: None, on_batches=live if live_on else None)
     q.put("ready")
     c0, t0 = time.process_time(), None
-    while col.accepted + col.rejected < total_msgs:
-        n = col.step(timeout_ms=5000)
+    idle_since = time.monotonic()
+    while col.accepted + col.rejected < total_msgs and time.monotonic() - idle_since < 60:
+        n = col.step(timeout_ms=200)
         if n == 0:
-            break
+            continue
+        idle_since = time.monotonic()
         if t0 is None:
             t0 = time.monotonic()
     live.flush()
@@ -150,12 +192,18 @@ def run(n_senders=8, n_batches=40, per_batch=5000, raw=False, tmp=None, payloads
     col.start()
     assert q.get(timeout=60) == "ready"
     start = ctx.Event()
-    senders = [ctx.Process(target=_sender, args=(endpoint, payloads[i], start)) for i in range(len(payloads))]
+    sq = ctx.Queue()
+    senders = [ctx.Process(target=_blast_sender if raw else _sender, args=(endpoint, payloads[i], start, sq))
+               for i in range(len(payloads))]
     for p in senders:
         p.start()
     time.sleep(0.5)
     start.set()
     res = q.get(timeout=600)
+    if not raw:
+        got = [sq.get(timeout=120) for _ in senders]
+        res["resent"] = sum(g["resent"] for g in got)
+        res["complete"] = all(g["complete"] for g in got) and res["msgs"] == total
     for p in senders:
         p.join(60)
     col.join(60)
@@ -188,6 +236,9 @@ def main(quick=False, reps=5):
            "collector_events_per_cpu_s_median": round(statistics.median(cpu_rate)),
            "accepted_events": [f["events"] for f in fulls], "rejected": [f["rejected"] for f in fulls],
            "verdict_lines": [f["verdict_lines"] for f in fulls],
+           "resent_batches": [f["resent"] for f in fulls],
+           "complete_runs": sum(f["complete"] for f in fulls + stores + wholes),
+           "incomplete_runs": sum(not f["complete"] for f in fulls + stores + wholes),
            "baseline_raw_router_events_per_s_wall_median": round(statistics.median(raw_rate)),
            "ratio_to_raw_router": round(med / statistics.median(raw_rate), 3),
            "without_live_verdicts_events_per_s_wall_median": round(statistics.median(
