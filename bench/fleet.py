@@ -117,7 +117,7 @@ BLOCKED_REASONS = ("jbd2_log_wait_commit", "os_acquire_mutex", "blk_mq_get_tag")
 HOGS = ("python3", "kworker/u256:3", "node_exporter", "dcgm-exporter")
 DAEMONS = (("rsyslogd", "/var/log/syslog", "ext4"), ("containerd", "/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db", "ext4"),
            ("slurmd", "/var/spool/slurmd/cred_state", "ext4"), ("dcgm-exporter", "/var/log/dcgm/metrics.log", "ext4"))
-ATTACH = {"vfs": "fentry/fexit vfs_read vfs_write vfs_fsync_range",
+ATTACH = {"vfs": "fentry/fexit vfs_read vfs_write",
           "sched": "tp_btf sched_switch sched_wakeup, tracepoints sched_process_fork/exec/exit",
           "tcp": "tp_btf tcp_retransmit_skb", "nfs": "fentry/fexit nfs_file_read nfs_file_write nfs_getattr"}
 

@@ -261,7 +261,7 @@ def test_kprobe_variant_compiles_and_verifies():
     flags, have, _note = vfs.extra_ops(kernel.tracefs_root())
     b = load_bpf("vfs", base_cflags(ProbeConfig()) + ["-DSS_VFS_KPROBE", *flags])
     try:
-        for fn in ("ss_kp_read", "ss_kret", "ss_kp_fsync"):
+        for fn in ("ss_kp_read", "ss_kret", "ss_kp_readv"):
             b.load_func(fn.encode(), BPF.KPROBE)
         for fn in set(vfs.EXIT_FN.values()):
             b.load_func(fn.encode(), BPF.TRACEPOINT)

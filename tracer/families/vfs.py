@@ -1,10 +1,10 @@
 """The VFS family (bpf/vfs.bpf.c): every way a thread waits on a file, by file.
 
-Attach methods, best first: fentry/fexit on vfs_read, vfs_write,
-vfs_fsync_range, plus vfs_readv/vfs_writev where this kernel has them as
-functions (optional targets: one missing or inlined costs that op, reported in
-the detail line); kprobe/kretprobe on all five; syscall
-enter/exit tracepoints. With each, the ops no vfs_* function sees (sendfile,
+Attach methods, best first: fentry/fexit on vfs_read, vfs_write, plus
+vfs_readv/vfs_writev where this kernel has them as functions (optional targets:
+one missing or inlined costs that op, reported in the detail line);
+kprobe/kretprobe on all four; syscall enter/exit tracepoints. With each, the
+ops no vfs_* function sees reliably (fsync and fdatasync, sendfile,
 splice, copy_file_range, openat, stat, getdents, io_uring and AIO waits) come
 from syscall tracepoints, each compiled in only where the kernel has it.
 Records become the ``io`` table; storms of short ops arrive as aggregate
@@ -38,16 +38,18 @@ NAME = "vfs"
 RECORD_TYPES = (T_VFS,)
 AGGREGATE = DEFINES["SS_F_AGGREGATE"]
 KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
-           ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"),
-           ("vfs_fsync_range", "ss_kp_fsync"))
+           ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"))
 #: fentry targets the family uses where the kernel has them (static in fs/read_write.c)
 FENTRY_OPTIONAL = ("vfs_readv", "vfs_writev")
-BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev", "fsync", "fdatasync")
-#: syscalls traced by tracepoint with every attach method (-DSS_TP_<name> where present)
-EXTRA_SYSCALLS = ("sendfile64", "splice", "copy_file_range", "openat", "openat2", "statx",
+BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev")
+#: syscalls traced by tracepoint with every attach method (-DSS_TP_<name> where present).
+#: fsync and fdatasync too: vfs_fsync_range is inlined into sys_fdatasync on 5.10 and 6.1
+#: (datasync constant), so function probes never saw an fdatasync there.
+EXTRA_SYSCALLS = ("fsync", "fdatasync", "sendfile64", "splice", "copy_file_range", "openat", "openat2", "statx",
                   "newfstatat", "getdents64", "io_uring_enter", "io_getevents", "io_pgetevents")
 #: the shared exit program of each syscall (by what its fd or argument is)
-EXIT_FN = {**{s: "ss_exit_fd" for s in (*BASE_SYSCALLS, "sendfile64", "splice", "copy_file_range")},
+EXIT_FN = {**{s: "ss_exit_fd" for s in (*BASE_SYSCALLS, "fsync", "fdatasync", "sendfile64", "splice",
+                                          "copy_file_range")},
            "openat": "ss_exit_open", "openat2": "ss_exit_open", "statx": "ss_exit_stat",
            "newfstatat": "ss_exit_stat", "getdents64": "ss_exit_dir",
            "io_uring_enter": "ss_exit_wait", "io_getevents": "ss_exit_wait",
@@ -107,7 +109,7 @@ def methods(cfg, tracefs):
             lambda opt: load_and_attach(base_cflags(cfg) + ["-DSS_VFS_FENTRY", *opt, *flags], have),
             lambda sym: f"-DSS_FENTRY_{sym}", present, missing)
         lost = "; ".join(f"{sym}: {why}" for sym, why in missing.items())
-        return b, ("fentry/fexit vfs_read vfs_write vfs_fsync_range" + "".join(f" {s}" for s in attached)
+        return b, ("fentry/fexit vfs_read vfs_write" + "".join(f" {s}" for s in attached)
                    + (f" (not attached: {lost})" if lost else "") + extra)
 
     def kprobe():

@@ -15,7 +15,7 @@ for a file are exactly one op's calls):
 * ``write``   4 KiB O_DIRECT write(2)s to ``wout`` (vfs_write)
 * ``writev``  one-vector O_DIRECT writev(2)s to ``vout`` (vfs_writev)
 * ``fsync``   of ``ckpt`` after a buffered 4 KiB write (the flush: one WRITE each)
-* ``fdatasync`` of ``dckpt`` after a buffered 4 KiB write (vfs_fsync_range with datasync)
+* ``fdatasync`` of ``dckpt`` after a buffered 4 KiB write (sys_fdatasync)
 * ``statx``   of ``meta`` with AT_STATX_FORCE_SYNC (one GETATTR each)
 * ``open``    of ``opn`` for writing (with ``--opens``; on NFSv4 one OPEN each, then a close)
 

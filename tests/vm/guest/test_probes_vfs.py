@@ -4,10 +4,10 @@ The stall is real: nfsload.py (a known pid) makes LOAD_COUNT each of O_DIRECT re
 readv, write, pwrite and writev calls, and fsyncs and fdatasyncs after a buffered write,
 each op on its own file on the loopback NFS mounts, while netem delays every packet on lo
 by NETEM_DELAY_MS, so each call waits for at least one RPC round trip (>= 2 x the delay).
-`stallscope trace --attach kprobe` (vfs_read/vfs_write/vfs_readv/vfs_writev/vfs_fsync_range
-kprobes), `--attach fentry` (the same functions; vfs_readv/vfs_writev are optional targets,
-attached where the kernel has them as functions) and `--attach tracepoint` (syscall
-tracepoints) must each report exactly those calls, by that pid, with the file's path on the
+`stallscope trace --attach kprobe` (vfs_read/vfs_write/vfs_readv/vfs_writev kprobes; fsync
+and fdatasync by syscall tracepoint with every method), `--attach fentry` (the same functions;
+vfs_readv/vfs_writev are optional targets, attached where the kernel has them as functions)
+and `--attach tracepoint` (syscall tracepoints) must each report exactly those calls, by that pid, with the file's path on the
 mount, the filesystem "nfs", and the latency the process itself measured.
 """
 
@@ -27,10 +27,10 @@ VFS_OPS = {"pread": ("data", "read", "pread"), "read": ("rdata", "read", "read")
            "write": ("wout", "write", "write"), "writev": ("vout", "writev", "writev"),
            "fsync": ("ckpt", "fsync", "fsync"), "fdatasync": ("dckpt", "fdatasync", "fdatasync")}
 OPTIONAL_FENTRY = {"readv": "vfs_readv", "writev": "vfs_writev"}
-#: open (issue 13): on Debian 12's 6.1 the function probes on vfs_fsync_range report no NFS
-#: fdatasync at all while the syscall tracepoints report all of them; cause not found yet.
-#: Checked here to still be the case (so a fix shows up), and noted in the matrix.
-KNOWN_GAPS = {("6.1", "kprobe"): ("fdatasync",), ("6.1", "fentry"): ("fdatasync",)}
+#: ops a method is known to miss on a kernel series, checked to be still missed (so a fix
+#: shows up) and noted in the matrix; (series, method) -> ops. Empty since fsync/fdatasync
+#: moved to syscall tracepoints (vfs_fsync_range is inlined into sys_fdatasync on 5.10/6.1).
+KNOWN_GAPS: dict = {}
 
 
 def _known_gaps(method: str) -> tuple:
@@ -100,7 +100,7 @@ def _vfs_line(tracer, expected: str) -> str:
 
 
 @pytest.mark.parametrize("method,tracer,expected", [
-    pytest.param("kprobe", "vfs_tcp", "vfs: kprobe/kretprobe vfs_read vfs_write vfs_readv vfs_writev vfs_fsync_range",
+    pytest.param("kprobe", "vfs_tcp", "vfs: kprobe/kretprobe vfs_read vfs_write vfs_readv vfs_writev; syscall tracepoints fsync fdatasync",
                  marks=pytest.mark.matrix(VFS_ROW, "kprobe"), id="kprobe"),
     pytest.param("tracepoint", "tp", "vfs: syscall tracepoints read write pread64 pwrite64 readv writev fsync fdatasync",
                  marks=pytest.mark.matrix(VFS_ROW, "tracepoint"), id="tracepoint"),
@@ -119,17 +119,17 @@ def test_vfs_kprobe_and_tracepoint_report_each_stalled_nfs_call(probe_tracers, n
 @pytest.mark.matrix(VFS_ROW, "fentry")
 @pytest.mark.parametrize("version", ["3", "4.2"])
 def test_vfs_fentry_reports_each_stalled_nfs_call(probe_tracers, nfs_loads, version, matrix_note):
-    """fentry on all five functions; vfs_readv/vfs_writev are optional targets: where this kernel
+    """fentry on all four functions; vfs_readv/vfs_writev are optional targets: where this kernel
     lacks one (inlined), the tracer names it and why, and that op alone goes unreported."""
     t = probe_tracers.vfs_fentry
-    line = _vfs_line(t, "vfs: fentry/fexit vfs_read vfs_write vfs_fsync_range")
+    line = _vfs_line(t, "vfs: fentry/fexit vfs_read vfs_write")
     missing = {}
     for op, sym in OPTIONAL_FENTRY.items():
         m = re.search(rf"{sym}: ([^;)]*)", line.split("(not attached:", 1)[1]) if "(not attached:" in line else None
         if m:
             missing[op] = f"{sym}: {m.group(1)}"
         else:
-            assert re.search(rf"vfs_fsync_range( \S+)* {sym}\b", line), line
+            assert re.search(rf"vfs_write( \S+)* {sym}\b", line), line
     gaps = _known_gaps("fentry")
     _check_vfs(t, nfs_loads[version], "fentry", skip_ops=tuple(missing) + gaps)
     _check_gap(t, nfs_loads[version], "fentry", gaps, matrix_note)
