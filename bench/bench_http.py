@@ -14,7 +14,7 @@ in the same run (these machines are shared and noisy: every figure is a same-run
   upload     CPU seconds a 1 GB TLS upload in 16 KiB writes pays (process CPU time with the
              uprobes attached minus without)
 
-    python -m bench http [--quick]          # root; about 1 min (quick: 20 s)
+    python -m bench http [--quick]          # root; about 1.5 min (quick: 25 s)
 
 Goals on the 2-core VM: <= 0.5 us per TLS write, <= 1 us per TLS read, no measurable cost for
 non-owners. One JSON line per figure.
