@@ -271,7 +271,9 @@ def test_collector_sigkilled_mid_ingest_three_times(tmp_path, cg):
                 stop.set()
                 producer.join(30)
                 assert synth.flush(60), synth.summary()
-                assert wait_for(lambda: len(io_rows(stored(col.db), {res.pid})) == 13, 30)
+                # the tracer's own batches come back on its ack timeout, which doubles (to at
+                # most 30 s) while the collector is down: wait past the longest
+                assert wait_for(lambda: len(io_rows(stored(col.db), {res.pid})) == 13, 75)
             t.stop()
         col.stop()
     finally:
