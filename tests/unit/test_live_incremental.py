@@ -19,7 +19,8 @@ import pytest
 
 from bench import fleet
 from stallscope.analysis.analyze import LiveAnalyzer
-from stallscope.wire.schema import TABLES, Batch, complete
+from stallscope.wire.schema import Batch, complete
+from tests.unit.test_blame import table
 
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000
@@ -30,12 +31,7 @@ JOB = "j1"
 
 
 def _table(kind, rows):
-    out = {}
-    for c, k in TABLES[kind].items():
-        vals = [r.get(c, "" if k == "s" else 0) for r in rows]
-        out[c] = (np.array(vals, dtype=object) if k == "s"
-                  else np.array(vals, dtype=np.int64 if k == "i" else np.uint64))
-    return complete(kind, out)
+    return complete(kind, table(kind, rows))
 
 
 def _world(seed: int, seconds: int = 120):
