@@ -99,7 +99,7 @@ def _read_loop(srv, s_in, records):
     return read
 
 
-class _floor_probe:
+class _FloorProbe:
     """Uprobes that run an empty program at the family's TLS attach addresses of one process:
     ``on_write()`` (entry probes on the write sites), ``on_read()`` (entry + return probes on
     the read sites, as the family attaches them), ``off()``."""
@@ -216,7 +216,7 @@ def main(quick: bool = False, argv=None):
         attach(me)
         (path, w_addrs, r_addrs), = [v for v in tls.attached[me[0]].values() if v]
         attach([])
-        floor = _floor_probe(path, w_addrs, r_addrs, me[0])
+        floor = _FloorProbe(path, w_addrs, r_addrs, me[0])
         added["tls_write_floor_bare_uprobe"] = ab_with(lambda: write, floor.on_write, floor.off)
         added["tls_read_floor_bare_uprobe_pair"] = ab_with(reads, floor.on_read, floor.off)
         floor.close()
