@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import dataclasses
 import pickle
 import time
 from bisect import bisect_right
@@ -29,7 +30,7 @@ from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
 from .http_episodes import episodes
-from .verdict import Verdict, build_chain
+from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
 DEFAULTS = {
@@ -307,6 +308,55 @@ class _Stalls:
             d["overlap_ns"] = int(overlap_ns)
         return d
 
+    def chain(self, idx, covered_ns: int) -> Chain:
+        """The chain of stalls ``idx`` (one pid, one type, by start): ``build_chain`` of
+        their event dicts, summed per distinct row (``GROUP_FIELDS``) with numpy, so a storm
+        of thousands of alike reads costs a few dicts, not one per read."""
+        idx = np.asarray(idx, dtype=np.int64)
+        first = self.event(int(idx[0]))
+        fields = GROUP_FIELDS.get(first["type"])
+        if fields is None or len(idx) < 16:
+            return build_chain([self.event(int(j)) for j in idx], covered_ns)
+        seg = np.searchsorted(np.asarray(self._firsts, dtype=np.int64), idx, side="right") - 1
+        groups = {}     # distinct row -> [first position, event, count, blocked, end]
+        for sg in np.unique(seg).tolist():
+            pos = np.flatnonzero(seg == sg)
+            f, _name, _kind, t = self.segments[sg]
+            rows = idx[pos] - f
+            code = np.zeros(len(rows), dtype=np.int64)
+            try:
+                for c in fields:
+                    if c in t:
+                        u, inv = np.unique(np.asarray(t[c])[rows], return_inverse=True)
+                        code = np.unique(code * len(u) + inv.reshape(-1), return_inverse=True)[1].reshape(-1)
+            except TypeError:       # values that do not sort (mixed types): one row at a time
+                return build_chain([self.event(int(j)) for j in idx], covered_ns)
+            dur = np.asarray(t["dur_ns"], dtype=np.int64)[rows]
+            cnt = np.maximum(np.asarray(t["count"], dtype=np.int64)[rows], 1) if "count" in t \
+                else np.ones(len(rows), dtype=np.int64)
+            blk = np.asarray(t["blocked_ns"], dtype=np.int64)[rows] if "blocked_ns" in t else dur
+            blk = np.where(blk != 0, blk, dur)
+            end = np.asarray(t["ts_ns"], dtype=np.int64)[rows] + dur
+            order = np.argsort(code, kind="stable")
+            starts = np.flatnonzero(np.r_[True, code[order][1:] != code[order][:-1]])
+            firsts = pos[order][starts]         # each group's first position (stable sort)
+            sums = [np.add.reduceat(x[order], starts) for x in (cnt, blk)]
+            ends = np.maximum.reduceat(end[order], starts)
+            for k, p0 in enumerate(firsts.tolist()):
+                e = self.event(int(idx[p0]))
+                key = tuple(e.get(c) for c in fields)
+                g = groups.get(key)
+                if g is None:
+                    groups[key] = [p0, e, int(sums[0][k]), int(sums[1][k]), int(ends[k])]
+                else:
+                    g[0] = min(g[0], p0)
+                    if p0 == g[0]:
+                        g[1] = e
+                    g[2] += int(sums[0][k])
+                    g[3] += int(sums[1][k])
+                    g[4] = max(g[4], int(ends[k]))
+        ordered = sorted(groups.values(), key=lambda g: g[0])
+        return chain_of_groups(first, [tuple(g[1:]) for g in ordered], len(idx), covered_ns)
 
 def _job_of(roots, info) -> tuple:
     """(job, rank) of a GPU from the processes NVML listed: the most common job among them,
@@ -331,9 +381,9 @@ def _job_of(roots, info) -> tuple:
 
 class Source:
     """A local culprit chain as the job stage carries it to other ranks: the culprit stall
-    (``culprit`` event dict, ``start_ns``/``end_ns``) and the chain's stalls (``links``
-    event dicts, ``link_start``/``link_end``, by start).  The event dicts are made from the
-    node's stalls when first asked for; ``freeze()`` (or pickling) makes them all and
+    (``culprit`` event dict, ``start_ns``/``end_ns``), the chain's stalls' times
+    (``link_start``/``link_end``, by start) and its summary (:meth:`chain`).  Both are made
+    from the node's stalls when first asked for; ``freeze()`` (or pickling) makes them and
     drops the stalls."""
 
     def __init__(self, st: _Stalls, stall: int, chain: np.ndarray, basis):
@@ -345,7 +395,7 @@ class Source:
         self._st: _Stalls | None = st
         self._stall, self._chain = stall, chain
         self._culprit: dict | None = None
-        self._links: list | None = None
+        self._summary: Chain | None = None
 
     @property
     def culprit(self) -> dict:
@@ -354,16 +404,17 @@ class Source:
             self._culprit = self._st.event(self._stall)
         return self._culprit
 
-    @property
-    def links(self) -> list:
-        if self._links is None:
+    def chain(self, covered_ns: int) -> Chain:
+        """The chain as a verdict elsewhere shows it, covering ``covered_ns`` of that interval."""
+        if self._summary is None:
             assert self._st is not None
-            self._links = [self._st.event(int(j)) for j in self._chain]
-        return self._links
+            self._summary = self._st.chain(self._chain, 0)
+        return dataclasses.replace(self._summary, covered_ns=int(covered_ns))
 
     def freeze(self) -> None:
         if self._st is not None:
-            self._culprit, self._links = self.culprit, self.links
+            self._culprit = self.culprit
+            self.chain(0)
             self._st = self._chain = None
 
     def __getstate__(self):
@@ -638,10 +689,6 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
                      st_kind=st.code, st_backstop=st.backstop, link_gap_ns=p["link_gap_ns"])
     culprit = al.culprit >= 0
 
-    def chain_of(i):
-        """The top chain of interval i: its stall indexes (by start)."""
-        return [int(x) for x in al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]]]
-
     def source(i: int) -> Source:
         return Source(st, int(al.culprit[i]), al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]],
                       _BASIS[int(al.basis[i])])
@@ -660,7 +707,7 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
         culprit_ev, culprit_node, chain, basis = None, None, None, None
         if al.culprit[i] >= 0:
             culprit_ev, culprit_node = st.event(int(al.culprit[i]), al.best_overlap[i]), name
-            chain = build_chain([st.event(j) for j in chain_of(i)], int(al.best_cover[i]))
+            chain = st.chain(al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]], int(al.best_cover[i]))
             basis = _BASIS[int(al.basis[i])]
         return Verdict(
             node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),

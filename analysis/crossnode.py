@@ -71,8 +71,8 @@ class Interval:
     local culprit chain's stalls as (start, end), by start (their union inside another rank's
     interval is what they explain there; without them the chain's span stands in), ``chain``
     and ``basis`` as the local verdict has them. Without ``chain``, ``events`` (the chain's
-    stall event dicts, or an object whose ``links`` are them, made when first needed) lets a
-    peer_io cause build the chain for the interval it explains."""
+    stall event dicts, or an object whose ``chain(covered_ns)`` sums them when first asked)
+    lets a peer_io cause build the chain for the interval it explains."""
 
     gpu: int
     start_ns: int
@@ -246,8 +246,12 @@ class RemoteCause:
             if sv.chain is not None:
                 self.chain = dataclasses.replace(sv.chain, covered_ns=self.covered_ns)
             else:
-                links = list(getattr(sv.events, "links", sv.events) or ())
-                self.chain = build_chain(links, self.covered_ns) if links else None
+                ev = sv.events
+                if hasattr(ev, "chain"):        # a node stage's Source: summed there
+                    self.chain = ev.chain(self.covered_ns)
+                else:
+                    links = list(ev or ())
+                    self.chain = build_chain(links, self.covered_ns) if links else None
         return self.chain
 
     def apply(self, v: Verdict) -> Verdict:

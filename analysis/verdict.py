@@ -132,21 +132,52 @@ def _target_name(e: dict) -> tuple:
 
 def build_chain(links: list, covered_ns: int) -> Chain:
     """A :class:`Chain` from its stall event dicts (one pid, one type, by start)."""
-    first = links[0]
+    groups = [(e, max(int(e.get("count", 1) or 1), 1), int(e.get("blocked_ns", 0) or 0) or int(e["dur_ns"]),
+               int(e["ts_ns"]) + int(e["dur_ns"])) for e in links]
+    ch = chain_of_groups(links[0], groups, len(links), covered_ns)
+    if ch.kind == "http":
+        for e in links:
+            sts = statuses_of(e)
+            for code in sts:
+                ch.answers[code] = ch.answers.get(code, 0) + 1
+            if e.get("reason") and sts:
+                code = next((c for c in sts if c >= 400), sts[-1])
+                ch.reasons.setdefault(code, full_reason(code, e["reason"]))
+    return ch
+
+
+#: stall type -> the fields :func:`event_class` and :func:`_target_name` read (besides the
+#: type): rows alike in all of them add to the same op, class and target, so a chain can be
+#: summed per distinct row (:func:`chain_of_groups`).  http is absent: its class and answers
+#: read every attempt.
+GROUP_FIELDS = {
+    "io": ("op", "path", "fs", "server"),
+    "nfs": ("op", "path", "fs", "server"),
+    "net": ("op", "saddr", "sport", "daddr", "dport"),
+    "rdma": ("op", "device", "qp"),
+    "block": ("op", "device"),
+    "sched": ("op", "other_comm", "other_pid", "reason"),
+}
+
+
+def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
+    """A :class:`Chain` from groups of its stalls, in the order of each group's first stall:
+    ``(event dict, summed count, summed blocked ns, latest end)``, each group's rows alike
+    in every field :data:`GROUP_FIELDS` names (one row per group for http); ``first`` is the
+    chain's first stall, ``links`` its number of rows.  The same chain as
+    :func:`build_chain` over the rows, for work that scales with the distinct rows."""
     kind = first["type"]
     ops = {}
     by_class = collections.Counter()
     targets = {}
     count = blocked = 0
     end = 0
-    for e in links:
-        c = max(int(e.get("count", 1) or 1), 1)
-        b = int(e.get("blocked_ns", 0) or 0) or int(e["dur_ns"])
+    for e, c, b, e_end in groups:
         op = e.get("op", "") or kind
         ops[op] = ops.get(op, 0) + c
         count += c
         blocked += b
-        end = max(end, int(e["ts_ns"]) + int(e["dur_ns"]))
+        end = max(end, e_end)
         by_class[event_class(e)] += b
         name, fs, server = _target_name(e)
         t = targets.get(name)
@@ -157,19 +188,12 @@ def build_chain(links: list, covered_ns: int) -> Chain:
         t.blocked_ns += b
     klass = max(by_class, key=lambda k: (by_class[k], -CLASSES.index(k)))
     ts = sorted(targets.values(), key=lambda t: -t.blocked_ns)
-    ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, len(links),
+    ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, links,
                blocked, int(covered_ns), int(first["ts_ns"]), end, ts)
-    if kind == "sched" and "runq" in ops:
-        ch.other_comm = ts[0].name.rsplit(" pid ", 1)[0]
-        ch.other_pid = int(ts[0].name.rsplit(" pid ", 1)[1])
-    if kind == "http":
-        for e in links:
-            sts = statuses_of(e)
-            for code in sts:
-                ch.answers[code] = ch.answers.get(code, 0) + 1
-            if e.get("reason") and sts:
-                code = next((c for c in sts if c >= 400), sts[-1])
-                ch.reasons.setdefault(code, full_reason(code, e["reason"]))
+    runq = [t for t in ts if "runq" in t.ops] if kind == "sched" else []
+    if runq:                # who held the CPU longest
+        ch.other_comm, _, pid = runq[0].name.rpartition(" pid ")
+        ch.other_pid = int(pid)
     return ch
 
 

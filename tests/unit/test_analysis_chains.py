@@ -229,3 +229,66 @@ def test_a_schema_1_io_table_without_count_columns_still_works():
     v = one(b)
     assert v.chain.count == 1 and v.chain.blocked_ns == 1_005 * MS
     assert table("io", [])["count"].dtype.kind == "u"
+
+
+class _Tables:
+    """A node as ``_Stalls`` reads it: one complete table per kind."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def stall_table(self, kind):
+        return self.tables.get(kind, {})
+
+
+def _random_rows(rng, kind, n):
+    """n rows of ``kind``, one pid, by start: few distinct ops and targets, some counts and
+    blocked times zero (so the duration stands in), as storms and chains have them."""
+    import numpy as np
+
+    from stallscope.analysis.analyze import _normalize
+    ts = np.cumsum(rng.integers(1, 5 * MS, n)).astype(np.uint64) + np.uint64(T0)
+    dur = rng.integers(MS, 40 * MS, n).astype(np.uint64)
+    pick = (lambda xs: np.array(xs, dtype=object)[rng.integers(0, len(xs), n)])
+    t = {"ts_ns": ts, "dur_ns": dur, "pid": np.full(n, 77, np.uint64), "tid": np.full(n, 78, np.uint64),
+         "comm": np.full(n, "pt_data_worker", dtype=object)}
+    if kind in ("io", "nfs"):
+        t.update(op=pick(["read", "pread", "write", "fsync"] if kind == "io" else ["nfs_read", "nfs_write"]),
+                 path=pick(["/data/a", "/data/b", "/ckpt/c", ""]), fs=pick(["nfs", "ext4"]))
+        if kind == "nfs":
+            t["server"] = pick(["10.0.0.1", "10.0.0.2"])
+    elif kind == "net":
+        t.update(op=pick(["retransmit"]), saddr=pick(["10.0.0.1"]), daddr=pick(["10.0.0.2", "10.0.0.3"]),
+                 sport=rng.integers(40000, 40003, n).astype(np.uint64), dport=np.full(n, 29500, np.uint64))
+    elif kind == "rdma":
+        t.update(op=pick(["poll_cq", "req_notify_cq"]), device=pick(["rxe0", "mlx5_0"]),
+                 qp=rng.integers(1, 4, n).astype(np.uint64))
+    elif kind == "block":
+        t.update(op=pick(["blk_read", "blk_write"]), device=pick(["nvme0n1", "sda"]))
+    elif kind == "sched":
+        t.update(op=pick(["runq", "blocked"]), reason=pick(["fuse_simple_request", "io_schedule"]),
+                 other_pid=rng.integers(1, 3, n).astype(np.uint64), other_comm=pick(["stress", "kworker"]))
+    if kind in ("io", "sched"):
+        t["count"] = rng.integers(0, 4, n).astype(np.uint64)
+        t["blocked_ns"] = np.where(rng.random(n) < 0.3, 0, dur // 2).astype(np.uint64)
+    return _normalize(kind, t)
+
+
+@pytest.mark.parametrize("kind", ["io", "nfs", "net", "rdma", "block", "sched"])
+def test_chain_summed_per_distinct_row_equals_chain_of_every_row(kind):
+    """``_Stalls.chain`` (numpy sums per distinct row) gives the chain ``build_chain`` makes
+    from every row's event dict: ops in first-seen order, class, targets and their order."""
+    import numpy as np
+
+    from stallscope.analysis.analyze import _Stalls
+    from stallscope.analysis.verdict import build_chain
+    rng = np.random.default_rng(23)
+    for n in (20, 300, 3_000):
+        st = _Stalls(["node-a"], {"node-a": _Tables({kind: _random_rows(rng, kind, n)})})
+        idx = np.sort(rng.choice(n, size=max(16, n // 3), replace=False))
+        if kind == "io":         # a chain's rows by start need not be by index
+            idx = idx[rng.permutation(len(idx))]
+        got = st.chain(idx, 123 * MS)
+        want = build_chain([st.event(int(j)) for j in idx], 123 * MS)
+        assert json.dumps(got.to_json()) == json.dumps(want.to_json())
+        assert (got.klass, got.other_pid, got.other_comm) == (want.klass, want.other_pid, want.other_comm)
