@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len
+from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len, take
 
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
@@ -71,7 +71,8 @@ def _normalize(kind: str, table: dict) -> dict:
     out = {}
     for c, k in TABLES[kind].items():
         if c in table:
-            out[c] = np.asarray(table[c])
+            v = table[c]
+            out[c] = v if isinstance(v, np.ndarray) else np.asarray(v)    # a schema.Cat stays one
         elif k == "s":
             out[c] = np.full(n, "", dtype=object)
         else:
@@ -324,13 +325,10 @@ class _Stalls:
             f, _name, _kind, t = self.segments[sg]
             rows = idx[pos] - f
             code = np.zeros(len(rows), dtype=np.int64)
-            try:
-                for c in fields:
-                    if c in t:
-                        u, inv = np.unique(np.asarray(t[c])[rows], return_inverse=True)
-                        code = np.unique(code * len(u) + inv.reshape(-1), return_inverse=True)[1].reshape(-1)
-            except TypeError:       # values that do not sort (mixed types): one row at a time
-                return build_chain([self.event(int(j)) for j in idx], covered_ns)
+            for c in fields:
+                if c in t:
+                    u, inv = np.unique(_row_codes(t[c], rows), return_inverse=True)
+                    code = np.unique(code * len(u) + inv.reshape(-1), return_inverse=True)[1].reshape(-1)
             dur = np.asarray(t["dur_ns"], dtype=np.int64)[rows]
             cnt = np.maximum(np.asarray(t["count"], dtype=np.int64)[rows], 1) if "count" in t \
                 else np.ones(len(rows), dtype=np.int64)
@@ -357,6 +355,18 @@ class _Stalls:
                     g[4] = max(g[4], int(ends[k]))
         ordered = sorted(groups.values(), key=lambda g: g[0])
         return chain_of_groups(first, [tuple(g[1:]) for g in ordered], len(idx), covered_ns)
+
+def _row_codes(col, rows: np.ndarray) -> np.ndarray:
+    """Integers equal where column ``col``'s values at ``rows`` are equal: a categorical
+    column's codes, text values numbered by a dict (hashing, not sorting strings)."""
+    codes = getattr(col, "codes", None)
+    if codes is not None:
+        return np.asarray(codes)[rows]
+    a = np.asarray(col)[rows]
+    if a.dtype != object:
+        return a
+    seen: dict = {}
+    return np.fromiter((seen.setdefault(v, len(seen)) for v in a.tolist()), dtype=np.int64, count=len(a))
 
 def _job_of(roots, info) -> tuple:
     """(job, rank) of a GPU from the processes NVML listed: the most common job among them,
@@ -1024,7 +1034,7 @@ class LiveAnalyzer:
                 if last.min() >= cutoff:
                     continue
                 keep = last >= cutoff
-                nd.chunks[kind] = [{c: v[keep] for c, v in t.items()}] if keep.any() else []
+                nd.chunks[kind] = [{c: take(v, keep) for c, v in t.items()}] if keep.any() else []
             nd.holders.trim(cutoff)
             self._trim_proc(nd)
         self.reported = {r for r in self.reported if r[2] >= cutoff}
@@ -1052,7 +1062,7 @@ def _ending_from(t: dict, cutoff: int) -> dict:
         return t
     last = np.asarray(t["ts_ns"], dtype=np.int64) + np.asarray(t["dur_ns"], dtype=np.int64)
     keep = last >= cutoff
-    return t if keep.all() else {c: v[keep] for c, v in t.items()}
+    return t if keep.all() else {c: take(v, keep) for c, v in t.items()}
 
 
 class _StallView:

@@ -26,7 +26,7 @@ import math
 import msgpack
 import numpy as np
 
-from .schema import OPTIONAL, SCHEMA_VERSION, TABLES, Batch, complete
+from .schema import OPTIONAL, SCHEMA_VERSION, TABLES, Batch, Cat, complete
 
 #: versions this build reads: schema 1 lacks only columns that OPTIONAL fills in
 SUPPORTED_VERSIONS = (1, SCHEMA_VERSION)
@@ -271,7 +271,7 @@ def _column(kind: str, name: str, k: str, c, n: int, strings: list, strarr) -> n
     if mode == "s":
         if n and int(a.max()) >= len(strings):
             raise CodecError(f"malformed batch: {where} indexes past the string table")
-        return strarr[a.astype(np.intp)]
+        return Cat.make(strarr, a.astype(np.intp))     # the batch's string table as cats
     if mode == "d":
         vdt = _CODES.get(c[3]) if isinstance(c[3], str) else None
         if vdt is None or not isinstance(c[4], bytes) or len(c[4]) % _DTYPES[vdt].itemsize:

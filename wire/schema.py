@@ -194,12 +194,23 @@ class Cat(np.ndarray):
         self.codes = self.cats = None
 
 
+def take(col, sel) -> np.ndarray:
+    """``col[sel]`` (a mask or indexes); a :class:`Cat` stays one, its codes taken alike."""
+    codes = getattr(col, "codes", None)
+    if codes is None:
+        return col[sel]
+    return Cat.make(col.cats, codes[sel])
+
+
 def _concat_col(parts):
     if len(parts) > 1 and all(getattr(p, "codes", None) is not None for p in parts):
         index, cats, codes = {}, [], []
         for p in parts:
-            remap = np.empty(len(p.cats), dtype=np.intp)
-            for i, c in enumerate(p.cats):
+            remap = np.zeros(len(p.cats), dtype=np.intp)
+            # only the values the part uses (a decoded column's cats are its whole batch's strings)
+            used = np.flatnonzero(np.bincount(p.codes, minlength=len(p.cats))) if len(p.codes) else ()
+            for i in used:
+                c = p.cats[i]
                 j = index.get(c)
                 if j is None:
                     j = index[c] = len(cats)
