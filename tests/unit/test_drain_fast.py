@@ -74,6 +74,31 @@ def test_ring_reader_skips_discarded_and_stops_at_busy():
         os.close(fd)
 
 
+
+def test_ring_reader_takes_what_was_committed_when_it_began():
+    """A producer that keeps committing while the reader copies does not keep it draining
+    (chasing a steady producer a few records a turn spun a whole core): one drain returns
+    the records committed when it began, the next the rest."""
+    recs = np.zeros(6, RECORD_DTYPE)
+    recs["pid"] = [1, 2, 3, 4, 5, 6]
+    n = RECORD_DTYPE.itemsize
+    fd = _emulated_ring(1 << 16, [(r.tobytes(), n) for r in recs])
+    page = mmap.PAGESIZE
+    try:
+        os.pwrite(fd, np.array([3 * ring.SLOT], "<u8").tobytes(), page)   # 3 committed so far
+        r = ring.RingReader(fd, 1 << 16)
+        commit = r._commit
+
+        def producer_goes_on(cons):     # the next record commits as each span is consumed
+            commit(cons)
+            prod = int(np.frombuffer(os.pread(fd, 8, page), "<u8")[0])
+            os.pwrite(fd, np.array([min(prod + ring.SLOT, 6 * ring.SLOT)], "<u8").tobytes(), page)
+        r._commit = producer_goes_on
+        assert [list(r.drain()["pid"]) for _ in range(5)] == [[1, 2, 3], [4], [5], [6], []]
+        r.close()
+    finally:
+        os.close(fd)
+
 def test_shedder_raises_keeps_the_longer_half_and_relaxes():
     now = [0.0]
     sets = []
