@@ -1,5 +1,5 @@
 # stallscope: the two commands README.md starts with, plus the benchmarks.
-.PHONY: setup demo test lint test-unit test-bpf test-vm test-vm-matrix bench
+.PHONY: setup demo test lint test-unit test-bpf test-vm test-vm-matrix bench bench-long
 
 setup:
 	@bash .ci/setup.sh
@@ -37,6 +37,14 @@ test-vm: setup
 test-vm-matrix: setup
 	STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=5.10,6.1,6.12 .venv/bin/python -m pytest -q tests/vm
 
-# every README figure with its same-run baseline (root for tracer and accuracy)
+# README's measured figures with their same-run baselines (root): tracer, blame, ingest,
+# wire, http, under 10 minutes on 2 cores; the last line gives each suite's seconds
 bench: setup
 	.venv/bin/python -m bench $(BENCH_ARGS)
+
+# the long ones: accuracy (~10 min), decoder fuzzing (~3 min), the 30-minute soak and the
+# fleet hour (generated, then reported with 1 and 2 Dask workers: ~25 min, in a temporary lake)
+bench-long: setup
+	.venv/bin/python -m bench accuracy fuzz
+	.venv/bin/python -m bench soak --minutes 30 --tracers 8
+	.venv/bin/python -m bench fleet --json

@@ -312,7 +312,8 @@ class _Stalls:
     def chain(self, idx, covered_ns: int) -> Chain:
         """The chain of stalls ``idx`` (one pid, one type, by start): ``build_chain`` of
         their event dicts, summed per distinct row (``GROUP_FIELDS``) with numpy, so a storm
-        of thousands of alike reads costs a few dicts, not one per read."""
+        of thousands of alike reads costs a few small dicts (the fields grouped by), not an
+        event dict per read."""
         idx = np.asarray(idx, dtype=np.int64)
         first = self.event(int(idx[0]))
         fields = GROUP_FIELDS.get(first["type"])
@@ -324,24 +325,28 @@ class _Stalls:
             pos = np.flatnonzero(seg == sg)
             f, _name, _kind, t = self.segments[sg]
             rows = idx[pos] - f
-            code = np.zeros(len(rows), dtype=np.int64)
+            code, span = np.zeros(len(rows), dtype=np.int64), 1
             for c in fields:
                 if c in t:
-                    u, inv = np.unique(_row_codes(t[c], rows), return_inverse=True)
-                    code = np.unique(code * len(u) + inv.reshape(-1), return_inverse=True)[1].reshape(-1)
-            dur = np.asarray(t["dur_ns"], dtype=np.int64)[rows]
-            cnt = np.maximum(np.asarray(t["count"], dtype=np.int64)[rows], 1) if "count" in t \
-                else np.ones(len(rows), dtype=np.int64)
-            blk = np.asarray(t["blocked_ns"], dtype=np.int64)[rows] if "blocked_ns" in t else dur
+                    v, m = _row_codes(t[c], rows)
+                    if span * m >= 1 << 62:         # renumber before the product overflows
+                        code = np.unique(code, return_inverse=True)[1].reshape(-1)
+                        span = int(code.max()) + 1
+                    code, span = code * m + v, span * m
+            col = (lambda c: np.asarray(t[c])[rows].astype(np.int64))    # rows first: no whole-column copy
+            dur = col("dur_ns")
+            cnt = np.maximum(col("count"), 1) if "count" in t else np.ones(len(rows), dtype=np.int64)
+            blk = col("blocked_ns") if "blocked_ns" in t else dur
             blk = np.where(blk != 0, blk, dur)
-            end = np.asarray(t["ts_ns"], dtype=np.int64)[rows] + dur
+            end = col("ts_ns") + dur
             order = np.argsort(code, kind="stable")
             starts = np.flatnonzero(np.r_[True, code[order][1:] != code[order][:-1]])
             firsts = pos[order][starts]         # each group's first position (stable sort)
             sums = [np.add.reduceat(x[order], starts) for x in (cnt, blk)]
             ends = np.maximum.reduceat(end[order], starts)
             for k, p0 in enumerate(firsts.tolist()):
-                e = self.event(int(idx[p0]))
+                r = int(idx[p0]) - f
+                e = {"type": _kind, **{c: _py(t[c][r]) for c in fields if c in t}}
                 key = tuple(e.get(c) for c in fields)
                 g = groups.get(key)
                 if g is None:
@@ -356,17 +361,21 @@ class _Stalls:
         ordered = sorted(groups.values(), key=lambda g: g[0])
         return chain_of_groups(first, [tuple(g[1:]) for g in ordered], len(idx), covered_ns)
 
-def _row_codes(col, rows: np.ndarray) -> np.ndarray:
-    """Integers equal where column ``col``'s values at ``rows`` are equal: a categorical
-    column's codes, text values numbered by a dict (hashing, not sorting strings)."""
+
+def _row_codes(col, rows: np.ndarray) -> tuple:
+    """(codes, m): integers in [0, m) equal where column ``col``'s values at ``rows`` are
+    equal: a categorical column's codes, text numbered by a dict (hashing, not sorting
+    strings), numbers by their rank."""
     codes = getattr(col, "codes", None)
     if codes is not None:
-        return np.asarray(codes)[rows]
+        return np.asarray(codes, dtype=np.int64)[rows], max(len(col.cats), 1)
     a = np.asarray(col)[rows]
-    if a.dtype != object:
-        return a
-    seen: dict = {}
-    return np.fromiter((seen.setdefault(v, len(seen)) for v in a.tolist()), dtype=np.int64, count=len(a))
+    if a.dtype == object:
+        seen: dict = {}
+        v = np.fromiter((seen.setdefault(x, len(seen)) for x in a.tolist()), dtype=np.int64, count=len(a))
+        return v, max(len(seen), 1)
+    u, inv = np.unique(a, return_inverse=True)
+    return inv.reshape(-1).astype(np.int64), max(len(u), 1)
 
 def _job_of(roots, info) -> tuple:
     """(job, rank) of a GPU from the processes NVML listed: the most common job among them,
@@ -873,6 +882,9 @@ class LiveAnalyzer:
     arrive), but no longer than ``wait_ns`` past its end.  ``min_gap_s`` rate-limits the
     re-analysis (wall clock); ``flush()`` returns whatever is left, open intervals included.
     An interval is identified by (node, gpu, idle_end_ns), which trimming cannot change.
+    Under load the runs space out so that they take at most ``max_share`` of the caller's
+    time (the next waits ``last run's cost / max_share``): ingest keeps up, verdicts come
+    later.
 
     Each run finds the window's idle intervals, owners and jobs (vectorized, cheap), then
     blames only the intervals near those it could report now (:meth:`_unsettled`): the stall
@@ -883,12 +895,14 @@ class LiveAnalyzer:
 
     def __init__(self, window_ns: int = 600_000_000_000, wait_ns: int = 2_000_000_000,
                  min_gap_s: float = 0.5, clock=time.monotonic, incremental: bool = True,
-                 **params):
+                 max_share: float = 1 / 3, **params):
         self.params = _params(params)
         self.incremental = incremental
         self.window_ns = int(window_ns)
         self.wait_ns = int(wait_ns)
         self.min_gap_s = min_gap_s
+        self.max_share = max_share
+        self._last_cost = 0.0
         self.clock = clock
         self.nodes = {}
         self.reported = set()
@@ -900,12 +914,14 @@ class LiveAnalyzer:
             self.nodes.setdefault(b.node, _Node(b.node)).absorb(b)
             self._dirty = True
         now = self.clock()
-        if not self._dirty or (self._last_run is not None and self.min_gap_s
-                               and now - self._last_run < self.min_gap_s):
+        gap = max(self.min_gap_s, self._last_cost / self.max_share) if self.min_gap_s else 0
+        if not self._dirty or (self._last_run is not None and gap and now - self._last_run < gap):
             return []
         self._last_run = now
         self._dirty = False
-        return self._run(final=False)
+        out = self._run(final=False)
+        self._last_cost = self.clock() - now
+        return out
 
     def flush(self) -> list:
         """Every verdict not reported yet, open intervals included."""

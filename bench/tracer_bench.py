@@ -124,6 +124,21 @@ def _agent(min_ns, pid=0, pages=4096, shed=False, sink=None):
     return ag
 
 
+def _cpu_stat() -> list:
+    """The machine's CPU time by kind, from /proc/stat (user nice system idle iowait irq
+    softirq steal ...), in ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _machine_share(before: list, after: list) -> dict:
+    """What else the machine did during a run: busy and steal (the hypervisor ran someone
+    else on our vCPUs) as % of all CPU time, so a noisy figure can be told from a slow one."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    return {"busy_pct": round(100 * (total - d[3] - d[4]) / total, 1), "steal_pct": round(100 * d[7] / total, 1)}
+
+
 def _drain_once(n, n_files, mode) -> dict:
     """One run: the producer traced at threshold 0 (only its pid, so the rest of a shared
     machine does not enter), drained by ``mode``: "agent" = the node agent's own loop (drain
@@ -140,6 +155,7 @@ def _drain_once(n, n_files, mode) -> dict:
     p = ag.loaded[0]
     try:
         _go(proc)
+        st0 = _cpu_stat()
         c0, t0 = time.thread_time(), time.monotonic()
         got = 0
         if mode == "agent":
@@ -154,6 +170,7 @@ def _drain_once(n, n_files, mode) -> dict:
                 time.sleep(ag.cfg.poll_ms / 1000 if len(recs) else ag.cfg.idle_poll_ms / 1000)
         cpu = time.thread_time() - c0
         wall = time.monotonic() - t0
+        machine = _machine_share(st0, _cpu_stat())
         c = p.counters()
     finally:
         ag.close()
@@ -166,7 +183,7 @@ def _drain_once(n, n_files, mode) -> dict:
             "events_per_cpu_s": round(got / cpu) if cpu else None,
             "producer_ns_per_call": ns_call,
             "offered_per_s": round(1e9 / ns_call) if ns_call else None,
-            "wire_bytes_per_event": round(wire[0] / wire[1], 2) if wire[1] else None}
+            "wire_bytes_per_event": round(wire[0] / wire[1], 2) if wire[1] else None, **machine}
 
 
 def drain(n=1_000_000, reps=3, n_files=(0, 16)) -> dict:
@@ -196,6 +213,8 @@ def drain(n=1_000_000, reps=3, n_files=(0, 16)) -> dict:
              "lost_ringbuf_runs": [r["lost_ringbuf"] for r in runs["agent"]],
              "offered_per_s_runs": [r["offered_per_s"] for r in runs["agent"]],
              "wire_bytes_per_event_runs": [r["wire_bytes_per_event"] for r in runs["agent"]],
+             "machine_busy_pct_runs": [r["busy_pct"] for r in runs["agent"]],
+             "steal_pct_runs": [r["steal_pct"] for r in runs["agent"]],
              "runs": runs}
         out["workloads"]["one_file" if not nf else f"{nf}_files_round_robin"] = w
     return out
