@@ -34,8 +34,9 @@ T0 = 1_790_000_000_000_000_000
 OPS = ("read", "pread64", "write", "fsync", "openat", "stat", "page_fault")
 
 
-def _meta(seq: int) -> tuple:
-    """counters, hist, meta of the shape the agent sends (every default family loaded)."""
+def _meta(seq: int, hist_every: int = 2) -> tuple:
+    """counters, hist, meta of the shape the agent sends (every default family loaded); the
+    histograms in every ``hist_every``-th batch (the agent re-reads and sends them every 2 s)."""
     fams = ("vfs", "tcp", "block", "nfs", "rdma", "sched")
     counters = {f"{f}.{k}": 0 for f in fams for k in ("lost_ringbuf", "lost_inflight_collision", "emitted",
                                                        "below_threshold", "no_start", "lost_storm_tail",
@@ -45,7 +46,7 @@ def _meta(seq: int) -> tuple:
                      "tcp.retransmit_failed": 0, "tcp.retransmits_untraced": 0, "sink.dropped": 0})
     rng = np.random.default_rng(seq)
     hist = {"vfs": {op: rng.integers(0, 5000, 32).tolist() for op in ("read", "write", "pread64", "fsync")},
-            "block": {"blk_read": rng.integers(0, 500, 32).tolist()}} if seq % 8 == 0 else {}
+            "block": {"blk_read": rng.integers(0, 500, 32).tolist()}} if seq % hist_every == 0 else {}
     meta = {"clock": {"wall_minus_mono_ns": 1_789_000_000_000_000_000, "sent_ns": T0 + seq, "ntp_synced": True,
                       "ntp_maxerror_ns": 16_000_000, "uncertainty_ns": 16_000_400, "steps": 0, "last_step_ns": 0},
             "abi": 2, "schema": 2, "min_latency_ns": 10_000_000,
@@ -82,8 +83,8 @@ def stalls(k: int, rng, favourable: bool = False) -> dict:
             "blocked_ns": np.zeros(k, np.uint64)}
 
 
-def _size(tables, seq) -> int:
-    counters, hist, meta = _meta(seq)
+def _size(tables, seq, hist_every: int = 2) -> int:
+    counters, hist, meta = _meta(seq, hist_every)
     return len(codec.encode(Batch("gpu-node-017", seq, tables, counters, hist, meta))[0])
 
 
@@ -111,21 +112,22 @@ def bytes_per_event(reps: int) -> dict:
 
 
 def per_hour() -> dict:
-    """Bytes per node per hour: batches every 250 ms while stalls come (4 a second), one a
-    second otherwise, each with 8 GPUs' samples since the last batch."""
+    """Bytes per node per hour, as the agent cuts batches: every 250 ms while stalls come (4
+    a second), one a second otherwise (GPU samples alone wait for it), each with 8 GPUs'
+    samples since the last batch; histograms every 2 s."""
     rng = np.random.default_rng(4)
     out = {}
     for rate in (0, 1, 10, 100):
         per_s = 4 if rate else 1
         span = 1_000_000_000 // per_s
         total = 0
-        n = 40                                   # batches sampled, scaled to an hour
+        n = 80                                   # batches sampled, scaled to an hour
         for i in range(n):
             k = rng.poisson(rate / per_s) if rate else 0
             tables = _gpu(i, span)
             if k:
                 tables["io"] = stalls(int(k), rng)
-            total += _size(tables, i)
+            total += _size(tables, i, hist_every=2 * per_s)
         out[f"{rate}_stalls_per_s"] = {"mib_per_hour": round(total / n * per_s * 3600 / 2**20, 1),
                                        "batches_per_s": per_s}
     return out

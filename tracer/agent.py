@@ -32,8 +32,10 @@ class AgentConfig:
     node: str = dataclasses.field(default_factory=socket.gethostname)
     poll_ms: int = 10               # ring poll period while events flow
     idle_poll_ms: int = 50          # ... and while nothing came (a 16 MiB ring holds ~63k records)
-    batch_ms: int = 250             # batch period while events flow
-    idle_batch_ms: int = 1000       # heartbeat period otherwise (counters, clock)
+    batch_ms: int = 250             # batch period while stalls flow
+    idle_batch_ms: int = 1000       # otherwise: GPU samples, counters, clock (a heartbeat)
+    counters_ms: int = 1000         # the kernel's counters are read this often (and in the last batch)
+    hist_ms: int = 2000             # ... and the latency histograms (bigger maps), sent when read
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
@@ -52,6 +54,9 @@ class AgentConfig:
     attribution_refresh_s: float = 10.0
     addrs_refresh_s: float = 10.0   # this node's addresses (meta.node.addrs), re-read this often
 
+
+#: tables of periodic samples: pending alone, they wait for the once-a-second batch
+SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "rdma_counter"))
 
 #: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
 #: slews at most 500 ppm: 0.5 ms per second)
@@ -197,7 +202,9 @@ class Agent:
         self.episodes = EpisodeBuilder(self.owners, gap_ns=cfg.net_gap_ms * 1_000_000, keep=keep)
         self.headers = ""
         self.events_out = 0
-        self._hist_cache = {}
+        self._hist_at = None
+        self._probe_counters = {}
+        self._counters_at = None
         self.last_counters = {}
         self._drained = 0
         self.shedders = {}              # family -> ring.Shedder (overload control)
@@ -320,8 +327,9 @@ class Agent:
                 if self.rdma_counters is not None and now >= next_rdma:
                     self._guard(self._sample_rdma)
                     next_rdma = now + self.cfg.rdma_poll_ms / 1000
-                if now >= next_batch and (self.pending or now - last_flush >= self.cfg.idle_batch_ms / 1000):
-                    self._guard(self.flush)     # quiet node: a heartbeat batch once a second
+                if now >= next_batch and (self._stalls_pending() or now - last_flush >= self.cfg.idle_batch_ms / 1000):
+                    # stalls go out every batch_ms; GPU samples alone and the heartbeat once a second
+                    self._guard(self.flush)
                     last_flush = now
                     next_batch = now + self.cfg.batch_ms / 1000
                 time.sleep((self.cfg.poll_ms if self._drained else self.cfg.idle_poll_ms) / 1000)
@@ -336,6 +344,10 @@ class Agent:
             if self.rdma_counters is not None:
                 self._guard(self._sample_rdma)
             self._guard(lambda: self.flush(final=True))
+
+    def _stalls_pending(self) -> bool:
+        """Anything pending besides periodic samples (GPU, GPU processes, RDMA counters)."""
+        return any(k not in SAMPLE_TABLES for part in self.pending for k in part)
 
     def _guard(self, fn):
         try:
@@ -435,10 +447,12 @@ class Agent:
         self.procs.sweep(keep={ep["pid"] for ep in self.episodes.open.values()})
         off, unc = self._clock()
         synced, maxerr = ntp_state()
-        counters = {}
-        for p in self.loaded:
-            for k, v in p.counters().items():
-                counters[f"{p.family}.{k}"] = v
+        now = time.monotonic()
+        if final or self._counters_at is None or now - self._counters_at >= self.cfg.counters_ms / 1000:
+            # BPF map reads: a batch every 250 ms need not read them all each time
+            self._counters_at = now
+            self._probe_counters = {f"{p.family}.{k}": v for p in self.loaded for k, v in p.counters().items()}
+        counters = dict(self._probe_counters)
         counters.update(loss_counters(self.sinks))
         for p in self.loaded:
             if p.family in self.shedders:
@@ -473,8 +487,10 @@ class Agent:
         shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}
         if shed:                # announced: these stalls are sampled by duration, not all kept
             meta["shed"] = shed
-        if self.seq == 0 or final or self.seq % 8 == 0:    # histograms every ~2 s
-            self._hist_cache = {p.family: p.hist() for p in self.loaded}
+        hist = {}           # cumulative: sent when re-read (receivers keep the latest)
+        if final or self._hist_at is None or now - self._hist_at >= self.cfg.hist_ms / 1000:
+            self._hist_at = now
+            hist = {p.family: p.hist() for p in self.loaded}
         if self.gpu is not None:
             meta["gpu"] = self.gpu.meta()
             if self.attribution is not None:
@@ -482,7 +498,7 @@ class Agent:
                 meta["gpu"] = self.attribution.annotate(meta["gpu"])
         elif self.gpu_reason:
             meta["gpu"] = {"unavailable": self.gpu_reason}
-        batch = Batch(self.cfg.node, self.seq, tables, counters, self._hist_cache, meta)
+        batch = Batch(self.cfg.node, self.seq, tables, counters, hist, meta)
         self.seq += 1
         return batch
 

@@ -54,7 +54,7 @@ def trace(topts: TraceOptions, as_json, duration, output, collector, spool_dir, 
 
     Each stall is printed as it completes: time, process, op, latency, bytes and
     the file (or the flow). Stalls below --min-latency-ms are counted in
-    in-kernel histograms that travel with every batch.
+    in-kernel histograms that travel with a batch every 2 s.
     """
     cfg = topts.agent_config()
     if dump_bpf:

@@ -69,4 +69,4 @@ def test_watch_metrics_name_the_slow_reads(tmp_path):
     assert sum(v for _l, v in hist) > 0              # the fast shard reads, below 50 ms
     events = {lab["type"]: v for _n, lab, v in fams["stallscope_events_received"]}
     assert events.get("io", 0) >= 2
-    assert sum(v for _n, _l, v in fams["stallscope_batches_received"]) > 10
+    assert sum(v for _n, _l, v in fams["stallscope_batches_received"]) >= 3   # GPU samples: one a second
