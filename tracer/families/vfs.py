@@ -39,6 +39,11 @@ RECORD_TYPES = (T_VFS,)
 AGGREGATE = DEFINES["SS_F_AGGREGATE"]
 KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
            ("vfs_readv", "ss_kp_readv"), ("vfs_writev", "ss_kp_writev"))
+#: kretprobe instances per function. Every thread blocked in read() on a pipe, tty or socket
+#: holds one of vfs_read's while it blocks; the kernel's default (one per CPU on a non-preemptible
+#: kernel such as Debian 11's 5.10) ran out in the guest and every other read's return was lost.
+#: 4096 is the kernel's maximum (KRETPROBE_MAXACTIVE_MAX).
+KRETPROBE_MAXACTIVE = 4096
 #: fentry targets the family uses where the kernel has them (static in fs/read_write.c)
 FENTRY_OPTIONAL = ("vfs_readv", "vfs_writev")
 BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev")
@@ -121,7 +126,7 @@ def methods(cfg, tracefs):
             if not kernel.kernel_has_symbol(sym):
                 continue
             b.attach_kprobe(event=sym, fn_name=fn)
-            b.attach_kretprobe(event=sym, fn_name="ss_kret")
+            b.attach_kretprobe(event=sym, fn_name="ss_kret", maxactive=KRETPROBE_MAXACTIVE)
             attached.append(sym)
         if "vfs_read" not in attached:
             raise ProbeError("vfs_read is not a kprobe-able symbol on this kernel")
