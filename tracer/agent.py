@@ -346,8 +346,9 @@ class Agent:
             self._guard(lambda: self.flush(final=True))
 
     def _stalls_pending(self) -> bool:
-        """Anything pending besides periodic samples (GPU, GPU processes, RDMA counters)."""
-        return any(k not in SAMPLE_TABLES for part in self.pending for k in part)
+        """Anything pending besides periodic samples (GPU, GPU processes, RDMA counters), or a
+        TCP loss episode still open (a batch closes it once its flow is quiet)."""
+        return bool(self.episodes.open) or any(k not in SAMPLE_TABLES for part in self.pending for k in part)
 
     def _guard(self, fn):
         try:
