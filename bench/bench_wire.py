@@ -96,8 +96,8 @@ def bytes_per_event(reps: int) -> dict:
         for r in range(reps):
             st = stalls(k, rng)
             base = _gpu(r, 250_000_000)
-            full = _size({**base, "io": st}, r)
-            empty = _size(base, r)
+            full = _size({**base, "io": st}, r, hist_every=8)     # a stall batch every 250 ms
+            empty = _size(base, r, hist_every=8)
             per.append((full - empty) / k)
             with_env.append(full / k)
             js.append(sum(len(json.dumps(row)) + 1 for row in rows("io", st, node="gpu-node-017")) / k)
