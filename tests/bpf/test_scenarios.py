@@ -180,7 +180,10 @@ def test_network_stall_names_the_flow(tmp_path, simlib):
     sc = Scenario(tmp_path, simlib)
     log = tmp_path / "gt.jsonl"
     port = 47231
-    with LossyNetns(port=port, drop_percent=35) as ns:
+    # data segments only: a dropped ACK makes the peer, not the trainer, retransmit its reply,
+    # and on one host that peer is not a GPU owner (across nodes it is a peer_net verdict);
+    # about one run in seven then had most of the wait in the peer's episodes (unexplained)
+    with LossyNetns(port=port, drop_percent=35, data_only=True) as ns:
         data = tmp_path / "data"
         make_shards(str(data), 3, slow_every=0)
         peer = subprocess.Popen(ns.exec_argv([sys.executable, "-c",
