@@ -184,6 +184,11 @@ class EpisodeBuilder:
     def _close(self, key):
         ep = self.open.pop(key)
         ep["key"] = key
+        if not ep["pid"] and ep["ino"]:
+            # its socket was not in /proc when the episode began (made since the last scan,
+            # which is rate limited): a second look, a scan or more later
+            ep["pid"] = self.owners.owner(ep["ino"])
+            ep["keep"] = self._keep(ep["pid"])
         self._closed.append(ep)
 
     def flush(self, now_ns: int, force: bool = False, proc_comm=lambda pid: "") -> dict:

@@ -165,3 +165,14 @@ def test_pid_cgroup_id_is_the_cgroup_directory_inode(tmp_path):
     assert pid_cgroup_id(43, str(proc)) == 0            # gone
     (proc / "self" / "mountinfo").write_text("22 1 0:21 / /sys rw - sysfs sysfs rw\n")
     assert pid_cgroup_id(42, str(proc)) == 0            # no cgroup v2 mounted
+
+
+def test_owner_missed_when_the_episode_began_is_looked_up_again_at_its_close():
+    """A socket made since the owner scan (rate limited) reads pid 0 at the episode's first
+    record; one record only: the close asks again."""
+    owners = Owners({})
+    eb = EpisodeBuilder(owners, hz=HZ)
+    eb.add(rtx([(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300)]))
+    owners.m[77] = 4242                 # the next scan finds it
+    net = eb.flush(10**15, force=True)
+    assert list(net["pid"]) == [4242]
