@@ -71,8 +71,7 @@ def _normalize(kind: str, table: dict) -> dict:
     out = {}
     for c, k in TABLES[kind].items():
         if c in table:
-            v = table[c]
-            out[c] = v if isinstance(v, np.ndarray) else np.asarray(v)    # a schema.Cat stays one
+            out[c] = np.asanyarray(table[c])     # a schema.Cat stays one
         elif k == "s":
             out[c] = np.full(n, "", dtype=object)
         else:
@@ -320,10 +319,10 @@ class _Stalls:
         if fields is None or len(idx) < 16:
             return build_chain([self.event(int(j)) for j in idx], covered_ns)
         seg = np.searchsorted(np.asarray(self._firsts, dtype=np.int64), idx, side="right") - 1
-        groups = {}     # distinct row -> [first position, event, count, blocked, end]
+        groups = []     # (first position, event, count, blocked, end) per distinct row
         for sg in np.unique(seg).tolist():
             pos = np.flatnonzero(seg == sg)
-            f, _name, _kind, t = self.segments[sg]
+            f, _name, kind, t = self.segments[sg]
             rows = idx[pos] - f
             code, span = np.zeros(len(rows), dtype=np.int64), 1
             for c in fields:
@@ -346,20 +345,11 @@ class _Stalls:
             ends = np.maximum.reduceat(end[order], starts)
             for k, p0 in enumerate(firsts.tolist()):
                 r = int(idx[p0]) - f
-                e = {"type": _kind, **{c: _py(t[c][r]) for c in fields if c in t}}
-                key = tuple(e.get(c) for c in fields)
-                g = groups.get(key)
-                if g is None:
-                    groups[key] = [p0, e, int(sums[0][k]), int(sums[1][k]), int(ends[k])]
-                else:
-                    g[0] = min(g[0], p0)
-                    if p0 == g[0]:
-                        g[1] = e
-                    g[2] += int(sums[0][k])
-                    g[3] += int(sums[1][k])
-                    g[4] = max(g[4], int(ends[k]))
-        ordered = sorted(groups.values(), key=lambda g: g[0])
-        return chain_of_groups(first, [tuple(g[1:]) for g in ordered], len(idx), covered_ns)
+                e = {"type": kind, **{c: _py(t[c][r]) for c in fields if c in t}}
+                groups.append((p0, e, int(sums[0][k]), int(sums[1][k]), int(ends[k])))
+        # two groups alike in value (equal text under two codes) sum alike in chain_of_groups
+        groups.sort(key=lambda g: g[0])
+        return chain_of_groups(first, [g[1:] for g in groups], len(idx), covered_ns)
 
 
 def _row_codes(col, rows: np.ndarray) -> tuple:

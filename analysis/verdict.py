@@ -163,7 +163,8 @@ GROUP_FIELDS = {
 def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
     """A :class:`Chain` from groups of its stalls, in the order of each group's first stall:
     ``(event dict, summed count, summed blocked ns, latest end)``, each group's rows alike
-    in every field :data:`GROUP_FIELDS` names (one row per group for http); ``first`` is the
+    in every field :data:`GROUP_FIELDS` names (one row per group for http; two groups may be
+    alike too: they add up as their rows would); ``first`` is the
     chain's first stall, ``links`` its number of rows.  The same chain as
     :func:`build_chain` over the rows, for work that scales with the distinct rows."""
     kind = first["type"]

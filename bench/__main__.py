@@ -4,7 +4,7 @@ With no suite named it runs the default set (``make bench``: tracer, blame, inge
 http; under 10 minutes on a 2-core machine), then a last line with each suite's seconds.
 The long suites run only when named (``make bench-long``): accuracy (~10 min), fuzz
 (~3 min), soak (30 min by default, ``soak --minutes 30 --tracers 8``) and fleet (a
-generated fleet hour, ``fleet --nodes 1024 --json``; ~17 min).
+generated fleet hour, ``fleet --nodes 1024 --json``, reported with 1 and 2 workers; ~25 min).
 
 Every figure comes with its same-run baseline (a ratio), since these machines are shared
 and noisy. The tracer, http, accuracy and soak figures need root (they load real probes).

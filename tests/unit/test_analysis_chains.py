@@ -282,9 +282,17 @@ def test_chain_summed_per_distinct_row_equals_chain_of_every_row(kind):
 
     from stallscope.analysis.analyze import _Stalls
     from stallscope.analysis.verdict import build_chain
+    from stallscope.wire.schema import Cat
     rng = np.random.default_rng(23)
-    for n in (20, 300, 3_000):
-        st = _Stalls(["node-a"], {"node-a": _Tables({kind: _random_rows(rng, kind, n)})})
+    for n, categorical in ((20, False), (300, False), (3_000, False), (3_000, True)):
+        rows = _random_rows(rng, kind, n)
+        if categorical:     # text as the decoder gives it: codes, each value under two of them
+            for c, v in rows.items():
+                if v.dtype == object:
+                    cats, inv = np.unique(v, return_inverse=True)
+                    twice = np.array(list(cats) * 2, dtype=object)
+                    rows[c] = Cat.make(twice, inv.reshape(-1) + len(cats) * rng.integers(0, 2, n))
+        st = _Stalls(["node-a"], {"node-a": _Tables({kind: rows})})
         idx = np.sort(rng.choice(n, size=max(16, n // 3), replace=False))
         if kind == "io":         # a chain's rows by start need not be by index
             idx = idx[rng.permutation(len(idx))]
