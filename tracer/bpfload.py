@@ -107,6 +107,34 @@ def fentry_targets(names, btf_path: str = btf.BTF_PATH, kallsyms: str = "/proc/k
     return present, missing
 
 
+def kfuncs_unattached(b, names) -> dict:
+    """Which of ``names`` BCC did not attach both fentry and fexit programs to: {name: why}.
+
+    BCC attaches ``kfunc__<name>``/``kretfunc__<name>`` itself while loading; a version that
+    skips one of a pair (BCC 0.18 attached only the entry program of a pair one macro line
+    expanded to) leaves entries that never see their return. Read from the link fds BCC
+    keeps, so a family reports what is attached rather than what it compiled."""
+    entry = getattr(b, "kfunc_entry_fds", {})
+    exit_ = getattr(b, "kfunc_exit_fds", {})
+    out = {}
+    for n in names:
+        has_entry = f"kfunc__{n}".encode() in entry
+        has_exit = f"kretfunc__{n}".encode() in exit_
+        if not (has_entry and has_exit):
+            half = "fentry" if has_entry else "fexit" if has_exit else ""
+            out[n] = f"BCC attached {half} only" if half else "BCC attached neither fentry nor fexit"
+    return out
+
+
+def detach_kfuncs(b, names) -> None:
+    """Detach whatever half of each of ``names``' fentry/fexit pair is attached."""
+    for n in names:
+        if f"kfunc__{n}".encode() in getattr(b, "kfunc_entry_fds", {}):
+            b.detach_kfunc(fn_name=f"kfunc__{n}".encode())
+        if f"kretfunc__{n}".encode() in getattr(b, "kfunc_exit_fds", {}):
+            b.detach_kretfunc(fn_name=f"kretfunc__{n}".encode())
+
+
 def load_optional(load, flag_of, present, missing: dict) -> tuple:
     """Load a program whose optional attach targets ``present`` each add ``flag_of(name)``.
 

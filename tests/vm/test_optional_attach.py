@@ -54,3 +54,51 @@ def test_a_load_that_fails_without_optional_targets_fails_the_method():
         raise RuntimeError("no BTF")
     with pytest.raises(RuntimeError, match="no BTF"):
         load_optional(load, str, [], {})
+
+
+class _Attached:
+    """What BCC's BPF object records of the fentry/fexit programs it attached while loading."""
+
+    def __init__(self, entry, exit_):
+        self.kfunc_entry_fds = {f"kfunc__{n}".encode(): 3 for n in entry}
+        self.kfunc_exit_fds = {f"kretfunc__{n}".encode(): 4 for n in exit_}
+        self.cleaned = False
+
+    def detach_kfunc(self, fn_name):
+        del self.kfunc_entry_fds[fn_name]
+
+    def detach_kretfunc(self, fn_name):
+        del self.kfunc_exit_fds[fn_name]
+
+    def cleanup(self):
+        self.cleaned = True
+
+
+def _fentry_method(monkeypatch, attached):
+    from stallscope.tracer.families import vfs
+    monkeypatch.setattr(vfs, "fentry_works", lambda: (True, ""))
+    monkeypatch.setattr(vfs, "fentry_targets", lambda names: (list(names), {}))
+    monkeypatch.setattr(vfs, "load_and_attach", lambda cflags, syscalls: attached)
+    monkeypatch.setattr(vfs, "extra_ops", lambda tracefs: ([], [], ""))
+    from stallscope.tracer.probes import ProbeConfig
+    monkeypatch.setattr(vfs, "base_cflags", lambda cfg: [])
+    return dict(vfs.methods(ProbeConfig(), "/sys/kernel/tracing"))["fentry"]
+
+
+def test_an_optional_target_with_only_its_entry_attached_is_detached_and_reported(monkeypatch):
+    # BCC 0.18 (Debian 11) attached the fentry program of a pair and not its fexit
+    b = _Attached(["vfs_read", "vfs_write", "vfs_readv", "vfs_writev"], ["vfs_read", "vfs_write", "vfs_writev"])
+    obj, detail = _fentry_method(monkeypatch, b)()
+    assert obj is b and not b.cleaned
+    assert detail.startswith("fentry/fexit vfs_read vfs_write vfs_writev (not attached: vfs_readv: BCC attached "
+                             "fentry only)"), detail
+    assert b"kfunc__vfs_readv" not in b.kfunc_entry_fds      # no entry left without its return
+    assert b"kfunc__vfs_writev" in b.kfunc_entry_fds
+
+
+def test_a_base_target_without_its_exit_fails_the_method_so_the_next_one_is_tried(monkeypatch):
+    from stallscope.tracer.bpfload import ProbeError
+    b = _Attached(["vfs_read", "vfs_write"], ["vfs_write"])
+    with pytest.raises(ProbeError, match="vfs_read: BCC attached fentry only"):
+        _fentry_method(monkeypatch, b)()
+    assert b.cleaned

@@ -25,8 +25,10 @@ from stallscope.tracer import kernel
 from stallscope.tracer.bpfload import (
     ProbeError,
     base_cflags,
+    detach_kfuncs,
     fentry_targets,
     fentry_works,
+    kfuncs_unattached,
     load_bpf,
     load_optional,
     tp_exists,
@@ -44,6 +46,8 @@ KPROBES = (("vfs_read", "ss_kp_read"), ("vfs_write", "ss_kp_write"),
 #: kernel such as Debian 11's 5.10) ran out in the guest and every other read's return was lost.
 #: 4096 is the kernel's maximum (KRETPROBE_MAXACTIVE_MAX).
 KRETPROBE_MAXACTIVE = 4096
+#: fentry targets the family needs (the method fails without both entry and exit of each)
+FENTRY_BASE = ("vfs_read", "vfs_write")
 #: fentry targets the family uses where the kernel has them (static in fs/read_write.c)
 FENTRY_OPTIONAL = ("vfs_readv", "vfs_writev")
 BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev")
@@ -113,6 +117,14 @@ def methods(cfg, tracefs):
         b, attached, missing = load_optional(
             lambda opt: load_and_attach(base_cflags(cfg) + ["-DSS_VFS_FENTRY", *opt, *flags], have),
             lambda sym: f"-DSS_FENTRY_{sym}", present, missing)
+        base_lost = kfuncs_unattached(b, FENTRY_BASE)
+        if base_lost:
+            b.cleanup()
+            raise ProbeError("; ".join(f"{sym}: {why}" for sym, why in base_lost.items()))
+        half = kfuncs_unattached(b, attached)
+        detach_kfuncs(b, half)
+        missing.update(half)
+        attached = [s for s in attached if s not in half]
         lost = "; ".join(f"{sym}: {why}" for sym, why in missing.items())
         return b, ("fentry/fexit vfs_read vfs_write" + "".join(f" {s}" for s in attached)
                    + (f" (not attached: {lost})" if lost else "") + extra)
