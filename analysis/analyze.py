@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from stallscope.wire.schema import STALL_TABLES, TABLES, complete, concat_tables, empty_table, table_len, take
+from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete, empty_table, table_len, take
 
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
@@ -89,12 +89,13 @@ def _py(v):
 
 
 class _Node:
-    """What the analysis knows about one node: its tables (kept as chunks, joined on demand),
-    sample periods, GPU identities, clock uncertainty and counters."""
+    """What the analysis knows about one node: its tables (each a :class:`GrowingTable`:
+    appending a batch costs its rows, not the window's), sample periods, GPU identities,
+    clock uncertainty and counters."""
 
     def __init__(self, name: str):
         self.name = name
-        self.chunks = collections.defaultdict(list)
+        self.tables: dict = {}    # kind -> GrowingTable
         self.periods = {}         # gpu index -> ns (latest nonzero the tracer reported)
         self.uuids = {}           # gpu index -> uuid
         self.unc_ns = 0           # largest clock-mapping uncertainty reported
@@ -111,7 +112,7 @@ class _Node:
         self.batches += 1
         for kind, t in (b.tables or {}).items():
             if kind in TABLES and table_len(t):
-                self.chunks[kind].append(_normalize(kind, t))
+                self._grow(kind).append(_normalize(kind, t))
         meta = b.meta or {}
         self.addrs.update(crossnode.addrs_from_meta(meta))
         net = meta.get("net")
@@ -133,7 +134,7 @@ class _Node:
         self.batches += nc.batches
         for kind, t in nc.tables.items():
             if kind in TABLES and table_len(t):
-                self.chunks[kind].append(_normalize(kind, t))
+                self._grow(kind).append(_normalize(kind, t))
         if nc.clocks is None:   # the lake's flat clock columns
             sent = nc.sent_ns.tolist() if nc.sent_ns is not None else [0] * nc.batches
             clocks = []
@@ -187,13 +188,19 @@ class _Node:
             if isinstance(v, (int, float, np.integer)):
                 self.counters[k] = max(self.counters.get(k, 0), int(v))
 
+    def _grow(self, kind: str) -> GrowingTable:
+        g = self.tables.get(kind)
+        if g is None:
+            g = self.tables[kind] = GrowingTable(kind)
+        return g
+
     def table(self, kind: str) -> dict:
-        ch = self.chunks.get(kind)
-        if not ch:
-            return empty_table(kind)
-        if len(ch) > 1:
-            self.chunks[kind] = ch = [concat_tables(kind, ch)]
-        return ch[0]
+        g = self.tables.get(kind)
+        return g.view() if g is not None and len(g) else empty_table(kind)
+
+    def replace(self, kind: str, table: dict) -> None:
+        """The node's ``kind`` rows become ``table``'s (a trim)."""
+        self._grow(kind).replace(table)
 
     def stall_table(self, kind: str) -> dict:
         """A table as blame sees it: HTTP requests joined into retry episodes."""
@@ -213,8 +220,8 @@ class _Node:
             o = np.lexsort((np.arange(n), pid))
             last = o[np.r_[pid[o][1:] != pid[o][:-1], True]]
             if len(last) < n:
-                t = {c: v[last] for c, v in t.items()}
-                self.chunks["proc"] = [t]
+                self.replace("proc", {c: take(v, last) for c, v in t.items()})
+                t = self.table("proc")
         return t
 
 
@@ -865,7 +872,8 @@ class LiveAnalyzer:
     """Verdicts as batches stream in, each reported once, memory bounded by a time window.
 
     ``add(batches)`` keeps the last ``window_ns`` of every node's data (newest sample across
-    nodes as "now"; NVML stamps, not this host's clock, so a replay behaves like a live run),
+    nodes as "now"; NVML stamps, not this host's clock, so a replay behaves like a live run;
+    cut when the cut would move by a 16th of the window, so up to 1 1/16 windows are kept),
     re-analyzes it and returns the verdicts that became final: the interval has closed (or was
     cut by a hole in the samples) and its GPU has a sample at least one period past its end.  An unexplained interval of a job also
     waits until every node running that job has data that far (a remote culprit may still
@@ -898,6 +906,10 @@ class LiveAnalyzer:
         self.reported = set()
         self._last_run = None
         self._dirty = False
+        # where the window was last cut: it is cut again once the cut would move by a 16th of
+        # the window, so data is kept 1 to 1 1/16 windows and a cut (which copies what is
+        # kept) happens every window/16 of data time, not on every run
+        self._trimmed_at = -(1 << 62)
 
     def add(self, batches) -> list:
         for b in batches:
@@ -937,7 +949,10 @@ class LiveAnalyzer:
         node_wm, gpu_wm = self._watermarks()
         if not node_wm:
             return []
-        self._trim(max(node_wm.values()) - self.window_ns)
+        cutoff = max(node_wm.values()) - self.window_ns
+        if cutoff - self._trimmed_at >= self.window_ns // 16:
+            self._trim(cutoff)
+            self._trimmed_at = cutoff
         job_nodes = collections.defaultdict(set)
         for name, nd in self.nodes.items():
             for j in set(_py(x) for x in nd.proc()["job"]):
@@ -1029,7 +1044,7 @@ class LiveAnalyzer:
     def _trim(self, cutoff: int) -> None:
         """Drop rows that ended before ``cutoff`` and verdict ids that can no longer recur."""
         for nd in self.nodes.values():
-            for kind in list(nd.chunks):
+            for kind in list(nd.tables):
                 if kind == "proc":
                     continue
                 t = nd.table(kind)
@@ -1040,7 +1055,7 @@ class LiveAnalyzer:
                 if last.min() >= cutoff:
                     continue
                 keep = last >= cutoff
-                nd.chunks[kind] = [{c: take(v, keep) for c, v in t.items()}] if keep.any() else []
+                nd.replace(kind, {c: take(v, keep) for c, v in t.items()} if keep.any() else {})
             nd.holders.trim(cutoff)
             self._trim_proc(nd)
         self.reported = {r for r in self.reported if r[2] >= cutoff}
@@ -1058,7 +1073,7 @@ class LiveAnalyzer:
         needed = np.unique(anc[np.isin(pid, used)])
         keep = np.isin(np.asarray(pr["pid"], dtype=np.int64), needed)
         if not keep.all():
-            nd.chunks["proc"] = [{c: v[keep] for c, v in pr.items()}]
+            nd.replace("proc", {c: take(v, keep) for c, v in pr.items()})
 
 
 def _ending_from(t: dict, cutoff: int) -> dict:

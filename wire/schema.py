@@ -245,6 +245,124 @@ def concat_tables(kind: str, tables: list) -> dict:
     return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
 
 
+class GrowingTable:
+    """The rows of one kind as they arrive, in buffers that grow in place (capacity doubles):
+    appending costs the rows appended, :meth:`view` is the rows so far as views (no copy).
+
+    A text column whose every part came as a :class:`Cat` stays one: its codes index one
+    string table shared by the table's text columns, each part's values interned once as it
+    arrives, so a view needs no re-interning. :meth:`replace` starts over from a table (a
+    trim), the string table rebuilt then with only the values still used, so it stays as
+    small as the rows. A view is never written into afterwards: replace() allocates anew."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.n = 0
+        self._bufs: dict = {}       # column -> ndarray, len >= n
+        self._codes: dict = {}      # text column -> intp codes buffer (absent: plain object column)
+        self._index: dict = {}      # string -> code, for every text column
+        self._strings: list = []    # code -> string
+        self._strarr: np.ndarray | None = None    # self._strings as an object array (rebuilt when it grew)
+        self._view: dict | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, table: dict) -> None:
+        """Add a table's rows; it must have every column of the kind (``complete`` fills optional ones)."""
+        k = table_len(table)
+        if not k:
+            return
+        n0, need = self.n, self.n + k
+        remaps: dict = {}       # id(cats) -> code remap of one part's string table
+        for c, kind in TABLES[self.kind].items():
+            v = table[c]
+            if kind == "s":
+                buf = self._room(c, np.dtype(object), need)
+                buf[n0:need] = v
+                codes = getattr(v, "codes", None)
+                if codes is not None and (c in self._codes or n0 == 0):
+                    cb = self._room_codes(c, need)
+                    remap = remaps.get(id(v.cats))
+                    if remap is None:   # text columns of one decoded batch share its string table
+                        remap = remaps[id(v.cats)] = np.full(len(v.cats), -1, dtype=np.intp)
+                    self._intern(v.cats, codes, remap)
+                    cb[n0:need] = remap[codes]
+                else:
+                    self._codes.pop(c, None)
+            else:
+                v = np.asarray(v)
+                buf = self._room(c, v.dtype, need)
+                buf[n0:need] = v
+        self.n = need
+        self._changed()
+
+    def replace(self, table: dict) -> None:
+        """Start over from ``table`` (every column of the kind, or empty)."""
+        self.n = 0
+        self._bufs, self._codes, self._index, self._strings = {}, {}, {}, []
+        self._strarr = None
+        self.append(table)
+        self._changed()
+
+    def view(self) -> dict:
+        """Every row so far, one array per column (views of the buffers; text columns that
+        kept their codes are :class:`Cat`). The same dict until the next change."""
+        if self._view is None:
+            out = {}
+            if self._strarr is None or len(self._strarr) != len(self._strings):
+                arr = np.empty(len(self._strings), dtype=object)
+                arr[:] = self._strings
+                self._strarr = arr
+            for c in TABLES[self.kind]:
+                a = self._bufs[c][:self.n]
+                if c in self._codes:
+                    a = a.view(Cat)
+                    a.cats, a.codes = self._strarr, self._codes[c][:self.n]
+                out[c] = a
+            self._view = out
+        return self._view
+
+    def _changed(self) -> None:
+        self._view = None
+
+    def _intern(self, cats, codes, remap: np.ndarray) -> None:
+        """Fill ``remap`` (-1: not yet) for the values of ``cats`` that ``codes`` uses."""
+        if not len(codes):
+            return
+        used = np.flatnonzero(np.bincount(codes, minlength=len(cats)))
+        index, strings = self._index, self._strings
+        for i in used[remap[used] < 0].tolist():
+            s = cats[i]
+            j = index.get(s)
+            if j is None:
+                j = index[s] = len(strings)
+                strings.append(s)
+            remap[i] = j
+
+    def _room(self, c: str, dtype, need: int) -> np.ndarray:
+        """Column ``c``'s buffer, with room for ``need`` rows of ``dtype`` (promoted as
+        np.concatenate would: int64 and uint64 parts make float64, as before)."""
+        buf = self._bufs.get(c)
+        if buf is None:
+            self._bufs[c] = buf = np.empty(need, dtype=dtype)
+        elif len(buf) < need or not np.can_cast(dtype, buf.dtype, "safe"):
+            new = np.empty(max(need, 2 * len(buf)) if len(buf) < need else len(buf),
+                           dtype=np.result_type(buf.dtype, dtype))
+            new[:self.n] = buf[:self.n]
+            self._bufs[c] = buf = new
+        return buf
+
+    def _room_codes(self, c: str, need: int) -> np.ndarray:
+        buf = self._codes.get(c)
+        if buf is None or len(buf) < need:
+            new = np.empty(max(need, 2 * len(buf)) if buf is not None else need, dtype=np.intp)
+            if buf is not None:
+                new[:self.n] = buf[:self.n]
+            self._codes[c] = buf = new
+        return buf
+
+
 def rows(kind: str, table: dict, node: str = ""):
     """Yield each row of a table as a JSON-ready dict (DESIGN.md field names)."""
     cols = list(TABLES[kind])
