@@ -246,8 +246,9 @@ def concat_tables(kind: str, tables: list) -> dict:
 
 
 class GrowingTable:
-    """The rows of one kind as they arrive, in buffers that grow in place (capacity doubles):
-    appending costs the rows appended, :meth:`view` is the rows so far as views (no copy).
+    """The rows of one kind as they arrive, in buffers that grow in place (by half again, so
+    at most 1.5 times the rows are held): appending costs the rows appended, :meth:`view` is
+    the rows so far as views (no copy).
 
     A text column whose every part came as a :class:`Cat` stays one: its codes index one
     string table shared by the table's text columns, each part's values interned once as it
@@ -347,7 +348,7 @@ class GrowingTable:
         if buf is None:
             self._bufs[c] = buf = np.empty(need, dtype=dtype)
         elif len(buf) < need or not np.can_cast(dtype, buf.dtype, "safe"):
-            new = np.empty(max(need, 2 * len(buf)) if len(buf) < need else len(buf),
+            new = np.empty(max(need, len(buf) * 3 // 2) if len(buf) < need else len(buf),
                            dtype=np.result_type(buf.dtype, dtype))
             new[:self.n] = buf[:self.n]
             self._bufs[c] = buf = new
@@ -356,7 +357,7 @@ class GrowingTable:
     def _room_codes(self, c: str, need: int) -> np.ndarray:
         buf = self._codes.get(c)
         if buf is None or len(buf) < need:
-            new = np.empty(max(need, 2 * len(buf)) if buf is not None else need, dtype=np.intp)
+            new = np.empty(max(need, len(buf) * 3 // 2) if buf is not None else need, dtype=np.intp)
             if buf is not None:
                 new[:self.n] = buf[:self.n]
             self._codes[c] = buf = new
