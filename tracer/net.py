@@ -151,6 +151,10 @@ class EpisodeBuilder:
             ep["srtt_ns"] = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else ep["srtt_ns"]
             ep["n"] += count
             ep["rto_ns"] = rto_ns or ep["rto_ns"]
+            if not ep["ino"] and ino:
+                # the episode began before the socket had an inode (an accepted socket before
+                # accept() returned, or its first records raced the graft): learned now
+                ep["ino"] = ino
             if not ep["pid"] and ep["ino"]:
                 ep["pid"] = self.owners.owner(ep["ino"])
                 ep["keep"] = self._keep(ep["pid"])

@@ -176,3 +176,11 @@ def test_owner_missed_when_the_episode_began_is_looked_up_again_at_its_close():
     owners.m[77] = 4242                 # the next scan finds it
     net = eb.flush(10**15, force=True)
     assert list(net["pid"]) == [4242]
+
+
+def test_an_episode_begun_before_its_socket_had_an_inode_learns_it_from_a_later_record():
+    """An accepted socket retransmits before accept() returns (no inode yet); the episode's
+    next record carries the inode, and the owner is found by it."""
+    net = build([(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
+                 (1201 * MS, "retransmit", 2, 200, RETRANS_ARMED, 300, 0xA0, 5000, 77)])[1]
+    assert list(net["pid"]) == [4242] and list(net["retransmits"]) == [2]

@@ -56,4 +56,4 @@ def test_tcp_retransmits_match_nstat_under_netem_loss(probe_tracers, matrix_unav
     assert sum(e["retransmits"] for e in events) == truth, seen
     for e in events:
         if e["ts_ns"] <= ex.end_wall_ns:        # while the exchange ran: its processes own the flow
-            assert e["pid"] == (ex.server_pid if e["sport"] == PORT else ex.client_pid), e
+            assert e["pid"] == (ex.server_pid if e["sport"] == PORT else ex.client_pid), (e, seen)
