@@ -35,7 +35,9 @@ class AgentConfig:
     batch_ms: int = 250             # batch period while stalls flow
     idle_batch_ms: int = 1000       # otherwise: GPU samples, counters, clock (a heartbeat)
     counters_ms: int = 1000         # the kernel's counters are read this often (and in the last batch)
-    hist_ms: int = 2000             # ... and the latency histograms (bigger maps), sent when read
+    # ... and the latency histograms, sent when read: a read copies 2,048 slots per CPU of each
+    # family's map (about 1 ms a family on 2 CPUs, more on a 128-CPU node), so not every second
+    hist_ms: int = 10000
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
@@ -338,7 +340,7 @@ class Agent:
         finally:
             if self.sched is not None:
                 self._guard(lambda: self.sched.flush(force=True))
-            self._guard(self._drain)
+            self._guard(lambda: self._drain(final=True))
             if self.gpu is not None:
                 self._guard(self._sample_gpu)
             if self.rdma_counters is not None:
@@ -360,10 +362,10 @@ class Agent:
                 self._last_tick_error = msg
                 self.log(f"tick failed (counted, continuing): {msg}")
 
-    def _drain(self):
+    def _drain(self, final: bool = False):
         off, _unc = self._clock()
         for p in self.loaded:
-            recs = p.drain()
+            recs = p.drain(final)
             sh = self.shedders.get(p.family)
             if sh is not None:
                 sh.update(p.ring.fill, recs)
@@ -377,7 +379,9 @@ class Agent:
                     if self.exits is not None:
                         self.exits.add(lineage)
                 if "_sched" in tables:          # stack names, mapped files: while the process lives
-                    tables.update(self.sched.resolve(tables.pop("_sched")))
+                    raw = tables.pop("_sched")
+                    if self.sched is not None:
+                        tables.update(self.sched.resolve(raw))
                 if tables:
                     self.pending.append(tables)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import time
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from .families import BY_NAME, DEFAULT_FAMILIES
 from .ring import RingReader
 
 ATTACH_CHOICES = ("auto", "fentry", "kprobe", "uprobe", "tracepoint")
+#: how often a family's user-space finishing (vfs: tails of storms whose thread went quiet)
+#: runs: a map walk each time, so not on every 10-50 ms drain; a tail waits at most this long
+SWEEP_S = 0.1
 
 
 @dataclasses.dataclass
@@ -48,10 +52,16 @@ class LoadedProbe:
         self.ring = RingReader(ring.map_fd, size)
         # records a family finishes in user space (vfs: storm tails of quiet threads)
         self._sweep = getattr(BY_NAME.get(family), "sweep", None)
+        self._hist_total: int | None = None     # sum of the histogram at its last read
+        self._swept_at = -SWEEP_S
 
-    def drain(self) -> np.ndarray:
+    def drain(self, final: bool = False) -> np.ndarray:
+        """The records committed so far, and (every SWEEP_S, and when ``final``) what the
+        family finishes in user space."""
         recs = self.ring.drain()
-        if self._sweep is not None:
+        now = time.monotonic()
+        if self._sweep is not None and (final or now - self._swept_at >= SWEEP_S):
+            self._swept_at = now
             extra = self._sweep(self.bpf)
             if len(extra):
                 recs = np.concatenate([recs, extra]) if len(recs) else extra
@@ -62,11 +72,15 @@ class LoadedProbe:
         out = {name: int(sums[idx]) for idx, name in COUNTER_NAMES.items()}
         out["odd_records"] = self.ring.odd_records
         if self.family == "vfs":      # the hot path skips the counter: the histogram has it
-            out["below_threshold"] = int(self._hist().sum())
+            if self._hist_total is None:
+                self._hist()
+            out["below_threshold"] = self._hist_total      # as of the last histogram read
         return out
 
     def _hist(self) -> np.ndarray:
-        return percpu_array_sums(self.bpf[b"hist"], NOPS * HIST_SLOTS)
+        vals = percpu_array_sums(self.bpf[b"hist"], NOPS * HIST_SLOTS)
+        self._hist_total = int(vals.sum())
+        return vals
 
     def hist(self) -> dict:
         """Cumulative log2(us) histograms of ops below the threshold: {op: [counts]}."""

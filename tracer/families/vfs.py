@@ -15,6 +15,7 @@ finishes the storms whose thread went quiet.
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import os
 import re
 import time
@@ -154,6 +155,7 @@ def methods(cfg, tracefs):
     return [("fentry", fentry), ("kprobe", kprobe), ("tracepoint", tracepoint)]
 
 
+@functools.lru_cache(maxsize=1)
 def _libbcc():
     from bcc import libbcc
     lib = libbcc.lib
