@@ -36,7 +36,7 @@ OPS = ("read", "pread64", "write", "fsync", "openat", "stat", "page_fault")
 
 def _meta(seq: int, hist_every: int = 2) -> tuple:
     """counters, hist, meta of the shape the agent sends (every default family loaded); the
-    histograms in every ``hist_every``-th batch (the agent re-reads and sends them every 2 s)."""
+    histograms in every ``hist_every``-th batch (the agent re-reads and sends them every 10 s)."""
     fams = ("vfs", "tcp", "block", "nfs", "rdma", "sched")
     counters = {f"{f}.{k}": 0 for f in fams for k in ("lost_ringbuf", "lost_inflight_collision", "emitted",
                                                        "below_threshold", "no_start", "lost_storm_tail",
@@ -114,7 +114,7 @@ def bytes_per_event(reps: int) -> dict:
 def per_hour() -> dict:
     """Bytes per node per hour, as the agent cuts batches: every 250 ms while stalls come (4
     a second), one a second otherwise (GPU samples alone wait for it), each with 8 GPUs'
-    samples since the last batch; histograms every 2 s."""
+    samples since the last batch; histograms every 10 s."""
     rng = np.random.default_rng(4)
     out = {}
     for rate in (0, 1, 10, 100):
@@ -127,7 +127,7 @@ def per_hour() -> dict:
             tables = _gpu(i, span)
             if k:
                 tables["io"] = stalls(int(k), rng)
-            total += _size(tables, i, hist_every=2 * per_s)
+            total += _size(tables, i, hist_every=10 * per_s)
         out[f"{rate}_stalls_per_s"] = {"mib_per_hour": round(total / n * per_s * 3600 / 2**20, 1),
                                        "batches_per_s": per_s}
     return out
