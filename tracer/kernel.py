@@ -109,6 +109,37 @@ def has_kprobes(tracefs: str) -> bool:
     return os.path.exists(os.path.join(tracefs, "kprobe_events"))
 
 
+#: a probe event BCC registered through tracefs (kretprobes with maxactive, and every probe on
+#: kernels without perf's kprobe PMU): "<p|r>[maxactive]:<group>/<name>_bcc_<pid> <target>"
+_BCC_EVENT = re.compile(r"^[pr]\d*:(?P<event>(?:kprobes|uprobes)/\S+_bcc_(?P<pid>\d+))\s")
+
+
+def remove_stale_bcc_probes(tracefs: str, alive=lambda pid: os.path.exists(f"/proc/{pid}")) -> tuple:
+    """Remove the probe events a BCC process left registered when it died without cleaning up
+    (SIGKILL, OOM): its pid, in the event's name, no longer runs. Each keeps its kretprobe
+    instances (up to 4,096 of them) allocated for good. An event still in use cannot be
+    removed (the kernel answers EBUSY) and is left. Returns (removed, failed) event names."""
+    removed, failed = [], []
+    for kind in ("kprobe_events", "uprobe_events"):
+        path = os.path.join(tracefs, kind)
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = _BCC_EVENT.match(line)
+            if not m or alive(int(m.group("pid"))):
+                continue
+            try:
+                with open(path, "a") as f:
+                    f.write(f"-:{m.group('event')}\n")
+                removed.append(m.group("event"))
+            except OSError:
+                failed.append(m.group("event"))
+    return removed, failed
+
+
 def kernel_has_symbol(name: str) -> bool:
     try:
         with open("/proc/kallsyms") as f:

@@ -146,6 +146,10 @@ def percpu_array_sums(table, n: int) -> np.ndarray:
 def load(cfg: ProbeConfig, log=lambda msg: None):
     """Load every requested family. Returns (loaded probes, {family: reason not loaded})."""
     tracefs = kernel.tracefs_root()
+    removed, stuck = kernel.remove_stale_bcc_probes(tracefs)
+    if removed or stuck:
+        log(f"removed {len(removed)} probe event(s) left registered by BCC processes that died"
+            + (f" ({len(stuck)} in use, left)" if stuck else "") + ": " + " ".join(removed + stuck))
     loaded, failed = [], {}
     for fam in cfg.families:
         try:

@@ -7,12 +7,17 @@
 * a family whose best method cannot load degrades to the next one and says why: with fentry
   and kprobes made unavailable (the capability checks patched, in-process), `auto` gives VFS
   its syscall tracepoints and NFS its RPC-only tracepoint method, each log line naming the
-  methods it could not use and the reason.
+  methods it could not use and the reason;
+* the probe events a killed BCC process leaves in tracefs (kretprobes with maxactive go through
+  ``kprobe_events``) are removed when the tracer starts.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +71,33 @@ def test_forced_fallback_to_the_next_method(nfs_mounts, monkeypatch, matrix_note
     finally:
         for p in loaded:
             p.close()
+
+
+KRETPROBE_HOLDER = """
+import time
+from bcc import BPF
+b = BPF(text=b"int ret(struct pt_regs *ctx) { return 0; }")
+b.attach_kretprobe(event=b"vfs_read", fn_name=b"ret", maxactive=16)
+print("attached", flush=True)
+time.sleep(600)
+"""
+
+
+def test_probe_events_of_a_killed_bcc_process_are_removed_at_start():
+    from stallscope.tracer import kernel
+    tracefs = kernel.tracefs_root()
+    events = Path(tracefs, "kprobe_events")
+    holder = subprocess.Popen([sys.executable, "-c", KRETPROBE_HOLDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "attached"
+        name = f"kprobes/r_vfs_read_bcc_{holder.pid}"
+        assert name in events.read_text(), events.read_text()
+        # in use while its process lives: not removed
+        assert name not in kernel.remove_stale_bcc_probes(tracefs)[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert name in events.read_text()               # SIGKILL: BCC could not unregister it
+    removed, failed = kernel.remove_stale_bcc_probes(tracefs)
+    assert name in removed and not failed, (removed, failed)
+    assert name not in events.read_text()
