@@ -118,7 +118,8 @@ def remove_stale_bcc_probes(tracefs: str, alive=lambda pid: os.path.exists(f"/pr
     """Remove the probe events a BCC process left registered when it died without cleaning up
     (SIGKILL, OOM): its pid, in the event's name, no longer runs. Each keeps its kretprobe
     instances (up to 4,096 of them) allocated for good. An event still in use cannot be
-    removed (the kernel answers EBUSY) and is left. Returns (removed, failed) event names."""
+    removed (the kernel answers EBUSY) and is left. Returns (removed event names, "name (why)"
+    of those that could not be)."""
     removed, failed = [], []
     for kind in ("kprobe_events", "uprobe_events"):
         path = os.path.join(tracefs, kind)
@@ -132,11 +133,16 @@ def remove_stale_bcc_probes(tracefs: str, alive=lambda pid: os.path.exists(f"/pr
             if not m or alive(int(m.group("pid"))):
                 continue
             try:
-                with open(path, "a") as f:
-                    f.write(f"-:{m.group('event')}\n")
+                # O_APPEND: opening it truncated removes every event. Not open(path, "a"): Python
+                # seeks to the end of a file opened so, and tracefs answers that with EINVAL.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, f"-:{m.group('event')}\n".encode())
+                finally:
+                    os.close(fd)
                 removed.append(m.group("event"))
-            except OSError:
-                failed.append(m.group("event"))
+            except OSError as e:
+                failed.append(f"{m.group('event')} ({e.strerror or e})")
     return removed, failed
 
 
