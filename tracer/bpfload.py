@@ -107,19 +107,31 @@ def fentry_targets(names, btf_path: str = btf.BTF_PATH, kallsyms: str = "/proc/k
     return present, missing
 
 
+def _kfunc_key(fds: dict, prefix: str, name: str):
+    """The key BCC keeps ``name``'s program under in ``fds``: ``<prefix>__<name>`` (BCC 0.18)
+    or ``<prefix>__<module>__<name>`` (later BCC: ``kfunc__vmlinux__vfs_read``); None if absent."""
+    plain, tail = f"{prefix}__{name}".encode(), f"__{name}".encode()
+    for k in fds:
+        if k == plain or (k.startswith(f"{prefix}__".encode()) and k.endswith(tail)
+                          and len(k) > len(plain)):
+            return k
+    return None
+
+
 def kfuncs_unattached(b, names) -> dict:
     """Which of ``names`` BCC did not attach both fentry and fexit programs to: {name: why}.
 
-    BCC attaches ``kfunc__<name>``/``kretfunc__<name>`` itself while loading; a version that
-    skips one of a pair (BCC 0.18 attached only the entry program of a pair one macro line
-    expanded to) leaves entries that never see their return. Read from the link fds BCC
-    keeps, so a family reports what is attached rather than what it compiled."""
-    entry = getattr(b, "kfunc_entry_fds", {})
-    exit_ = getattr(b, "kfunc_exit_fds", {})
+    BCC attaches ``kfunc__[<module>__]<name>``/``kretfunc__...`` itself while loading; a version
+    that skips one of a pair (BCC 0.18 attached only the entry program of a pair one macro
+    line expanded to) leaves entries that never see their return. Read from the link fds BCC
+    keeps, so a family reports what is attached rather than what it compiled; a BCC that keeps
+    no such record cannot be checked, and nothing is reported then."""
+    if not hasattr(b, "kfunc_entry_fds") or not hasattr(b, "kfunc_exit_fds"):
+        return {}
     out = {}
     for n in names:
-        has_entry = f"kfunc__{n}".encode() in entry
-        has_exit = f"kretfunc__{n}".encode() in exit_
+        has_entry = _kfunc_key(b.kfunc_entry_fds, "kfunc", n) is not None
+        has_exit = _kfunc_key(b.kfunc_exit_fds, "kretfunc", n) is not None
         if not (has_entry and has_exit):
             half = "fentry" if has_entry else "fexit" if has_exit else ""
             out[n] = f"BCC attached {half} only" if half else "BCC attached neither fentry nor fexit"
@@ -129,10 +141,12 @@ def kfuncs_unattached(b, names) -> dict:
 def detach_kfuncs(b, names) -> None:
     """Detach whatever half of each of ``names``' fentry/fexit pair is attached."""
     for n in names:
-        if f"kfunc__{n}".encode() in getattr(b, "kfunc_entry_fds", {}):
-            b.detach_kfunc(fn_name=f"kfunc__{n}".encode())
-        if f"kretfunc__{n}".encode() in getattr(b, "kfunc_exit_fds", {}):
-            b.detach_kretfunc(fn_name=f"kretfunc__{n}".encode())
+        k = _kfunc_key(getattr(b, "kfunc_entry_fds", {}), "kfunc", n)
+        if k is not None:
+            b.detach_kfunc(fn_name=k)
+        k = _kfunc_key(getattr(b, "kfunc_exit_fds", {}), "kretfunc", n)
+        if k is not None:
+            b.detach_kretfunc(fn_name=k)
 
 
 def load_optional(load, flag_of, present, missing: dict) -> tuple:

@@ -59,9 +59,11 @@ def test_a_load_that_fails_without_optional_targets_fails_the_method():
 class _Attached:
     """What BCC's BPF object records of the fentry/fexit programs it attached while loading."""
 
-    def __init__(self, entry, exit_):
-        self.kfunc_entry_fds = {f"kfunc__{n}".encode(): 3 for n in entry}
-        self.kfunc_exit_fds = {f"kretfunc__{n}".encode(): 4 for n in exit_}
+    def __init__(self, entry, exit_, module=""):
+        # BCC 0.18 keeps kfunc__vfs_read; later versions kfunc__vmlinux__vfs_read
+        m = f"{module}__" if module else ""
+        self.kfunc_entry_fds = {f"kfunc__{m}{n}".encode(): 3 for n in entry}
+        self.kfunc_exit_fds = {f"kretfunc__{m}{n}".encode(): 4 for n in exit_}
         self.cleaned = False
 
     def detach_kfunc(self, fn_name):
@@ -85,15 +87,31 @@ def _fentry_method(monkeypatch, attached):
     return dict(vfs.methods(ProbeConfig(), "/sys/kernel/tracing"))["fentry"]
 
 
-def test_an_optional_target_with_only_its_entry_attached_is_detached_and_reported(monkeypatch):
+@pytest.mark.parametrize("module", ["", "vmlinux"])
+def test_an_optional_target_with_only_its_entry_attached_is_detached_and_reported(monkeypatch, module):
     # BCC 0.18 (Debian 11) attached the fentry program of a pair and not its fexit
-    b = _Attached(["vfs_read", "vfs_write", "vfs_readv", "vfs_writev"], ["vfs_read", "vfs_write", "vfs_writev"])
+    b = _Attached(["vfs_read", "vfs_write", "vfs_readv", "vfs_writev"], ["vfs_read", "vfs_write", "vfs_writev"],
+                  module)
     obj, detail = _fentry_method(monkeypatch, b)()
     assert obj is b and not b.cleaned
     assert detail.startswith("fentry/fexit vfs_read vfs_write vfs_writev (not attached: vfs_readv: BCC attached "
                              "fentry only)"), detail
-    assert b"kfunc__vfs_readv" not in b.kfunc_entry_fds      # no entry left without its return
-    assert b"kfunc__vfs_writev" in b.kfunc_entry_fds
+    m = f"{module}__" if module else ""
+    assert f"kfunc__{m}vfs_readv".encode() not in b.kfunc_entry_fds      # no entry left without its return
+    assert f"kfunc__{m}vfs_writev".encode() in b.kfunc_entry_fds
+
+
+@pytest.mark.parametrize("module", ["", "vmlinux"])
+def test_every_pair_attached_is_reported_attached(monkeypatch, module):
+    # BCC 0.26+ (Debian 12, 13) keeps kfunc__vmlinux__<name>: read as attached (6.12 guest run)
+    names = ["vfs_read", "vfs_write", "vfs_readv", "vfs_writev"]
+    obj, detail = _fentry_method(monkeypatch, _Attached(names, names, module))()
+    assert detail.startswith("fentry/fexit vfs_read vfs_write vfs_readv vfs_writev") and "not attached" not in detail
+
+
+def test_a_bcc_that_keeps_no_record_of_its_links_is_not_second_guessed():
+    from stallscope.tracer.bpfload import kfuncs_unattached
+    assert kfuncs_unattached(object(), ["vfs_read"]) == {}
 
 
 def test_a_base_target_without_its_exit_fails_the_method_so_the_next_one_is_tried(monkeypatch):
