@@ -453,6 +453,11 @@ class Agent:
         off, unc = self._clock()
         synced, maxerr = ntp_state()
         now = time.monotonic()
+        # histograms first: vfs.below_threshold (in the counters) is their sum as of this read
+        hist = {}           # cumulative: sent when re-read (receivers keep the latest)
+        if final or self._hist_at is None or now - self._hist_at >= self.cfg.hist_ms / 1000:
+            self._hist_at = now
+            hist = {p.family: p.hist() for p in self.loaded}
         if final or self._counters_at is None or now - self._counters_at >= self.cfg.counters_ms / 1000:
             # BPF map reads: a batch every 250 ms need not read them all each time
             self._counters_at = now
@@ -492,10 +497,6 @@ class Agent:
         shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}
         if shed:                # announced: these stalls are sampled by duration, not all kept
             meta["shed"] = shed
-        hist = {}           # cumulative: sent when re-read (receivers keep the latest)
-        if final or self._hist_at is None or now - self._hist_at >= self.cfg.hist_ms / 1000:
-            self._hist_at = now
-            hist = {p.family: p.hist() for p in self.loaded}
         if self.gpu is not None:
             meta["gpu"] = self.gpu.meta()
             if self.attribution is not None:
