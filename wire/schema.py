@@ -202,20 +202,30 @@ def take(col, sel) -> np.ndarray:
     return Cat.make(col.cats, codes[sel])
 
 
+def _intern(cats, codes, remap: np.ndarray, index: dict, strings: list) -> None:
+    """Fill ``remap`` (-1: not yet) with the codes in ``strings`` (``index``: string -> code,
+    new values appended) of the values of ``cats`` that ``codes`` uses: only those (a decoded
+    column's cats are its whole batch's strings)."""
+    if not len(codes):
+        return
+    used = np.flatnonzero(np.bincount(codes, minlength=len(cats)))
+    for i in used[remap[used] < 0].tolist():
+        v = cats[i]
+        j = index.get(v)
+        if j is None:
+            j = index[v] = len(strings)
+            strings.append(v)
+        remap[i] = j
+
+
 def _concat_col(parts):
     if len(parts) > 1 and all(getattr(p, "codes", None) is not None for p in parts):
-        index, cats, codes = {}, [], []
+        index: dict = {}
+        cats: list = []
+        codes = []
         for p in parts:
-            remap = np.zeros(len(p.cats), dtype=np.intp)
-            # only the values the part uses (a decoded column's cats are its whole batch's strings)
-            used = np.flatnonzero(np.bincount(p.codes, minlength=len(p.cats))) if len(p.codes) else ()
-            for i in used:
-                c = p.cats[i]
-                j = index.get(c)
-                if j is None:
-                    j = index[c] = len(cats)
-                    cats.append(c)
-                remap[i] = j
+            remap = np.full(len(p.cats), -1, dtype=np.intp)
+            _intern(p.cats, p.codes, remap, index, cats)
             codes.append(remap[p.codes])
         arr = np.empty(len(cats), dtype=object)
         arr[:] = cats
@@ -279,21 +289,21 @@ class GrowingTable:
         for c, kind in TABLES[self.kind].items():
             v = table[c]
             if kind == "s":
-                buf = self._room(c, np.dtype(object), need)
+                buf = self._room(self._bufs, c, np.dtype(object), need)
                 buf[n0:need] = v
                 codes = getattr(v, "codes", None)
                 if codes is not None and (c in self._codes or n0 == 0):
-                    cb = self._room_codes(c, need)
+                    cb = self._room(self._codes, c, np.dtype(np.intp), need)
                     remap = remaps.get(id(v.cats))
                     if remap is None:   # text columns of one decoded batch share its string table
                         remap = remaps[id(v.cats)] = np.full(len(v.cats), -1, dtype=np.intp)
-                    self._intern(v.cats, codes, remap)
+                    _intern(v.cats, codes, remap, self._index, self._strings)
                     cb[n0:need] = remap[codes]
                 else:
                     self._codes.pop(c, None)
             else:
                 v = np.asarray(v)
-                buf = self._room(c, v.dtype, need)
+                buf = self._room(self._bufs, c, v.dtype, need)
                 buf[n0:need] = v
         self.n = need
         self._changed()
@@ -327,40 +337,17 @@ class GrowingTable:
     def _changed(self) -> None:
         self._view = None
 
-    def _intern(self, cats, codes, remap: np.ndarray) -> None:
-        """Fill ``remap`` (-1: not yet) for the values of ``cats`` that ``codes`` uses."""
-        if not len(codes):
-            return
-        used = np.flatnonzero(np.bincount(codes, minlength=len(cats)))
-        index, strings = self._index, self._strings
-        for i in used[remap[used] < 0].tolist():
-            s = cats[i]
-            j = index.get(s)
-            if j is None:
-                j = index[s] = len(strings)
-                strings.append(s)
-            remap[i] = j
-
-    def _room(self, c: str, dtype, need: int) -> np.ndarray:
-        """Column ``c``'s buffer, with room for ``need`` rows of ``dtype`` (promoted as
-        np.concatenate would: int64 and uint64 parts make float64, as before)."""
-        buf = self._bufs.get(c)
+    def _room(self, bufs: dict, c: str, dtype, need: int) -> np.ndarray:
+        """Column ``c``'s buffer in ``bufs`` (values or codes), with room for ``need`` rows of
+        ``dtype`` (promoted as np.concatenate would: int64 and uint64 parts make float64)."""
+        buf = bufs.get(c)
         if buf is None:
-            self._bufs[c] = buf = np.empty(need, dtype=dtype)
+            bufs[c] = buf = np.empty(need, dtype=dtype)
         elif len(buf) < need or not np.can_cast(dtype, buf.dtype, "safe"):
             new = np.empty(max(need, len(buf) * 3 // 2) if len(buf) < need else len(buf),
                            dtype=np.result_type(buf.dtype, dtype))
             new[:self.n] = buf[:self.n]
-            self._bufs[c] = buf = new
-        return buf
-
-    def _room_codes(self, c: str, need: int) -> np.ndarray:
-        buf = self._codes.get(c)
-        if buf is None or len(buf) < need:
-            new = np.empty(max(need, len(buf) * 3 // 2) if buf is not None else need, dtype=np.intp)
-            if buf is not None:
-                new[:self.n] = buf[:self.n]
-            self._codes[c] = buf = new
+            bufs[c] = buf = new
         return buf
 
 
