@@ -2,8 +2,10 @@
 
 The tier boots one image per kernel of ``vmrun.KERNELS`` (Debian 11's 5.10, 12's 6.1,
 13's 6.12), one after another (two emulated CPUs each on a 2-core host: running them
-side by side is not faster). A boot under software emulation costs about a minute, so
-each kernel boots once per pytest session (``guest_session``): the guest runs
+side by side is not faster), in a background thread started when collection ends, so
+that the guests run while the host tiers do (``_EarlyBoots``). A boot under software
+emulation costs about a minute, so each kernel boots once per pytest session
+(``guest_session``): the guest runs
 ``python3 -m pytest tests/vm/guest`` from the read-only repository share and writes
 junit XML and ``result.json`` (the attach method each probe got, see
 ``tests/vm/guest/conftest.py``) into its writable share; on the host,
@@ -22,7 +24,8 @@ guest test that skipped in the guest.
 Environment: ``STALLSCOPE_VM_KERNELS`` (comma-separated subset of the kernels, e.g.
 ``6.1``; default all), ``STALLSCOPE_VM_TIMEOUT`` (seconds for one kernel's boot plus
 all its guest tests, default 1800), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg),
-``STALLSCOPE_VM_CACHE`` (image cache root), ``STALLSCOPE_VM_RESULTS``.
+``STALLSCOPE_VM_CACHE`` (image cache root), ``STALLSCOPE_VM_RESULTS``,
+``STALLSCOPE_VM_EARLY`` (0: boot each kernel when its first test comes, not in the background).
 
 Inside the guest (``/etc/stallscope-vm-guest`` exists, written by
 vagrant/provision.sh) this file only makes ``tests/vm/guest/`` collectable; on any
@@ -37,11 +40,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 import pytest
 
@@ -245,30 +249,34 @@ def _save_result(session: GuestSession) -> None:
     shutil.copy(src.parent / GUEST_JUNIT, RESULTS_DIR / f"{session.kernel}.junit.xml")
 
 
-def boot_kernel(kernel: str, capture, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
-    """Build or reuse ``kernel``'s image, boot it once, run every guest test, collect the results."""
+class _Unmet(Exception):
+    """This host cannot run a kernel's guest (the reason): a skip, or a failure under REQUIRE_VM."""
+
+
+def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
+    """Build or reuse ``kernel``'s image, boot it once, run every guest test, collect the results.
+
+    Raises ``_Unmet`` when this host cannot, ``vmrun.VMError`` when the VM failed."""
     suite = vmrun.suite_of(kernel)
     unmet = _unmet_need() or _unmet_need_for(suite)
     if unmet:
-        if REQUIRE_VM:
-            pytest.fail(f"STALLSCOPE_REQUIRE_VM=1 but {unmet}", pytrace=False)
-        pytest.skip(unmet)
+        raise _Unmet(unmet)
     timeout_s = float(os.environ.get("STALLSCOPE_VM_TIMEOUT", "1800"))
     # Not under pytest's basetemp: another pytest session on the host (other tiers, other
     # checkouts) rotates those away, share and console log included, while the guest runs.
     run_dir = Path(tempfile.mkdtemp(prefix=f"stallscope-vm-{kernel}-"))
-    with capture.global_and_fixture_disabled():  # show build and boot progress live
-        t0 = time.monotonic()
-        image = vmrun.cached_image(suite)
-        built = image is None
-        if image is None:
-            print(f"\nvm tier: building the {suite} ({kernel}) test VM image (vagrant/build-image.sh, "
-                  "a few minutes)", file=sys.stderr)
-            image = vmrun.build_image(progress=sys.stderr, suite=suite)
-        image_s = time.monotonic() - t0
-        print(f"\nvm tier: kernel {kernel} ({suite})", file=sys.stderr)
-        result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
-                           progress=sys.stderr)
+    t0 = time.monotonic()
+    image = vmrun.cached_image(suite)
+    built = image is None
+    if image is None:
+        progress.write(f"\nvm tier: building the {suite} ({kernel}) test VM image (vagrant/build-image.sh, "
+                       "a few minutes)\n")
+        image = vmrun.build_image(progress=progress, suite=suite)
+    image_s = time.monotonic() - t0
+    progress.write(f"\nvm tier: kernel {kernel} ({suite})\n")
+    progress.flush()
+    result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
+                       progress=progress)
     session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built)
     junit = result.share / GUEST_JUNIT
     try:
@@ -279,19 +287,95 @@ def boot_kernel(kernel: str, capture, tmp_path_factory: pytest.TempPathFactory) 
     return session
 
 
-@pytest.fixture
-def guest_session(kernel: str, request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
-    """The one guest run of ``kernel`` in this pytest session (booted by its first test)."""
-    if kernel in _sessions:
-        return _sessions[kernel]
-    if kernel in _failed_boots:
-        pytest.fail(_failed_boots[kernel], pytrace=False)
-    capture = request.config.pluginmanager.getplugin("capturemanager")
+def _boot_outcome(kernel: str, progress: TextIO) -> "GuestSession | BaseException":
     try:
-        _sessions[kernel] = boot_kernel(kernel, capture, tmp_path_factory)
-    except vmrun.VMError as e:
-        _failed_boots[kernel] = f"kernel {kernel}: {e}\n{e.detail}"
+        return boot_kernel(kernel, progress)
+    except Exception as e:      # _Unmet, VMError, or a bug: reported by the kernel's tests
+        return e
+
+
+class _EarlyBoots:
+    """The guests of this session, booted one after another in a background thread from the end
+    of collection, so that they run while the host tiers do.
+
+    The guest is emulated (TCG) and mostly compiles BPF programs; the host tiers mostly
+    wait on stalls they provoke. Overlapping them costs each a little and saves the sum of
+    the guests' time (measured in README's Tests section). ``STALLSCOPE_VM_EARLY=0`` boots
+    each kernel when its first test comes instead. Progress goes to ``log`` (the terminal
+    belongs to the host tests meanwhile)."""
+
+    def __init__(self, kernels: list[str]) -> None:
+        self.kernels = kernels
+        self.done = {k: threading.Event() for k in kernels}
+        self.outcome: dict[str, "GuestSession | BaseException"] = {}
+        self.started = time.monotonic()
+        self.log = Path(tempfile.mkdtemp(prefix="stallscope-vm-early-")) / "progress.log"
+        self.thread = threading.Thread(target=self._run, name="stallscope-vm-early", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with open(self.log, "a", buffering=1) as progress:
+            for k in self.kernels:
+                progress.write(f"vm tier: kernel {k} starts at +{time.monotonic() - self.started:.0f} s\n")
+                self.outcome[k] = _boot_outcome(k, progress)
+                progress.write(f"vm tier: kernel {k} done at +{time.monotonic() - self.started:.0f} s\n")
+                self.done[k].set()
+
+    def wait(self, kernel: str, capture) -> "GuestSession | BaseException":
+        if not self.done[kernel].is_set():
+            with capture.global_and_fixture_disabled():
+                print(f"\nvm tier: waiting for kernel {kernel}'s guest run (in the background for "
+                      f"{time.monotonic() - self.started:.0f} s; progress: {self.log})",
+                      file=sys.stderr)
+            self.done[kernel].wait()
+        return self.outcome[kernel]
+
+
+_early: Optional[_EarlyBoots] = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the selected kernels' guest runs now, in the background (see ``_EarlyBoots``)."""
+    global _early
+    if IN_GUEST or os.environ.get("STALLSCOPE_VM_EARLY", "1") == "0" or session.config.option.collectonly:
+        return
+    kernels: list[str] = []
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        if "guest_session" in getattr(item, "fixturenames", ()) and callspec is not None:
+            k = callspec.params.get("kernel")
+            if k is not None and k not in kernels:
+                kernels.append(k)
+    if kernels:
+        _early = _EarlyBoots(kernels)
+        reporter = session.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"vm tier: booting {', '.join(kernels)} in the background while the other "
+                                f"tests run; progress: {_early.log}")
+
+
+@pytest.fixture
+def guest_session(kernel: str, request: pytest.FixtureRequest) -> GuestSession:
+    """The one guest run of ``kernel`` in this pytest session (booted in the background from
+    the end of collection, or by its first test)."""
+    if kernel not in _sessions and kernel not in _failed_boots:
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        if _early is not None and kernel in _early.done:
+            outcome = _early.wait(kernel, capture)
+        else:
+            with capture.global_and_fixture_disabled():  # show build and boot progress live
+                outcome = _boot_outcome(kernel, sys.stderr)
+        if isinstance(outcome, GuestSession):
+            _sessions[kernel] = outcome
+        elif isinstance(outcome, _Unmet):
+            if not REQUIRE_VM:
+                pytest.skip(str(outcome))
+            _failed_boots[kernel] = f"STALLSCOPE_REQUIRE_VM=1 but {outcome}"
+        elif isinstance(outcome, vmrun.VMError):
+            _failed_boots[kernel] = f"kernel {kernel}: {outcome}\n{outcome.detail}"
+        else:
+            _failed_boots[kernel] = f"kernel {kernel}: the guest run raised {type(outcome).__name__}: {outcome}"
+    if kernel in _failed_boots:
         pytest.fail(_failed_boots[kernel], pytrace=False)
     return _sessions[kernel]
 
