@@ -178,6 +178,7 @@ def _drain_once(n, n_files, mode) -> dict:
     ns_call = float(proc.stdout.read().strip() or 0)
     offered = c["emitted"] + c["lost_ringbuf"]
     return {"events": got, "emitted": c["emitted"], "lost_ringbuf": c["lost_ringbuf"],
+            "ringbuf_retry_saved": c["ringbuf_retry_saved"],
             "loss_fraction": round(c["lost_ringbuf"] / offered, 4) if offered else None,
             "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
             "events_per_cpu_s": round(got / cpu) if cpu else None,
@@ -211,6 +212,7 @@ def drain(n=1_000_000, reps=3, n_files=(0, 16)) -> dict:
              "baseline_copy_only_events_per_cpu_s_median": med["copy"],
              "ratio_to_copy_only": round(med["agent"] / med["copy"], 3),
              "lost_ringbuf_runs": [r["lost_ringbuf"] for r in runs["agent"]],
+             "ringbuf_retry_saved_runs": [r["ringbuf_retry_saved"] for r in runs["agent"]],
              "offered_per_s_runs": [r["offered_per_s"] for r in runs["agent"]],
              "wire_bytes_per_event_runs": [r["wire_bytes_per_event"] for r in runs["agent"]],
              "machine_busy_pct_runs": [r["busy_pct"] for r in runs["agent"]],

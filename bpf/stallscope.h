@@ -71,7 +71,7 @@ enum ss_op {
 #define SS_HTTP_REASON_LEN 16
 
 /* counters[] indexes (per-CPU array "counters") */
-#define SS_C_LOST_RINGBUF 0    /* ring buffer full: record dropped */
+#define SS_C_LOST_RINGBUF 0    /* ring buffer refused the record twice: dropped */
 #define SS_C_INFLIGHT_COLLISION 1 /* in-flight slot held by another tid */
 #define SS_C_EMITTED 2
 #define SS_C_BELOW 3           /* ops below threshold (block; vfs: sum of hist) */
@@ -79,6 +79,7 @@ enum ss_op {
 #define SS_C_STORM_FULL 5      /* storm map full: a storm's tail goes unreported */
 #define SS_C_SHED 6            /* overload: above SS_MIN_NS but below the raised threshold in
                                   map shed[0]; counted (and in hist), not emitted */
+#define SS_C_RETRY_SAVED 7     /* a reservation refused, then granted on the one retry (not lost) */
 #define SS_NCOUNTERS 8
 
 /* Fields whose meaning depends on the record type (decoders in tracer/families/):

@@ -97,6 +97,7 @@ COUNTER_NAMES = {
     DEFINES["SS_C_BELOW"]: "below_threshold",
     DEFINES["SS_C_NO_START"]: "exit_without_enter",
     DEFINES["SS_C_STORM_FULL"]: "lost_storm_tail",
+    DEFINES["SS_C_RETRY_SAVED"]: "ringbuf_retry_saved",
 }
 
 # ---------------------------------------------------------------- event tables
