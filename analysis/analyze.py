@@ -25,7 +25,15 @@ from typing import Callable
 
 import numpy as np
 
-from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete, empty_table, table_len, take
+from stallscope.wire.schema import (
+    STALL_TABLES,
+    TABLES,
+    GrowingTable,
+    complete,
+    empty_table,
+    table_len,
+    take,
+)
 
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
@@ -1077,13 +1085,21 @@ class LiveAnalyzer:
 
 
 def _ending_from(t: dict, cutoff: int) -> dict:
-    """The rows of a stall table that end at or after ``cutoff`` (``LiveAnalyzer._trim``'s
-    rule), in their order."""
+    """The rows of a stall table from the first that ends at or after ``cutoff`` on, in their
+    order, as views (no copy): every row that ends then or later (``LiveAnalyzer._trim``'s
+    rule), and amid them any that ended earlier (a tracer emits a stall as it ends, so rows
+    come about in order of end and these are few; in a table in order of start, short stalls
+    after a long one). Those end before anything they are aligned against begins, and the
+    whole window, which the selected verdicts equal, holds them as well."""
     if not table_len(t):
         return t
     last = np.asarray(t["ts_ns"], dtype=np.int64) + np.asarray(t["dur_ns"], dtype=np.int64)
     keep = last >= cutoff
-    return t if keep.all() else {c: take(v, keep) for c, v in t.items()}
+    first = int(np.argmax(keep))
+    if first == 0 and keep[0]:
+        return t
+    sel = slice(first, None) if keep[first] else slice(0, 0)
+    return {c: take(v, sel) for c, v in t.items()}
 
 
 class _StallView:

@@ -196,10 +196,15 @@ class Cat(np.ndarray):
 
 
 def take(col, sel) -> np.ndarray:
-    """``col[sel]`` (a mask or indexes); a :class:`Cat` stays one, its codes taken alike."""
+    """``col[sel]`` (a mask, indexes or a slice: then a view); a :class:`Cat` stays one, its
+    codes taken alike."""
     codes = getattr(col, "codes", None)
     if codes is None:
         return col[sel]
+    if isinstance(sel, slice):
+        arr = col[sel]
+        arr.cats, arr.codes = col.cats, codes[sel]
+        return arr
     return Cat.make(col.cats, codes[sel])
 
 
@@ -256,70 +261,76 @@ def concat_tables(kind: str, tables: list) -> dict:
     return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
 
 
+class _Index(dict):
+    """string -> code in ``strings``; a missing string is given the next code (appended), so
+    ``map(index.__getitem__, values)`` interns in C, calling back only for new strings."""
+
+    def __init__(self, strings: list):
+        super().__init__()
+        self.strings = strings
+
+    def __missing__(self, v):
+        j = self[v] = len(self.strings)
+        self.strings.append(v)
+        return j
+
+
 class GrowingTable:
     """The rows of one kind as they arrive, in buffers that grow in place (by half again, so
     at most 1.5 times the rows are held): appending costs the rows appended, :meth:`view` is
     the rows so far as views (no copy).
 
+    Appended tables wait in a list until the rows are read (``view``, ``replace``), then
+    are copied in with one buffer check per column: a live analysis reads its tables once
+    per run, after tens of batches.
+
     A text column whose every part came as a :class:`Cat` stays one: its codes index one
-    string table shared by the table's text columns, each part's values interned once as it
-    arrives, so a view needs no re-interning. :meth:`replace` starts over from a table (a
-    trim), the string table rebuilt then with only the values still used, so it stays as
-    small as the rows. A view is never written into afterwards: replace() allocates anew."""
+    string table shared by the table's text columns. An appended part's string table (a
+    decoded batch's, shared by its text columns) is interned whole, once, in C; a
+    :meth:`replace` (a trim) starts over from a table, interning only the values it still
+    uses, so the string table stays as small as the rows. A view is never written into
+    afterwards: replace() allocates anew."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.n = 0
+        self.n = 0                  # rows in the buffers
+        self._pending: list = []    # appended tables not yet in the buffers
+        self._pending_n = 0
         self._bufs: dict = {}       # column -> ndarray, len >= n
         self._codes: dict = {}      # text column -> intp codes buffer (absent: plain object column)
-        self._index: dict = {}      # string -> code, for every text column
         self._strings: list = []    # code -> string
+        self._index = _Index(self._strings)
         self._strarr: np.ndarray | None = None    # self._strings as an object array (rebuilt when it grew)
         self._view: dict | None = None
 
     def __len__(self) -> int:
-        return self.n
+        return self.n + self._pending_n
 
     def append(self, table: dict) -> None:
         """Add a table's rows; it must have every column of the kind (``complete`` fills optional ones)."""
         k = table_len(table)
-        if not k:
-            return
-        n0, need = self.n, self.n + k
-        remaps: dict = {}       # id(cats) -> code remap of one part's string table
-        for c, kind in TABLES[self.kind].items():
-            v = table[c]
-            if kind == "s":
-                buf = self._room(self._bufs, c, np.dtype(object), need)
-                buf[n0:need] = v
-                codes = getattr(v, "codes", None)
-                if codes is not None and (c in self._codes or n0 == 0):
-                    cb = self._room(self._codes, c, np.dtype(np.intp), need)
-                    remap = remaps.get(id(v.cats))
-                    if remap is None:   # text columns of one decoded batch share its string table
-                        remap = remaps[id(v.cats)] = np.full(len(v.cats), -1, dtype=np.intp)
-                    _intern(v.cats, codes, remap, self._index, self._strings)
-                    cb[n0:need] = remap[codes]
-                else:
-                    self._codes.pop(c, None)
-            else:
-                v = np.asarray(v)
-                buf = self._room(self._bufs, c, v.dtype, need)
-                buf[n0:need] = v
-        self.n = need
-        self._changed()
+        if k:
+            self._pending.append(table)
+            self._pending_n += k
+            self._view = None
 
     def replace(self, table: dict) -> None:
         """Start over from ``table`` (every column of the kind, or empty)."""
         self.n = 0
-        self._bufs, self._codes, self._index, self._strings = {}, {}, {}, []
+        self._pending, self._pending_n = [], 0
+        self._bufs, self._codes, self._strings = {}, {}, []
+        self._index = _Index(self._strings)
         self._strarr = None
-        self.append(table)
-        self._changed()
+        self._view = None
+        if table_len(table):
+            self._copy_in([table], whole_string_tables=False)
 
     def view(self) -> dict:
         """Every row so far, one array per column (views of the buffers; text columns that
         kept their codes are :class:`Cat`). The same dict until the next change."""
+        if self._pending:
+            parts, self._pending, self._pending_n = self._pending, [], 0
+            self._copy_in(parts, whole_string_tables=True)
         if self._view is None:
             out = {}
             if self._strarr is None or len(self._strarr) != len(self._strings):
@@ -335,7 +346,43 @@ class GrowingTable:
             self._view = out
         return self._view
 
-    def _changed(self) -> None:
+    def _copy_in(self, parts: list, whole_string_tables: bool) -> None:
+        """Copy ``parts`` (tables with rows) in after the rows held; text parts' codes remapped
+        into the table's string table (each part string table once: interned whole, or only
+        the values its columns use)."""
+        n0 = self.n
+        lens = [table_len(t) for t in parts]
+        need = n0 + sum(lens)
+        remaps: dict = {}       # id(cats) -> code remap of one part's string table
+        for c, kind in TABLES[self.kind].items():
+            vals = [t[c] for t in parts]
+            if kind == "s":
+                self._room(self._bufs, c, np.dtype(object), need)
+                cats_ok = all(getattr(v, "codes", None) is not None for v in vals)
+                if cats_ok and (c in self._codes or n0 == 0):
+                    self._room(self._codes, c, np.dtype(np.intp), need)
+                else:
+                    self._codes.pop(c, None)
+            else:
+                vals = [np.asarray(v) for v in vals]
+                self._room(self._bufs, c, np.result_type(*vals), need)
+            buf, cb, at = self._bufs[c], self._codes.get(c) if kind == "s" else None, n0
+            for v, k in zip(vals, lens):
+                buf[at:at + k] = v
+                if cb is not None:
+                    remap = remaps.get(id(v.cats))
+                    if remap is None:   # text columns of one decoded batch share its string table
+                        if whole_string_tables:
+                            remap = np.fromiter(map(self._index.__getitem__, v.cats.tolist()),
+                                                dtype=np.intp, count=len(v.cats))
+                        else:
+                            remap = np.full(len(v.cats), -1, dtype=np.intp)
+                        remaps[id(v.cats)] = remap
+                    if not whole_string_tables:
+                        _intern(v.cats, v.codes, remap, self._index, self._strings)
+                    cb[at:at + k] = remap[v.codes]
+                at += k
+        self.n = need
         self._view = None
 
     def _room(self, bufs: dict, c: str, dtype, need: int) -> np.ndarray:
