@@ -311,7 +311,7 @@ def decode_obj(env) -> Batch:
     if not 0 <= seq <= _I64_MAX:
         raise CodecError(f"malformed batch: seq={seq} out of range")
     strings = _req(env, "strings", list, "batch")
-    if not all(isinstance(s, str) for s in strings):
+    if strings and set(map(type, strings)) != {str}:     # msgpack gives text as str itself
         raise CodecError("malformed batch: strings must all be text")
     strarr = np.array(strings + [None], dtype=object)[:-1] if strings else np.empty(0, dtype=object)
     tables = {}
