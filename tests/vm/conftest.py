@@ -253,7 +253,12 @@ class _Unmet(Exception):
     """This host cannot run a kernel's guest (the reason): a skip, or a failure under REQUIRE_VM."""
 
 
-def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
+#: QEMU's niceness when the guests run in the background: the host tiers beside them wait on
+#: stalls they time, so they get the CPU first; the emulated guests, CPU-bound, take the rest
+BACKGROUND_NICE = 10
+
+
+def boot_kernel(kernel: str, progress: TextIO, nice: int = 0) -> GuestSession:
     """Build or reuse ``kernel``'s image, boot it once, run every guest test, collect the results.
 
     Raises ``_Unmet`` when this host cannot, ``vmrun.VMError`` when the VM failed."""
@@ -276,7 +281,7 @@ def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
     progress.write(f"\nvm tier: kernel {kernel} ({suite})\n")
     progress.flush()
     result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
-                       progress=progress)
+                       progress=progress, nice=nice)
     session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built)
     junit = result.share / GUEST_JUNIT
     try:
@@ -287,9 +292,9 @@ def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
     return session
 
 
-def _boot_outcome(kernel: str, progress: TextIO) -> "GuestSession | BaseException":
+def _boot_outcome(kernel: str, progress: TextIO, nice: int = 0) -> "GuestSession | BaseException":
     try:
-        return boot_kernel(kernel, progress)
+        return boot_kernel(kernel, progress, nice)
     except Exception as e:      # _Unmet, VMError, or a bug: reported by the kernel's tests
         return e
 
@@ -317,7 +322,7 @@ class _EarlyBoots:
         with open(self.log, "a", buffering=1) as progress:
             for k in self.kernels:
                 progress.write(f"vm tier: kernel {k} starts at +{time.monotonic() - self.started:.0f} s\n")
-                self.outcome[k] = _boot_outcome(k, progress)
+                self.outcome[k] = _boot_outcome(k, progress, BACKGROUND_NICE)
                 progress.write(f"vm tier: kernel {k} done at +{time.monotonic() - self.started:.0f} s\n")
                 self.done[k].set()
 
