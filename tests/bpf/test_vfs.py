@@ -10,7 +10,10 @@ from tests.fixtures.workload import start_io
 
 pytestmark = pytest.mark.bpf
 DELAY_MS = 250
-TOL_MS = 40
+# how late the FUSE daemon may answer after its 250 ms sleep on a loaded 2-core machine (CI runs
+# the emulated guests beside this tier); the tracer's own accuracy is the 5 ms check against
+# what the process measured
+TOL_MS = 100
 
 
 def _mine(events, pid, path):
