@@ -2,9 +2,8 @@
 
 The tier boots one image per kernel of ``vmrun.KERNELS`` (Debian 11's 5.10, 12's 6.1,
 13's 6.12), one after another (two emulated CPUs each on a 2-core host: running them
-side by side is not faster), in a background thread started when collection ends, so
-that the guests run while the host tiers do (``_EarlyBoots``). A boot under software
-emulation costs about a minute, so each kernel boots once per pytest session
+side by side, or beside the host tiers, is not faster; ``_EarlyImages``). A boot under
+software emulation costs about a minute, so each kernel boots once per pytest session
 (``guest_session``): the guest runs
 ``python3 -m pytest tests/vm/guest`` from the read-only repository share and writes
 junit XML and ``result.json`` (the attach method each probe got, see
@@ -25,7 +24,8 @@ Environment: ``STALLSCOPE_VM_KERNELS`` (comma-separated subset of the kernels, e
 ``6.1``; default all), ``STALLSCOPE_VM_TIMEOUT`` (seconds for one kernel's boot plus
 all its guest tests, default 1800), ``STALLSCOPE_VM_ACCEL`` (auto, kvm, tcg),
 ``STALLSCOPE_VM_CACHE`` (image cache root), ``STALLSCOPE_VM_RESULTS``,
-``STALLSCOPE_VM_EARLY`` (0: boot each kernel when its first test comes, not in the background).
+``STALLSCOPE_VM_EARLY`` (0: build a missing image when its kernel's first test comes, not in
+the background from the end of collection).
 
 Inside the guest (``/etc/stallscope-vm-guest`` exists, written by
 vagrant/provision.sh) this file only makes ``tests/vm/guest/`` collectable; on any
@@ -253,16 +253,12 @@ class _Unmet(Exception):
     """This host cannot run a kernel's guest (the reason): a skip, or a failure under REQUIRE_VM."""
 
 
-#: QEMU's niceness when the guests run in the background: the host tiers beside them wait on
-#: stalls they time, so they get the CPU first; the emulated guests, CPU-bound, take the rest
-BACKGROUND_NICE = 10
-
-
-def boot_kernel(kernel: str, progress: TextIO, nice: int = 0) -> GuestSession:
+def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
     """Build or reuse ``kernel``'s image, boot it once, run every guest test, collect the results.
 
     Raises ``_Unmet`` when this host cannot, ``vmrun.VMError`` when the VM failed."""
     suite = vmrun.suite_of(kernel)
+    built_early = _early.wait(kernel, progress) if _early is not None and kernel in _early.done else None
     unmet = _unmet_need() or _unmet_need_for(suite)
     if unmet:
         raise _Unmet(unmet)
@@ -278,10 +274,12 @@ def boot_kernel(kernel: str, progress: TextIO, nice: int = 0) -> GuestSession:
                        "a few minutes)\n")
         image = vmrun.build_image(progress=progress, suite=suite)
     image_s = time.monotonic() - t0
+    if built_early is not None:     # built in the background while the host tiers ran
+        built, image_s = True, built_early
     progress.write(f"\nvm tier: kernel {kernel} ({suite})\n")
     progress.flush()
     result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
-                       progress=progress, nice=nice)
+                       progress=progress)
     session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built)
     junit = result.share / GUEST_JUNIT
     try:
@@ -292,55 +290,62 @@ def boot_kernel(kernel: str, progress: TextIO, nice: int = 0) -> GuestSession:
     return session
 
 
-def _boot_outcome(kernel: str, progress: TextIO, nice: int = 0) -> "GuestSession | BaseException":
+def _boot_outcome(kernel: str, progress: TextIO) -> "GuestSession | BaseException":
     try:
-        return boot_kernel(kernel, progress, nice)
+        return boot_kernel(kernel, progress)
     except Exception as e:      # _Unmet, VMError, or a bug: reported by the kernel's tests
         return e
 
 
-class _EarlyBoots:
-    """The guests of this session, booted one after another in a background thread from the end
-    of collection, so that they run while the host tiers do.
+class _EarlyImages:
+    """The images the selected kernels lack, built one after another in a background thread
+    from the end of collection, while the host tiers run (a build is mostly downloading and
+    unpacking packages: 4-6 minutes each); ``STALLSCOPE_VM_EARLY=0`` builds each when its
+    kernel's first test comes instead.
 
-    The guest is emulated (TCG) and mostly compiles BPF programs; the host tiers mostly
-    wait on stalls they provoke. Overlapping them costs each a little and saves the sum of
-    the guests' time (measured in README's Tests section). ``STALLSCOPE_VM_EARLY=0`` boots
-    each kernel when its first test comes instead. Progress goes to ``log`` (the terminal
-    belongs to the host tests meanwhile)."""
+    The guests themselves boot when their tests come, after the host tiers. Running the
+    emulated guests (CPU-bound: they mostly compile BPF programs) beside the host tiers only
+    time-shares the 2 cores, and it made timing checks fail on both sides: a FUSE stall
+    answered 40 ms late on the host, and guest processes' own timing of NFS calls ran 25%
+    over what the probes measured (one CI run, README's Tests section)."""
 
     def __init__(self, kernels: list[str]) -> None:
         self.kernels = kernels
         self.done = {k: threading.Event() for k in kernels}
-        self.outcome: dict[str, "GuestSession | BaseException"] = {}
-        self.started = time.monotonic()
-        self.log = Path(tempfile.mkdtemp(prefix="stallscope-vm-early-")) / "progress.log"
-        self.thread = threading.Thread(target=self._run, name="stallscope-vm-early", daemon=True)
+        self.seconds: dict[str, float] = {}      # kernel -> build time, when built here
+        self.log = Path(tempfile.mkdtemp(prefix="stallscope-vm-images-")) / "progress.log"
+        self.thread = threading.Thread(target=self._run, name="stallscope-vm-images", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         with open(self.log, "a", buffering=1) as progress:
             for k in self.kernels:
-                progress.write(f"vm tier: kernel {k} starts at +{time.monotonic() - self.started:.0f} s\n")
-                self.outcome[k] = _boot_outcome(k, progress, BACKGROUND_NICE)
-                progress.write(f"vm tier: kernel {k} done at +{time.monotonic() - self.started:.0f} s\n")
-                self.done[k].set()
+                try:
+                    suite = vmrun.suite_of(k)
+                    if not (_unmet_need() or _unmet_need_for(suite)) and vmrun.cached_image(suite) is None:
+                        t0 = time.monotonic()
+                        vmrun.build_image(progress=progress, suite=suite)
+                        self.seconds[k] = time.monotonic() - t0
+                except Exception as e:      # the kernel's first test builds again and reports it
+                    progress.write(f"vm tier: building the {k} image failed: {e}\n")
+                finally:
+                    self.done[k].set()
 
-    def wait(self, kernel: str, capture) -> "GuestSession | BaseException":
+    def wait(self, kernel: str, progress: TextIO) -> Optional[float]:
+        """Wait for ``kernel``'s image build; its seconds when it was built here, else None."""
         if not self.done[kernel].is_set():
-            with capture.global_and_fixture_disabled():
-                print(f"\nvm tier: waiting for kernel {kernel}'s guest run (in the background for "
-                      f"{time.monotonic() - self.started:.0f} s; progress: {self.log})",
-                      file=sys.stderr)
+            progress.write(f"\nvm tier: waiting for the {kernel} image (building in the background; "
+                           f"progress: {self.log})\n")
+            progress.flush()
             self.done[kernel].wait()
-        return self.outcome[kernel]
+        return self.seconds.get(kernel)
 
 
-_early: Optional[_EarlyBoots] = None
+_early: Optional[_EarlyImages] = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the selected kernels' guest runs now, in the background (see ``_EarlyBoots``)."""
+    """Start building the images the selected kernels lack, in the background (``_EarlyImages``)."""
     global _early
     if IN_GUEST or os.environ.get("STALLSCOPE_VM_EARLY", "1") == "0" or session.config.option.collectonly:
         return
@@ -351,25 +356,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             k = callspec.params.get("kernel")
             if k is not None and k not in kernels:
                 kernels.append(k)
-    if kernels:
-        _early = _EarlyBoots(kernels)
+    missing = [k for k in kernels if vmrun.cached_image(vmrun.suite_of(k)) is None]
+    if missing:
+        _early = _EarlyImages(missing)
         reporter = session.config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"vm tier: booting {', '.join(kernels)} in the background while the other "
-                                f"tests run; progress: {_early.log}")
+            reporter.write_line(f"vm tier: building the {', '.join(missing)} image(s) in the background "
+                                f"while the other tests run; progress: {_early.log}")
 
 
 @pytest.fixture
 def guest_session(kernel: str, request: pytest.FixtureRequest) -> GuestSession:
-    """The one guest run of ``kernel`` in this pytest session (booted in the background from
-    the end of collection, or by its first test)."""
+    """The one guest run of ``kernel`` in this pytest session (booted by its first test)."""
     if kernel not in _sessions and kernel not in _failed_boots:
         capture = request.config.pluginmanager.getplugin("capturemanager")
-        if _early is not None and kernel in _early.done:
-            outcome = _early.wait(kernel, capture)
-        else:
-            with capture.global_and_fixture_disabled():  # show build and boot progress live
-                outcome = _boot_outcome(kernel, sys.stderr)
+        with capture.global_and_fixture_disabled():  # show build and boot progress live
+            outcome = _boot_outcome(kernel, sys.stderr)
         if isinstance(outcome, GuestSession):
             _sessions[kernel] = outcome
         elif isinstance(outcome, _Unmet):

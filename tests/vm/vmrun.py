@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import os
 import shutil
 import signal
@@ -284,15 +283,12 @@ def qemu_command(image: Image, share: Path, repo: Optional[Path], accel: str, me
     return cmd
 
 
-def _die_with_parent(nice: int = 0) -> None:
-    """preexec_fn: QEMU gets SIGTERM when the process that started it dies (a killed pytest),
-    and runs ``nice`` steps nicer."""
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGTERM when the process that started it dies (a killed pytest)."""
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if nice:
-        os.nice(nice)
 
 
 @contextlib.contextmanager
@@ -319,14 +315,12 @@ def run(
     memory_mb: int = 3072,
     cpus: int = 2,
     progress: Optional[TextIO] = None,
-    nice: int = 0,
 ) -> Result:
     """Boot the VM, run ``script`` (bash) in it, and return its exit code and output.
 
     ``run_dir`` receives ``share/`` (the guest's /stallscope-share: run.sh and what
     the guest writes) and ``console.log``; it must not hold an earlier run. ``repo``
-    is shared read-only at /stallscope (None: no repo share). ``nice``: QEMU's niceness (a
-    guest run beside latency-sensitive tests yields the CPU to them). Raises VMError when
+    is shared read-only at /stallscope (None: no repo share). Raises VMError when
     the VM does not deliver an exit code within ``timeout_s`` seconds.
     """
     if not image.is_complete():
@@ -350,7 +344,7 @@ def run(
         boot_s = None
         with open(console_log, "wb") as console:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                    preexec_fn=functools.partial(_die_with_parent, nice))
+                                    preexec_fn=_die_with_parent)
             try:
                 while proc.poll() is None:
                     now = time.monotonic()
