@@ -12,8 +12,8 @@ demo: setup
 # set up, then run every test tier this machine supports; bpf and vm tests may
 # not skip here (a broken set-up must not pass as green)
 # The vm tier boots every kernel of the matrix (VM_KERNELS: Debian 11's 5.10, 12's 6.1,
-# 13's 6.12), one after another in the background while the host tiers run;
-# `make test VM_KERNELS=6.1` boots one
+# 13's 6.12), one after another after the host tiers (images it lacks build in the
+# background meanwhile); `make test VM_KERNELS=6.1` boots one
 VM_KERNELS ?= 5.10,6.1,6.12
 test: setup lint
 	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=$(VM_KERNELS) .venv/bin/python -m pytest -q tests
