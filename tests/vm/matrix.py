@@ -44,6 +44,7 @@ HOST_KERNEL = "host 6.18 (bpf tier; hand-kept)"
 #: rows in this order (others after them, as the results list them); the host column per row
 HOST = {
     "VFS read, write, readv, writev, fsync, fdatasync": "**tracepoint** (fentry: EPERM; no kprobes)",
+    "VFS sendfile, splice, copy_file_range, io_uring waits": "**tracepoint** (FUSE)",
     "NFS file ops (v3, v4.2)": "no NFS here",
     "NFS RPCs: latency, xid, server, owner": "no NFS here",
     "NFS RPC retransmits": "no NFS here",

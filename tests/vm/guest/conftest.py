@@ -223,3 +223,12 @@ def nfs_loads(probe_tracers) -> dict:
     for t in probe_tracers.all():    # ready, or given up: each test reports its own tracer's failure
         t.is_ready()
     return {v: run_nfs_load(v, m) for v, m in probe_tracers.mounts.items()}
+
+
+@pytest.fixture(scope="session")
+def xfer_loads(probe_tracers) -> dict:
+    """nfsload.py --xfer once per NFS version (sendfile, splice, copy_file_range, io_uring reads),
+    under netem delay, while all tracers watch."""
+    for t in probe_tracers.all():
+        t.is_ready()
+    return {v: run_nfs_load(v, m, xfer=True) for v, m in probe_tracers.mounts.items()}

@@ -1,6 +1,7 @@
 """A known NFS workload for the probe tests, run as its own process (its pid is the one to find).
 
     python3 nfsload.py DIR COUNT [--opens]
+    python3 nfsload.py DIR COUNT --xfer
 
 On files that the caller created on the server side (DIR is the client's view of
 ``/srv/nfs/<sub>``: ``data``, ``rdata`` and ``vdata`` of COUNT * 4 KiB each, empty ``out``,
@@ -18,6 +19,19 @@ for a file are exactly one op's calls):
 * ``fdatasync`` of ``dckpt`` after a buffered 4 KiB write (sys_fdatasync)
 * ``statx``   of ``meta`` with AT_STATX_FORCE_SYNC (one GETATTR each)
 * ``open``    of ``opn`` for writing (with ``--opens``; on NFSv4 one OPEN each, then a close)
+
+With ``--xfer``, instead, the calls that move data without read(2) (their source files,
+``sdata``, ``pdata``, ``cdata`` and ``udata`` of COUNT * XFER_SPACING bytes each, and an empty
+``cout``, created by the caller), COUNT of each, every one reading 4 KiB at offset
+i * XFER_SPACING of its source, whose cached pages are dropped and whose readahead is off
+(``POSIX_FADV_RANDOM``: NFS reads ahead up to 15 x rsize), so each reads from the server:
+
+* ``sendfile``         sendfile(2) from ``sdata`` to /dev/null
+* ``splice``           splice(2) from ``pdata`` into a pipe (drained after the timed call)
+* ``copy_file_range``  copy_file_range(2) from ``cdata`` to ``cout`` on the same mount (one
+  filesystem: across filesystems it is EXDEV since 5.19; NFSv4.2 sends a COPY, v3 splices)
+* ``io_uring``         one IORING_OP_READ of ``udata`` submitted and waited for in one
+  io_uring_enter(GETEVENTS, min_complete=1) (raw syscalls: tests/fixtures/workload.py's ring)
 
 Files are opened and looked up once before the timed calls, so those need no lookup.
 pread/pwrite (not preadv/pwritev) go through vfs_read/vfs_write, which every VFS attach
@@ -37,15 +51,80 @@ import time
 
 COMM = "ss-nfsload"
 BLOCK = 4096
+XFER_SPACING = 256 << 10
+XFER_FILES = ("sdata", "pdata", "cdata", "udata")
 AT_FDCWD = -100
 AT_STATX_FORCE_SYNC = 0x2000
 STATX_BASIC_STATS = 0x7FF
+
+
+class Timer:
+    """The timed calls of one run: ``call(op, path, fn)`` runs fn and records it."""
+
+    def __init__(self):
+        self.ops = []
+
+    def call(self, op, path, fn):
+        s_w, s_m = time.time_ns(), time.monotonic_ns()
+        ret = fn()
+        e_m, e_w = time.monotonic_ns(), time.time_ns()
+        self.ops.append({"op": op, "path": path, "start_wall_ns": s_w, "end_wall_ns": e_w,
+                         "start_mono_ns": s_m, "end_mono_ns": e_m, "ret": ret if isinstance(ret, int) else 0})
+        return ret
+
+
+def xfer(directory: str, count: int, libc) -> list:
+    """The --xfer calls (see the module docstring); returns their timings."""
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    from tests.fixtures.workload import _Uring
+
+    path = {n: os.path.join(directory, n) for n in (*XFER_FILES, "cout")}
+    fds = {n: os.open(path[n], os.O_RDONLY) for n in XFER_FILES}
+    for fd in fds.values():
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    cout = os.open(path["cout"], os.O_WRONLY)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    pipe_r, pipe_w = os.pipe()
+    libc.splice.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_void_p,
+                            ctypes.c_size_t, ctypes.c_uint]
+    libc.splice.restype = ctypes.c_ssize_t
+    ring = _Uring(libc)
+    ubuf = ctypes.create_string_buffer(BLOCK)
+    t = Timer()
+
+    def splice(fd, off):       # os.splice is python 3.10+; Debian 11 has 3.9
+        n = libc.splice(fd, ctypes.byref(ctypes.c_longlong(off)), pipe_w, None, BLOCK, 0)
+        if n < 0:
+            raise OSError(ctypes.get_errno(), "splice")
+        return n
+
+    calls = (("sendfile", "sdata", lambda fd, off: os.sendfile(devnull, fd, off, BLOCK)),
+             ("splice", "pdata", splice),
+             ("copy_file_range", "cdata", lambda fd, off: os.copy_file_range(fd, cout, BLOCK, off, off)),
+             ("io_uring", "udata", lambda fd, off: ring.read(fd, ubuf, BLOCK, off)))
+    for op, name, fn in calls:
+        fd = fds[name]
+        for i in range(count):
+            off = i * XFER_SPACING
+            os.posix_fadvise(fd, off, BLOCK, os.POSIX_FADV_DONTNEED)
+            n = t.call(op, path[name], lambda: fn(fd, off))
+            if n != BLOCK:
+                raise SystemExit(f"{op} #{i} moved {n} bytes, not {BLOCK}")
+            if op == "splice":
+                os.read(pipe_r, BLOCK)
+    for fd in (*fds.values(), cout, devnull, pipe_r, pipe_w):
+        os.close(fd)
+    return t.ops
 
 
 def main(argv: list[str]) -> None:
     directory, count, opens = argv[0], int(argv[1]), "--opens" in argv
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(15, COMM.encode(), 0, 0, 0)  # PR_SET_NAME
+    if "--xfer" in argv:
+        ops = xfer(directory, count, libc)
+        print(json.dumps({"pid": os.getpid(), "tid": threading.get_native_id(), "comm": COMM, "ops": ops}))
+        return
     names = ("data", "rdata", "vdata", "out", "wout", "vout", "ckpt", "dckpt", "meta", "opn")
     path = {name: os.path.join(directory, name) for name in names}
     buf = b"\x5a" * BLOCK
@@ -57,15 +136,11 @@ def main(argv: list[str]) -> None:
     vbuf = bytearray(BLOCK)
     os.close(os.open(path["opn"], os.O_WRONLY))
     os.stat(path["meta"])
-    ops = []
+    timer = Timer()
+    ops = timer.ops
 
     def timed(op, name, call):
-        s_w, s_m = time.time_ns(), time.monotonic_ns()
-        ret = call()
-        e_m, e_w = time.monotonic_ns(), time.time_ns()
-        ops.append({"op": op, "path": path[name], "start_wall_ns": s_w, "end_wall_ns": e_w,
-                    "start_mono_ns": s_m, "end_mono_ns": e_m, "ret": ret if isinstance(ret, int) else 0})
-        return ret
+        return timer.call(op, path[name], call)
 
     def statx():
         if libc.statx(AT_FDCWD, path["meta"].encode(), AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, statx_buf):

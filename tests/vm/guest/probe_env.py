@@ -313,20 +313,24 @@ class NfsLoad:
 LOAD_COUNT = 7
 
 
-def run_nfs_load(version: str, mount: Path) -> NfsLoad:
-    """Create the files server-side, then run nfsload.py on the mount under netem delay on lo."""
-    sub = f"load{version}"
+def run_nfs_load(version: str, mount: Path, xfer: bool = False) -> NfsLoad:
+    """Create the files server-side, then run nfsload.py on the mount under netem delay on lo
+    (with ``xfer``: its sendfile/splice/copy_file_range/io_uring calls, in their own directory)."""
+    from nfsload import XFER_FILES, XFER_SPACING
+
+    sub = f"{'xfer' if xfer else 'load'}{version}"
     server_dir = Path("/srv/nfs") / sub
     server_dir.mkdir(exist_ok=True)
-    for name in ("data", "rdata", "vdata"):
-        (server_dir / name).write_bytes(os.urandom(4096 * LOAD_COUNT))
-    for name in ("out", "wout", "vout", "meta", "opn"):
+    filled, empty = (XFER_FILES, ("cout",)) if xfer else (("data", "rdata", "vdata"), ("out", "wout", "vout", "meta", "opn"))
+    for name in filled:
+        (server_dir / name).write_bytes(os.urandom((XFER_SPACING if xfer else 4096) * LOAD_COUNT))
+    for name in empty:
         (server_dir / name).write_bytes(b"")
     directory = str(mount / sub)
+    args = ["--xfer"] if xfer else ["--opens"] if version != "3" else []
     run("stallscope-netem", "lo", "delay", f"{NETEM_DELAY_MS}ms")
     try:
-        out = run(sys.executable, str(GUEST_DIR / "nfsload.py"), directory, str(LOAD_COUNT),
-                  *(["--opens"] if version != "3" else []), timeout=300)
+        out = run(sys.executable, str(GUEST_DIR / "nfsload.py"), directory, str(LOAD_COUNT), *args, timeout=300)
     finally:
         run("stallscope-netem", "lo", "off")
     r = json.loads(out)

@@ -9,6 +9,12 @@ and fdatasync by syscall tracepoint with every method), `--attach fentry` (the s
 vfs_readv/vfs_writev are optional targets, attached where the kernel has them as functions)
 and `--attach tracepoint` (syscall tracepoints) must each report exactly those calls, by that pid, with the file's path on the
 mount, the filesystem "nfs", and the latency the process itself measured.
+
+The calls that move data without read(2) come from syscall tracepoints with every method:
+nfsload.py --xfer makes LOAD_COUNT each of sendfile, splice and copy_file_range, each reading
+4 KiB of its own source file on the mount from the server, and of io_uring reads, each
+waited for in io_uring_enter; all three tracers must report each call with its op, pid and
+source path (io_uring waits: no file, by design), and the latency the process measured.
 """
 
 from __future__ import annotations
@@ -139,3 +145,35 @@ def test_vfs_fentry_reports_each_stalled_nfs_call(probe_tracers, nfs_loads, vers
         assert not t.events(lambda e: e["type"] == "io" and e["path"] == path and e["pid"] == load.pid), op
     if missing:
         matrix_note("not attached: " + "; ".join(missing.values()))
+
+
+XFER_ROW = "VFS sendfile, splice, copy_file_range, io_uring waits"
+#: nfsload --xfer op -> (source file, reported op); io_uring waits name no file
+XFER_OPS = {"sendfile": ("sdata", "sendfile"), "splice": ("pdata", "splice"),
+            "copy_file_range": ("cdata", "copy_file_range"), "io_uring": (None, "io_uring_enter")}
+
+
+@pytest.mark.parametrize("tracer,method", [
+    pytest.param("tp", "tracepoint", marks=pytest.mark.matrix(XFER_ROW, "tracepoint"), id="tracepoint"),
+    pytest.param("vfs_tcp", "kprobe", marks=pytest.mark.matrix(XFER_ROW, "tracepoint"), id="with-kprobe"),
+    pytest.param("vfs_fentry", "fentry", marks=pytest.mark.matrix(XFER_ROW, "tracepoint"), id="with-fentry"),
+])
+@pytest.mark.parametrize("version", ["3", "4.2"])
+def test_vfs_sendfile_splice_copy_file_range_io_uring_on_stalled_nfs(probe_tracers, xfer_loads, version, tracer,
+                                                                      method):
+    """Each transfer call from a source on the delayed mount, by syscall tracepoint whatever the
+    family's method (its events carry that method)."""
+    t = getattr(probe_tracers, tracer)
+    line = _vfs_line(t, "sendfile64 splice copy_file_range")
+    assert "io_uring_enter" in line, line
+    load = xfer_loads[version]
+    for op, (name, vfs_op) in XFER_OPS.items():
+        path = f"{load.directory}/{name}" if name else ""
+        evs = t.wait_events(lambda e: e["type"] == "io" and e["pid"] == load.pid and e["op"] == vfs_op, LOAD_COUNT)
+        check_against_calls(evs, load.calls(op), f"{method} {op}: {vfs_op} {path}",
+                            lambda: summary(t.events(lambda e: e["pid"] == load.pid)) + "\n" + t.stderr)
+        for ev in evs:
+            assert (ev["path"], ev["fs"]) == (path, "nfs" if name else ""), ev
+            assert (ev["tid"], ev["comm"], ev["method"]) == (load.tid, load.comm, method), ev
+            # the return value: bytes moved; io_uring_enter returns the entries it submitted
+            assert ev["bytes"] == (4096 if name else 1) and ev["count"] == 1, ev
