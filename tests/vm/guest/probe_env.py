@@ -149,6 +149,21 @@ def summary(events: list, limit: int = 60) -> str:
     return "\n".join(lines) or "(none)"
 
 
+def recording_rows(path: Path, kind: str) -> list:
+    """Every row of table ``kind`` in a recording, as dicts of plain values, in batch order."""
+    from stallscope.wire.recording import read_recording
+
+    out = []
+    for batch in read_recording(str(path)):
+        t = batch.tables.get(kind)
+        if t is None:
+            continue
+        cols = list(t)
+        for vals in zip(*(t[c] for c in cols)):
+            out.append({c: (v.item() if hasattr(v, "item") else v) for c, v in zip(cols, vals)})
+    return out
+
+
 # ---------------------------------------------------------------------------- soft-RoCE pair
 
 
