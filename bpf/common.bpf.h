@@ -130,26 +130,22 @@ static __always_inline int ss_shed(u64 dur)
 /* below the threshold in force: the compile-time one, or the one overload raised */
 #define ss_below(dur) ((dur) < SS_MIN_NS || ss_shed(dur))
 
-/* A record in the ring, or 0 (counted lost). A refused reservation is retried once: on
+/* A record in the ring, or 0 (counted lost). A refused reservation is retried once (one
+ * retry, not a loop: every call site pays its branches in the verifier, which on 5.10 under
+ * emulation is slow enough already): on
  * kernels whose ring lock is the resilient spinlock (struct bpf_ringbuf's spinlock is an
  * rqspinlock_t, 6.15+ where it was not reverted; this host's 6.18 is one), the lock can give
  * up with room in the ring, and single records went missing at 5-22% fill. A full ring
  * refuses the retry too, so the retry costs nothing unless the ring refused. */
-#ifndef SS_RESERVE_RETRIES
-#define SS_RESERVE_RETRIES 3
-#endif
 static __always_inline struct ss_event *ss_reserve(void)
 {
 	struct ss_event *e = events.ringbuf_reserve(sizeof(struct ss_event));
 	if (e)
 		return e;
-#pragma unroll
-	for (int i = 0; i < SS_RESERVE_RETRIES; i++) {
-		e = events.ringbuf_reserve(sizeof(struct ss_event));
-		if (e) {
-			ss_count(SS_C_RETRY_SAVED);
-			return e;
-		}
+	e = events.ringbuf_reserve(sizeof(struct ss_event));
+	if (e) {
+		ss_count(SS_C_RETRY_SAVED);
+		return e;
 	}
 	ss_count(SS_C_LOST_RINGBUF);
 	return 0;

@@ -79,7 +79,7 @@ enum ss_op {
 #define SS_C_STORM_FULL 5      /* storm map full: a storm's tail goes unreported */
 #define SS_C_SHED 6            /* overload: above SS_MIN_NS but below the raised threshold in
                                   map shed[0]; counted (and in hist), not emitted */
-#define SS_C_RETRY_SAVED 7     /* a reservation refused, then granted on the one retry (not lost) */
+#define SS_C_RETRY_SAVED 7     /* a reservation refused, then granted on its retry (not lost) */
 #define SS_NCOUNTERS 8
 
 /* Fields whose meaning depends on the record type (decoders in tracer/families/):
