@@ -55,8 +55,6 @@ HOST = {
     "block IO (loads; events checked on the host only)": "**tracepoint**",
     "sched: process lifecycle, off-CPU time of owner threads": "**raw tracepoint** (FUSE)",
     "sched: page faults of owner threads (mapped files)": "**raw tracepoint** (FUSE)",
-    # the row these two replaced, kept while tests/vm/results/ still holds it
-    "sched: lifecycle, off-CPU, page faults (loads; events checked on the host only)": "**tracepoint**",
     "fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)":
         "VFS: fentry EPERM -> tracepoint (no kprobes), as the bpf tier runs",
 }
