@@ -25,15 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from stallscope.wire.schema import (
-    STALL_TABLES,
-    TABLES,
-    GrowingTable,
-    complete,
-    empty_table,
-    table_len,
-    take,
-)
+from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete, empty_table, table_len, take
 
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields

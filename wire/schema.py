@@ -208,30 +208,38 @@ def take(col, sel) -> np.ndarray:
     return Cat.make(col.cats, codes[sel])
 
 
-def _intern(cats, codes, remap: np.ndarray, index: dict, strings: list) -> None:
-    """Fill ``remap`` (-1: not yet) with the codes in ``strings`` (``index``: string -> code,
-    new values appended) of the values of ``cats`` that ``codes`` uses: only those (a decoded
-    column's cats are its whole batch's strings)."""
+class _Index(dict):
+    """string -> code in ``strings``; a missing string is given the next code (appended), so
+    ``map(index.__getitem__, values)`` interns in C, calling back only for new strings."""
+
+    def __init__(self, strings: list):
+        super().__init__()
+        self.strings = strings
+
+    def __missing__(self, v):
+        j = self[v] = len(self.strings)
+        self.strings.append(v)
+        return j
+
+
+def _intern(cats, codes, remap: np.ndarray, index: _Index) -> None:
+    """Fill ``remap`` (-1: not yet) with the codes in ``index`` of the values of ``cats`` that
+    ``codes`` uses: only those (a decoded column's cats are its whole batch's strings)."""
     if not len(codes):
         return
     used = np.flatnonzero(np.bincount(codes, minlength=len(cats)))
-    for i in used[remap[used] < 0].tolist():
-        v = cats[i]
-        j = index.get(v)
-        if j is None:
-            j = index[v] = len(strings)
-            strings.append(v)
-        remap[i] = j
+    new = used[remap[used] < 0]
+    remap[new] = np.fromiter(map(index.__getitem__, cats[new].tolist()), dtype=np.intp, count=len(new))
 
 
 def _concat_col(parts):
     if len(parts) > 1 and all(getattr(p, "codes", None) is not None for p in parts):
-        index: dict = {}
         cats: list = []
+        index = _Index(cats)
         codes = []
         for p in parts:
             remap = np.full(len(p.cats), -1, dtype=np.intp)
-            _intern(p.cats, p.codes, remap, index, cats)
+            _intern(p.cats, p.codes, remap, index)
             codes.append(remap[p.codes])
         arr = np.empty(len(cats), dtype=object)
         arr[:] = cats
@@ -259,20 +267,6 @@ def concat_tables(kind: str, tables: list) -> dict:
         return empty_table(kind)
     tables = [complete(kind, t) for t in tables]
     return {c: _concat_col([t[c] for t in tables]) for c in TABLES[kind]}
-
-
-class _Index(dict):
-    """string -> code in ``strings``; a missing string is given the next code (appended), so
-    ``map(index.__getitem__, values)`` interns in C, calling back only for new strings."""
-
-    def __init__(self, strings: list):
-        super().__init__()
-        self.strings = strings
-
-    def __missing__(self, v):
-        j = self[v] = len(self.strings)
-        self.strings.append(v)
-        return j
 
 
 class GrowingTable:
@@ -379,7 +373,7 @@ class GrowingTable:
                             remap = np.full(len(v.cats), -1, dtype=np.intp)
                         remaps[id(v.cats)] = remap
                     if not whole_string_tables:
-                        _intern(v.cats, v.codes, remap, self._index, self._strings)
+                        _intern(v.cats, v.codes, remap, self._index)
                     cb[at:at + k] = remap[v.codes]
                 at += k
         self.n = need
