@@ -350,7 +350,7 @@ class Agent:
     def _stalls_pending(self) -> bool:
         """Anything pending besides periodic samples (GPU, GPU processes, RDMA counters), or a
         TCP loss episode still open (a batch closes it once its flow is quiet)."""
-        return bool(self.episodes.open) or any(k not in SAMPLE_TABLES for part in self.pending for k in part)
+        return bool(self.episodes.waiting()) or any(k not in SAMPLE_TABLES for part in self.pending for k in part)
 
     def _guard(self, fn):
         try:
@@ -449,7 +449,7 @@ class Agent:
         if proc or exits:               # exit rows last: a pid's latest row is its exit
             tables["proc"] = concat_tables("proc", [t for t in (proc, exits) if t])
         # bounded: exited processes forgotten, except those open net episodes still name
-        self.procs.sweep(keep={ep["pid"] for ep in self.episodes.open.values()})
+        self.procs.sweep(keep={ep["pid"] for ep in self.episodes.waiting()})
         off, unc = self._clock()
         synced, maxerr = ntp_state()
         now = time.monotonic()
@@ -491,7 +491,7 @@ class Agent:
                 "min_latency_ns": self.cfg.probe.min_latency_ns,
                 "attach": {p.family: p.detail for p in self.loaded},
                 "not_loaded": self.failed, "final": final, "node": {"addrs": self._node_addrs()}}
-        open_since = [ep["start"] for ep in self.episodes.open.values() if ep.get("keep", True)]
+        open_since = [ep["start"] for ep in self.episodes.waiting() if ep.get("keep", True)]
         if open_since:      # loss episodes still open: their rows come later (the live analysis waits)
             meta["net"] = {"open_since_ns": int(min(open_since))}
         shed = {f: m for f, sh in self.shedders.items() if (m := sh.meta()) is not None}

@@ -156,6 +156,7 @@ class EpisodeBuilder:
                 # accept() returned, or its first records raced the graft): learned now
                 ep["ino"] = ino
             if not ep["pid"] and ep["ino"]:
+                ep["asked"] = self.owners.scans
                 ep["pid"] = self.owners.owner(ep["ino"])
                 ep["keep"] = self._keep(ep["pid"])
         return self
@@ -175,7 +176,7 @@ class EpisodeBuilder:
         srtt_ns = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0
         lead = _lead(r, i, rto_ns, srtt_ns, self.hz)
         ep = self.open[key] = {"first": ts, "start": ts - lead, "last": ts, "n": 0, "rto_ns": rto_ns,
-                               "srtt_ns": srtt_ns, "ino": ino,
+                               "srtt_ns": srtt_ns, "ino": ino, "asked": self.owners.scans,
                                "pid": self.owners.owner(ino),
                                "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
         ep["keep"] = self._keep(ep["pid"])
@@ -188,19 +189,36 @@ class EpisodeBuilder:
     def _close(self, key):
         ep = self.open.pop(key)
         ep["key"] = key
-        if not ep["pid"] and ep["ino"]:
-            # its socket was not in /proc when the episode began (made since the last scan,
-            # which is rate limited): a second look, a scan or more later
-            ep["pid"] = self.owners.owner(ep["ino"])
-            ep["keep"] = self._keep(ep["pid"])
         self._closed.append(ep)
 
+    def _owner_settled(self, ep) -> bool:
+        """Look up a closed episode's owner again if it is unknown; True once it is known or a
+        scan begun after the episode's last lookup missed it too.
+
+        Its socket may not have been in /proc when the episode began: made since the last
+        scan, which is rate limited (a scan of /proc/*/fd costs milliseconds on a busy node),
+        so a miss is only final once a scan that started after the record was read (so after
+        the socket existed) did not find it either. Until then the episode waits; a flush
+        a scan interval later settles it."""
+        if ep["pid"] or not ep["ino"]:
+            return True
+        ep["pid"] = self.owners.owner(ep["ino"])
+        ep["keep"] = self._keep(ep["pid"])
+        return bool(ep["pid"]) or self.owners.scans > ep["asked"]
+
+    def waiting(self):
+        """Episodes whose rows are still to come: open, or closed with their owner unsettled."""
+        return list(self.open.values()) + self._closed
+
     def flush(self, now_ns: int, force: bool = False, proc_comm=lambda pid: "") -> dict:
-        """Close episodes idle for longer than the gap (all if force); return a ``net`` table."""
+        """Close episodes idle for longer than the gap (all if force); return a ``net`` table
+        of those whose owner is settled (all if force)."""
         for key, ep in list(self.open.items()):
             if force or now_ns - ep["last"] > max(self.gap_ns, 2 * ep["rto_ns"]):
                 self._close(key)
-        closed, self._closed = [ep for ep in self._closed if ep.get("keep", True)], []
+        settled = [self._owner_settled(ep) or force for ep in self._closed]
+        closed = [ep for ep, done in zip(self._closed, settled) if done and ep.get("keep", True)]
+        self._closed = [ep for ep, done in zip(self._closed, settled) if not done]
         if not closed:
             return {}
         cols = {c: [] for c in ("ts_ns", "dur_ns", "pid", "tid", "comm", "op", "saddr", "sport",
