@@ -145,6 +145,11 @@ def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_win
     verdicts = []
     live = LiveVerdicts(VerdictPrinter(as_json=True, out=_Sink(verdicts)))
     col = Collector(endpoint, store, log=lambda m: None, on_batches=live if live_on else None)
+    prof = None
+    if os.environ.get("STALLSCOPE_BENCH_PROFILE"):     # where the collector's CPU goes (pstats file)
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     q.put("ready")
     c0, t0 = time.process_time(), None
     idle_since = time.monotonic()
@@ -156,6 +161,9 @@ def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_win
         if t0 is None:
             t0 = time.monotonic()
     live.flush()
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(os.environ["STALLSCOPE_BENCH_PROFILE"])
     q.put({"msgs": col.accepted, "events": col.events, "rejected": col.rejected,
            "verdict_lines": len(verdicts),
            "wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0})

@@ -279,15 +279,22 @@ def _column(kind: str, name: str, k: str, c, n: int, strings: list, strarr) -> n
         vals = np.frombuffer(c[4], dtype=_DTYPES[vdt])
         if n and int(a.max()) >= len(vals):
             raise CodecError(f"malformed batch: {where} indexes past its dictionary")
-        a = vals[a.astype(np.intp)]
-    elif mode == "z":
+        # the (small) dictionary widened once, then gathered: one pass over the rows
+        return vals.astype(np.int64 if k == "i" else np.uint64)[a]
+    if mode == "z":
         if not _I64_MIN <= base <= _U64_MAX:
             raise CodecError(f"malformed batch: {where} base {base} out of range")
-        z = a.astype(np.uint64)
         # zigzag back to two's-complement deltas, summed modulo 2**64 (as the encoder's
-        # int64 differences were taken): any input gives numbers, never an overflow
-        d = (z >> np.uint64(1)) ^ (np.uint64(0) - (z & np.uint64(1)))
-        a = np.cumsum(d, dtype=np.uint64) + np.uint64(base & _U64_MAX)
+        # int64 differences were taken): any input gives numbers, never an overflow.
+        # In place in one new array (decode is a tenth of the collector's CPU).
+        d = a.astype(np.uint64)
+        neg = d & np.uint64(1)
+        np.negative(neg, out=neg)               # 0 or 2**64-1
+        d >>= np.uint64(1)
+        d ^= neg
+        d[:1] += np.uint64(base & _U64_MAX)     # (an array op: wraps silently, as the deltas do)
+        np.cumsum(d, out=d)
+        return d.view(np.int64) if k == "i" else d
     return a.astype(np.int64) if k == "i" else a.astype(np.uint64)
 
 
