@@ -271,6 +271,24 @@ def test_maps_cache_never_takes_a_reused_address_from_an_older_copy(tmp_path):
     assert mc.resolve(77, 0x7f0000100000, since_ns=t2)[0] == UNKNOWN_MAPPING   # not a stale guess
 
 
+def test_maps_cache_names_a_faults_fs_as_vfs_rows_do(tmp_path):
+    """Mountinfo says nfs4 for an NFSv4 mount and fuse.sshfs for sshfs; VFS rows name fs by
+    superblock magic: "nfs" for every NFS version, "fuse" for every FUSE fs."""
+    from stallscope.tracer.families.sched import MapsCache
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "mountinfo").write_text(
+        "40 1 0:51 / /mnt/nfs4.2 rw - nfs4 srv:/export rw,vers=4.2\n"
+        "41 1 0:52 / /mnt/nfs3 rw - nfs srv:/export rw,vers=3\n"
+        "42 1 0:53 / /mnt/ssh rw - fuse.sshfs host: rw\n"
+        "43 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
+    mc = MapsCache(str(tmp_path))
+    assert [mc.fs_of(d) for d in ((0, 51), (0, 52), (0, 53), (8, 1), (9, 9))] == ["nfs", "nfs", "fuse", "ext4", ""]
+    import numpy as np
+
+    from stallscope.tracer.decode import fs_names
+    assert list(fs_names(np.array([0x6969, 0x65735546, 0xEF53], dtype=np.uint64))) == ["nfs", "fuse", "ext4"]
+
+
 # ---------------------------------------------------------------------- staying bounded
 
 HZ = procinfo.os.sysconf("SC_CLK_TCK")

@@ -321,7 +321,10 @@ class MapsCache:
                         if len(fields) < 3 or not right:
                             continue
                         ma, _, mi = fields[2].partition(":")
-                        self._mounts[(int(ma), int(mi))] = right.split()[0].split(".")[0]
+                        fs = right.split()[0].split(".")[0]      # fuse.sshfs -> fuse
+                        # named as VFS rows name it (by superblock magic: one "nfs" for
+                        # v2-v4), so a fault and a read of one file say the same fs
+                        self._mounts[(int(ma), int(mi))] = "nfs" if fs == "nfs4" else fs
             except (OSError, ValueError):
                 pass
         return self._mounts.get(dev, "")
