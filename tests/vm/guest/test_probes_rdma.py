@@ -4,13 +4,22 @@ The two soft-RoCE devices of the ``rxe_pair`` fixture talk across a veth pair, s
 ``ssveth0`` delays or drops real RoCE packets:
 
 * waits: ``ibv_rc_pingpong -e`` (event mode: it sleeps in ibv_get_cq_event for each
-  completion) with 100 ms netem delay; the tracer reports its waits with its pid, the device,
-  and together they account for the time the program itself reports per iteration;
+  completion) with 100 ms netem delay on the client's side of the wire (client -> server
+  only). The tracer reports exactly the waits the delay makes, with the pid and device, and
+  together they account for the time the program itself reports per iteration:
+  - the client waits once per iteration, about 100 ms, for its ping to arrive: the server's
+    ACK and its pong come back undelayed and together;
+  - the server waits once per iteration for a ping, and once more at the end: for the
+    client's ACK of the last pong, which crosses the delayed direction;
 * the same through the uprobe on libibverbs (loaded in-process, the method kernels without
   kprobes would get), and what that uprobe costs per call;
-* counters: 10% netem loss under an RC ping-pong makes rdma_rxe retry and see sequence
-  errors; the tracer's "rdma_counter" rows (sysfs hw_counters deltas, in its recording)
-  add up to exactly what sysfs moved by, retries included.
+* counters: 10% loss of the RoCE packets (UDP port 4791) the client's device sends, by a
+  netem qdisc that only they pass, under an RC ping-pong, makes rdma_rxe retry and see
+  sequence errors; the tracer's "rdma_counter" rows (sysfs hw_counters deltas, in its
+  recording) add up to exactly what sysfs moved by, retries included, and they agree with
+  the loss injected: the client's device sent exactly the packets netem saw, and at least
+  the packets netem dropped never arrived (more when the server's device refused a late
+  one for a queue pair already gone).
 """
 
 from __future__ import annotations
@@ -59,17 +68,19 @@ def pingpong(rxe, iters: int, port: int, events: bool) -> dict:
 
 
 def check_waits(events: list, pp: dict, rxe, what: str) -> None:
-    """The client's waits: on its device, each at least the delay, adding up to (most of) its loop time."""
+    """The client's waits: one per iteration, on its device, each at least the delay, adding
+    up to (most of) its loop time; the server's: one per iteration and one for the last ACK."""
     mine = [e for e in events if e["pid"] == pp["client_pid"]]
-    assert len(mine) >= ITERS // 2, (what, events)
+    server = [e for e in events if e["pid"] == pp["server_pid"]]
+    assert (len(mine), len(server)) == (ITERS, ITERS + 1), (what, [e["dur_ns"] for e in mine],
+                                                            [e["dur_ns"] for e in server])
     loop_ns = ITERS * pp["client_usec"] * 1000
     waited = sum(e["dur_ns"] for e in mine)
     assert 0.6 * loop_ns <= waited <= 1.05 * loop_ns, (what, waited, loop_ns, mine)
     for e in mine:
         assert (e["device"], e["op"], e["comm"]) == (rxe.devices[0], "rdma_get_cq_event", "ibv_rc_pingpong"), e
         assert e["dur_ns"] >= MIN_LATENCY_MS * 1_000_000 and e["bytes"] >= 1, e
-    server = [e for e in events if e["pid"] == pp["server_pid"]]
-    assert server and all(e["device"] == rxe.devices[1] for e in server), (what, server)
+    assert all(e["device"] == rxe.devices[1] for e in server), (what, server)
 
 
 @pytest.mark.matrix("RDMA verbs completion waits (soft-RoCE)", "kprobe")
@@ -86,7 +97,7 @@ def test_rdma_completion_waits_kprobe(probe_tracers, rxe_pair, netem, matrix_una
     start = time.time_ns()
     pp = pingpong(rxe_pair, ITERS, 18611, events=True)
     pids = (pp["client_pid"], pp["server_pid"])
-    t.wait_events(lambda e: e["type"] == "rdma" and e["pid"] in pids, ITERS // 2)
+    t.wait_events(lambda e: e["type"] == "rdma" and e["pid"] in pids, 2 * ITERS + 1)
     check_waits(t.events(lambda e: e["type"] == "rdma" and e["pid"] in pids and e["ts_ns"] >= start),
                 pp, rxe_pair, "kprobe")
 
@@ -107,6 +118,31 @@ def _recorded_counters(recording, since_ns: int, until_ns: int) -> dict:
     return sums
 
 
+ROCE_LOSS_HANDLE = "10:"
+
+
+def roce_loss(dev: str, percent: int) -> None:
+    """Drop ``percent`` of the RoCE v2 packets (UDP to port 4791) leaving ``dev``, and nothing
+    else: a prio qdisc sends every other packet to a plain band, a u32 filter sends RoCE to
+    the band with netem (handle 10:, whose counts are then RoCE packets only)."""
+    script = f"""set -e
+modprobe sch_netem
+tc qdisc del dev {dev} root 2>/dev/null || true
+tc qdisc add dev {dev} root handle 1: prio bands 2 priomap {' '.join(['1'] * 16)}
+tc qdisc add dev {dev} parent 1:1 handle {ROCE_LOSS_HANDLE} netem loss {percent}%
+tc filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip protocol 17 0xff match ip dport 4791 0xffff flowid 1:1
+"""
+    run("sh", "-c", script)
+
+
+def netem_counts(dev: str) -> tuple[int, int]:
+    """(packets netem passed, packets it dropped) by the RoCE loss qdisc on ``dev``."""
+    out = run("tc", "-s", "qdisc", "show", "dev", dev)
+    m = re.search(rf"qdisc netem {ROCE_LOSS_HANDLE} .*?\n\s*Sent \d+ bytes (\d+) pkt \(dropped (\d+),", out, re.S)
+    assert m, out
+    return int(m.group(1)), int(m.group(2))
+
+
 @pytest.mark.matrix("RDMA port counters (soft-RoCE)", "sysfs")
 def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem):
     t = probe_tracers.nfs_rdma
@@ -115,7 +151,8 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
     time.sleep(2.5)            # earlier traffic's counter changes are behind at least one poll (1 s)
     before = {d: hw_counters(d) for d in rxe_pair.devices}
     since = time.time_ns()
-    netem(rxe_pair.netdevs[0], "loss", "10%")
+    netem(rxe_pair.netdevs[0], "delay", "0ms")          # (the fixture takes the root qdisc off after)
+    roce_loss(rxe_pair.netdevs[0], 10)
     # 60 round trips: ~120 packets at 10% loss (no loss at all: p < 1e-5). Under loss the
     # server side of ibv_rc_pingpong can wait forever for a last message whose sender (the
     # client) already exited; it is killed after 60 s. What this test checks is the counters,
@@ -131,6 +168,8 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
         except AssertionError:
             if attempt == 2:
                 raise
+    time.sleep(1)              # the last retries of a pair whose peer left
+    passed, dropped = netem_counts(rxe_pair.netdevs[0])
     run("stallscope-netem", rxe_pair.netdevs[0], "off")
     after = {d: hw_counters(d) for d in rxe_pair.devices}
     time.sleep(3.5)            # two more polls, and the batch that carries them
@@ -143,6 +182,14 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
     assert retries > 0, f"10% loss produced no retries or sequence errors: {truth}"
     mine = {k: v for k, v in got.items() if k[0] in rxe_pair.devices}
     assert mine == truth, f"tracer: {mine}\nsysfs: {truth}"
+    # against the loss injected: what the client's device sent is what netem saw, and what
+    # netem dropped never reached the server's device
+    a, b = rxe_pair.devices
+    sent_a, rcvd_b = mine.get((a, "hw_counters/sent_pkts"), 0), mine.get((b, "hw_counters/rcvd_pkts"), 0)
+    print(f"RDMACOUNTERS netem passed {passed} dropped {dropped}; tracer: {a} sent {sent_a}, {b} received "
+          f"{rcvd_b}; {mine}")
+    assert dropped > 0 and sent_a == passed + dropped, (passed, dropped, mine)
+    assert sent_a - rcvd_b >= dropped, (passed, dropped, mine)
 
 
 @pytest.mark.matrix("RDMA verbs completion waits (soft-RoCE)", "uprobe")
