@@ -16,7 +16,7 @@ demo: setup
 # background meanwhile); `make test VM_KERNELS=6.1` boots one
 VM_KERNELS ?= 5.10,6.1,6.12
 test: setup lint
-	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=$(VM_KERNELS) .venv/bin/python -m pytest -q tests
+	STALLSCOPE_REQUIRE_BPF=1 STALLSCOPE_REQUIRE_VM=1 STALLSCOPE_VM_KERNELS=$(VM_KERNELS) .venv/bin/python -m pytest -q --durations=15 tests
 
 # style and types (configured in pyproject.toml)
 lint: setup

@@ -129,6 +129,7 @@ class GuestCase:
     status: str  # passed, failed, error, skipped
     message: str = ""
     text: str = ""
+    seconds: float = 0.0  # as the guest's pytest timed it (setup, call and teardown)
 
 
 def parse_junit(path: Path) -> tuple[dict[str, list[GuestCase]], dict[str, str]]:
@@ -151,7 +152,12 @@ def parse_junit(path: Path) -> tuple[dict[str, list[GuestCase]], dict[str, str]]
             module_errors[name.rsplit(".", 1)[-1]] = f"{message}\n{text}"
             continue
         owner = classname.split("guest.", 1)[-1]  # tests.vm.guest.test_x[.TestY] -> test_x[.TestY]
-        cases.setdefault(f"{owner}.{name.split('[', 1)[0]}", []).append(GuestCase(name, status, message, text))
+        try:
+            seconds = float(tc.get("time", "0"))
+        except ValueError:
+            seconds = 0.0
+        cases.setdefault(f"{owner}.{name.split('[', 1)[0]}", []).append(
+            GuestCase(name, status, message, text, seconds))
     return cases, module_errors
 
 
@@ -397,6 +403,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"vm tier [{kernel}]: image {image} ({s.image.kernel_release}), boot-to-script {boot}, "
             f"full cycle {r.wall_s:.1f} s ({r.accel}); guest console: {r.console_log}"
         )
+        slow = sorted((c for cs in s.cases.values() for c in cs), key=lambda c: -c.seconds)[:6]
+        if slow:        # where a guest's minutes go (the CI time budget)
+            terminalreporter.write_line(f"vm tier [{kernel}]: slowest guest tests: "
+                                        + ", ".join(f"{c.name} {c.seconds:.0f} s" for c in slow))
     if _sessions:
         terminalreporter.write_line(f"vm tier: per-kernel results in {RESULTS_DIR} "
                                     "(render README's table: python3 tests/vm/matrix.py --write)")
