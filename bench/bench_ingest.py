@@ -115,7 +115,7 @@ def _sender(endpoint, payloads, start_evt, q=None):
     tx.close()
 
 
-def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_window=False):
+def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_window=False, stop=None):
     os.sched_setaffinity(0, {0})
     from stallscope.wire.transport import Receiver
     if raw:
@@ -167,6 +167,10 @@ def _collector_proc(endpoint, store, total_msgs, q, raw, live_on=True, whole_win
     q.put({"msgs": col.accepted, "events": col.events, "rejected": col.rejected,
            "verdict_lines": len(verdicts),
            "wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0})
+    # then serve on, as a collector does, until the senders are done: an acknowledgement a
+    # full pipe could not take (counted in acks_unsent) is answered when its batch is resent
+    while stop is not None and not stop.wait(0):
+        col.step(timeout_ms=50)
     col.close()
 
 
@@ -197,7 +201,8 @@ def run(n_senders=8, n_batches=40, per_batch=5000, raw=False, tmp=None, payloads
     s.close()
     q = ctx.Queue()
     total = sum(len(p) for p in payloads)
-    col = ctx.Process(target=_collector_proc, args=(endpoint, store, total, q, raw, live_on, whole_window))
+    stop = ctx.Event()
+    col = ctx.Process(target=_collector_proc, args=(endpoint, store, total, q, raw, live_on, whole_window, stop))
     col.start()
     assert q.get(timeout=60) == "ready"
     start = ctx.Event()
@@ -208,11 +213,14 @@ def run(n_senders=8, n_batches=40, per_batch=5000, raw=False, tmp=None, payloads
         p.start()
     time.sleep(0.5)
     start.set()
-    res = q.get(timeout=600)
-    if not raw:
-        got = [sq.get(timeout=120) for _ in senders]
-        res["resent"] = sum(g["resent"] for g in got)
-        res["complete"] = all(g["complete"] for g in got) and res["msgs"] == total
+    try:
+        res = q.get(timeout=600)
+        if not raw:
+            got = [sq.get(timeout=360) for _ in senders]      # (a sender gives up after 300 s)
+            res["resent"] = sum(g["resent"] for g in got)
+            res["complete"] = all(g["complete"] for g in got) and res["msgs"] == total
+    finally:
+        stop.set()
     for p in senders:
         p.join(60)
     col.join(60)
