@@ -34,6 +34,9 @@ class AgentConfig:
     idle_poll_ms: int = 50          # ... and while nothing came (a 16 MiB ring holds ~63k records)
     batch_ms: int = 250             # batch period while stalls flow
     idle_batch_ms: int = 1000       # otherwise: GPU samples, counters, clock (a heartbeat)
+    batch_max_records: int = 32768  # ... or sooner, once this many records came since the last:
+                                    # building a batch is the loop's longest step, and a ring
+                                    # (16 MiB: ~63k records) must not fill meanwhile
     counters_ms: int = 1000         # the kernel's counters are read this often (and in the last batch)
     # ... and the latency histograms, sent when read: a read copies 2,048 slots per CPU of each
     # family's map (about 1 ms a family on 2 CPUs, more on a 128-CPU node), so not every second
@@ -209,6 +212,7 @@ class Agent:
         self._counters_at = None
         self.last_counters = {}
         self._drained = 0
+        self._since_batch = 0           # records drained since the last batch
         self.shedders = {}              # family -> ring.Shedder (overload control)
 
     # ------------------------------------------------------------ start-up
@@ -329,12 +333,18 @@ class Agent:
                 if self.rdma_counters is not None and now >= next_rdma:
                     self._guard(self._sample_rdma)
                     next_rdma = now + self.cfg.rdma_poll_ms / 1000
-                if now >= next_batch and (self._stalls_pending() or now - last_flush >= self.cfg.idle_batch_ms / 1000):
+                if self._since_batch >= self.cfg.batch_max_records or (
+                        now >= next_batch and (self._stalls_pending()
+                                               or now - last_flush >= self.cfg.idle_batch_ms / 1000)):
                     # stalls go out every batch_ms; GPU samples alone and the heartbeat once a second
                     self._guard(self.flush)
                     last_flush = now
                     next_batch = now + self.cfg.batch_ms / 1000
-                time.sleep((self.cfg.poll_ms if self._drained else self.cfg.idle_poll_ms) / 1000)
+                # the next tick poll_ms after this one began, not after it ended: while a storm
+                # makes a tick's work take longer, the loop drains back to back instead of
+                # sleeping as the ring fills (at 1M records/s a 16 MiB ring holds ~60 ms)
+                period = (self.cfg.poll_ms if self._drained else self.cfg.idle_poll_ms) / 1000
+                time.sleep(max(0.0, now + period - time.monotonic()))
         except KeyboardInterrupt:
             pass
         finally:
@@ -371,6 +381,7 @@ class Agent:
                 sh.update(p.ring.fill, recs)
             # lineage records (every fork on the node) do not make the loop poll faster
             self._drained += len(recs) - int(np.count_nonzero(recs["type"] == T_PROC)) if len(recs) else 0
+            self._since_batch += len(recs)
             if len(recs):
                 tables = decode.split(recs, off, self.methods)
                 if "_proc" in tables:           # lineage first: later rows may name these pids
@@ -519,6 +530,7 @@ class Agent:
         return list(self._addrs)
 
     def flush(self, final: bool = False):
+        self._since_batch = 0
         batch = self.build_batch(final)
         self.events_out += batch.n_events()
         for s in self.sinks:
