@@ -186,8 +186,6 @@ def test_rdma_counters_report_retries_under_loss(probe_tracers, rxe_pair, netem)
     # netem dropped never reached the server's device
     a, b = rxe_pair.devices
     sent_a, rcvd_b = mine.get((a, "hw_counters/sent_pkts"), 0), mine.get((b, "hw_counters/rcvd_pkts"), 0)
-    print(f"RDMACOUNTERS netem passed {passed} dropped {dropped}; tracer: {a} sent {sent_a}, {b} received "
-          f"{rcvd_b}; {mine}")
     assert dropped > 0 and sent_a == passed + dropped, (passed, dropped, mine)
     assert sent_a - rcvd_b >= dropped, (passed, dropped, mine)
 
