@@ -9,6 +9,7 @@ per record, so the cost per record is a few numpy operations.
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -224,8 +225,20 @@ def addrs(family: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return np.array([addr_str(int(f), a) for f, a in zip(family, raw)], dtype=object)
 
 
-def devices(dev: np.ndarray) -> np.ndarray:
-    return unique_map(dev, lambda d: f"{int(d) >> 20}:{int(d) & 0xFFFFF}")
+def device_name(dev: int, sysfs: str = "/sys") -> str:
+    """A kernel dev_t (``MAJOR << 20 | MINOR``, as the block tracepoints give it) -> the disk
+    or partition name iostat shows (nvme0n1, sda1, loop0), from the /sys/dev/block link;
+    "major:minor" when there is no such device (gone, or another namespace's sysfs)."""
+    mm = f"{dev >> 20}:{dev & 0xFFFFF}"
+    try:
+        return os.path.basename(os.readlink(os.path.join(sysfs, "dev", "block", mm))) or mm
+    except OSError:
+        return mm
+
+
+def devices(dev: np.ndarray, sysfs: str = "/sys") -> np.ndarray:
+    """Device names of a dev_t column (one sysfs lookup per distinct device)."""
+    return unique_map(dev, lambda d: device_name(int(d), sysfs))
 
 
 def constant(value: str, n: int) -> np.ndarray:

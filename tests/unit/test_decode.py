@@ -138,3 +138,16 @@ def test_vfs_extra_ops_skip_what_the_kernel_lacks(tmp_path):
     assert set(vfs.EXIT_FN) == set(vfs.BASE_SYSCALLS) | set(vfs.EXTRA_SYSCALLS)
     flags, have, note = vfs.extra_ops(str(tmp_path / "nothing"))
     assert flags == [] and have == [] and "sendfile64" in note
+
+
+def test_block_devices_named_as_sysfs_names_them(tmp_path):
+    """dev_t (MAJOR << 20 | MINOR, the block tracepoints' encoding) -> the disk or partition
+    name from /sys/dev/block/M:m (nvme0n1, sda1); "M:m" where sysfs has no such device."""
+    links = tmp_path / "dev" / "block"
+    links.mkdir(parents=True)
+    os.symlink("../../devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1", links / "259:0")
+    os.symlink("../../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1",
+               links / "8:1")
+    dev = np.array([(259 << 20) | 0, (8 << 20) | 1, (259 << 20) | 0, (7 << 20) | 3], dtype=np.uint64)
+    assert list(decode.devices(dev, sysfs=str(tmp_path))) == ["nvme0n1", "sda1", "nvme0n1", "7:3"]
+    assert decode.device_name((8 << 20) | 1, sysfs=str(tmp_path / "nowhere")) == "8:1"
