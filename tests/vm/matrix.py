@@ -52,7 +52,7 @@ HOST = {
     "RDMA verbs completion waits (soft-RoCE)": "no RDMA here",
     "RDMA port counters (soft-RoCE)": "no RDMA here",
     "TCP retransmits (netem loss)": "**tracepoint** (netns loss)",
-    "block IO (loads; events checked on the host only)": "**tracepoint**",
+    "block IO: request latency by device, pid, sector": "**tracepoint** (loop device on FUSE)",
     "sched: process lifecycle, off-CPU time of owner threads": "**raw tracepoint** (FUSE)",
     "sched: page faults of owner threads (mapped files)": "**raw tracepoint** (FUSE)",
     "fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)":

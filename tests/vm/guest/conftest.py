@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,24 @@ def rxe_device() -> RxeDevice:
         pytest.fail("rxe0 has no GID for 192.0.2.1", pytrace=False)
     yield RxeDevice("rxe0", "ssdummy0", "192.0.2.1", index)
     run("stallscope-rxe-down")
+
+
+@pytest.fixture(scope="session")
+def null_blk() -> str:
+    """/dev/nullb0: a null_blk disk whose every request completes 100 ms after the driver
+    queues it (timer completions), the slow device the block tests read."""
+    if Path("/sys/module/null_blk").exists():
+        run("rmmod", "null_blk")
+    run("modprobe", "null_blk", "nr_devices=1", "irqmode=2", "completion_nsec=100000000", "gb=1")
+    dev = Path("/dev/nullb0")
+    for _ in range(50):     # devtmpfs adds the node as the disk registers
+        if dev.exists():
+            break
+        time.sleep(0.1)
+    if not dev.exists():
+        pytest.fail("modprobe null_blk made no /dev/nullb0", pytrace=False)
+    yield str(dev)
+    subprocess.run(["rmmod", "null_blk"], capture_output=True)     # best effort: udev may still hold it
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Families that load on this kernel without a stall check here, and the fallback between methods.
 
-* block has only tracepoints: the shared ``tp`` tracer (``--families vfs,block,sched
-  --attach tracepoint``) must load it on this kernel and say with which tracepoints (its
-  events are checked on the host's kernel by tests/bpf; here the matrix records that it
-  loads, not that its events are right: the row name says so). The sched family's events
-  are checked here, in test_probes_sched.py;
+* block has only tracepoints: the shared ``tp`` tracer (``--families vfs,block --attach
+  tracepoint``) reports each request of a slow device: null_blk with timer completions
+  ``NULLB_DELAY_MS`` after the request is queued, read with ``dd iflag=direct`` (one 4 KiB
+  request per read, issued from dd's own context), so each of the ``READS`` requests is one
+  event with dd's pid, the device's name, its sector and at least the delay;
 * a family whose best method cannot load degrades to the next one and says why: with fentry
   and kprobes made unavailable (the capability checks patched, in-process), `auto` gives VFS
   its syscall tracepoints and NFS its RPC-only tracepoint method, each log line naming the
@@ -23,18 +23,34 @@ from pathlib import Path
 
 import pytest
 
-from probe_env import has_tracepoint
+from probe_env import has_tracepoint, summary
 from test_probes_vfs import _family_line
 
-@pytest.mark.parametrize("family", [
-    pytest.param("block", marks=pytest.mark.matrix("block IO (loads; events checked on the host only)", "tracepoint")),
-])
-def test_tracepoint_only_family_loads(probe_tracers, family):
+READS = 23                  # a count that cannot come from unrelated activity
+NULLB_DELAY_MS = 100
+
+
+@pytest.mark.matrix("block IO: request latency by device, pid, sector", "tracepoint")
+def test_block_requests_of_a_slow_device_by_pid_device_sector(probe_tracers, null_blk):
     t = probe_tracers.tp
     t.wait_ready()
-    line = _family_line(t.stderr, family)
-    assert "not loaded" not in line, line
-    assert "tracepoint" in line, line
+    line = _family_line(t.stderr, "block")
+    assert "tracepoints block/block_rq_issue block/block_rq_complete" in line, line
+    dd = subprocess.Popen(["dd", f"if={null_blk}", "of=/dev/null", "bs=4096", f"count={READS}", "iflag=direct"],
+                          stderr=subprocess.PIPE, text=True)
+    _, err = dd.communicate(timeout=120)
+    assert dd.returncode == 0, err
+    evs = sorted(t.wait_events(lambda e: e["type"] == "block" and e["pid"] == dd.pid, READS),
+                 key=lambda e: e["ts_ns"])
+    assert len(evs) == READS, summary(t.events(lambda e: e["type"] == "block"))
+    name = Path(null_blk).name
+    for i, e in enumerate(evs):
+        assert (e["op"], e["device"], e["bytes"], e["comm"]) == ("blk_read", name, 4096, "dd"), e
+        assert e["sector"] == i * 8, e              # 512-byte sectors: one 4 KiB read after another
+        # the timer starts when the driver queues the request, after the issue tracepoint
+        assert NULLB_DELAY_MS * 1_000_000 <= e["dur_ns"] <= (NULLB_DELAY_MS + 400) * 1_000_000, e
+    for a, b in zip(evs, evs[1:]):                  # one after another, as dd issued them
+        assert b["ts_ns"] >= a["ts_ns"] + a["dur_ns"] - 1_000_000, (a, b)
 
 
 @pytest.mark.matrix("fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)", "forced")
