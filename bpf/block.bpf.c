@@ -1,10 +1,15 @@
 /* block.bpf.c: block request latency by device, issue -> complete.
  *
  * Stable tracepoints block:block_rq_issue and block:block_rq_complete, keyed
- * by (dev, sector). The issuing task is recorded at issue time; for writeback
- * that is a kworker, which is why block stalls are blamed through the VFS op
- * that waited on them (fsync) rather than by pid alone. Requests shorter than
- * the threshold only feed the per-op histogram.
+ * by (dev, sector); latency is issue -> complete (device time, as biolatency).
+ * The task is the submitter's, taken at block:block_getrq (request allocation,
+ * in the context of the task that submitted the bio), because the issue may run
+ * later from kblockd (a kworker): on 5.10 with null_blk every O_DIRECT read was
+ * issued so. Where getrq was not seen for the sector (a front merge, a request
+ * the block layer made itself), the issuing task. For writeback the submitter is
+ * a kworker too, which is why block stalls are blamed through the VFS op that
+ * waited on them (fsync) rather than by pid alone. Requests shorter than the
+ * threshold only feed the per-op histogram.
  */
 #include "common.bpf.h"
 
@@ -27,21 +32,51 @@ static __always_inline u8 rwbs_op(const char *rwbs)
 	return SS_OP_BLK_OTHER;
 }
 
-TRACEPOINT_PROBE(block, block_rq_issue)
+/* The submitter of the request starting at a sector, from getrq to issue. Keyed by
+ * the sector alone: on 5.12+ getrq's dev is a partition's while issue names the
+ * whole disk; both carry the remapped (whole-disk) sector. An LRU map, so the
+ * entries of requests whose sector changed before issue age out. */
+struct blk_who { u32 pid; u32 tid; char comm[SS_COMM_LEN]; };
+BPF_TABLE("lru_hash", u64, struct blk_who, blk_who, 16384);
+
+TRACEPOINT_PROBE(block, block_getrq)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	if (!ss_wanted(id))
 		return 0;
-	struct blk_key k = {.dev = args->dev, .sector = args->sector};
+	u64 sector = args->sector;
+	struct blk_who w = {};
+	w.pid = id >> 32;
+	w.tid = (u32)id;
+	bpf_get_current_comm(w.comm, sizeof(w.comm));
+	blk_who.update(&sector, &w);
+	return 0;
+}
+
+TRACEPOINT_PROBE(block, block_rq_issue)
+{
+	u64 sector = args->sector;
 	struct blk_start s = {};
+	struct blk_who *w = blk_who.lookup(&sector);
+	if (w) {
+		s.pid = w->pid;
+		s.tid = w->tid;
+		__builtin_memcpy(s.comm, w->comm, SS_COMM_LEN);
+		blk_who.delete(&sector);
+	} else {
+		u64 id = bpf_get_current_pid_tgid();
+		if (!ss_wanted(id))
+			return 0;
+		s.pid = id >> 32;
+		s.tid = (u32)id;
+		bpf_get_current_comm(s.comm, sizeof(s.comm));
+	}
+	struct blk_key k = {.dev = args->dev, .sector = sector};
 	s.ts = bpf_ktime_get_ns();
-	s.pid = id >> 32;
-	s.tid = (u32)id;
 	s.bytes = args->bytes;
 	char rwbs[4] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), args->rwbs);
 	s.op = rwbs_op(rwbs);
-	bpf_get_current_comm(s.comm, sizeof(s.comm));
 	blk_start.update(&k, &s);
 	return 0;
 }

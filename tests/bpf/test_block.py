@@ -47,7 +47,7 @@ def test_slow_loop_device_requests_by_pid_device_sector_and_latency(slow_loop):
         assert dd.returncode == 0, err
     t.stop()
     assert t.rc == 0, t.stderr
-    assert "block: tracepoints block/block_rq_issue block/block_rq_complete" in t.stderr, t.stderr
+    assert "block: tracepoints block/block_rq_issue block/block_rq_complete block/block_getrq" in t.stderr, t.stderr
     mine = sorted((e for e in t.events if e["type"] == "block" and e["pid"] == dd.pid), key=lambda e: e["ts_ns"])
     assert len(mine) == READS, [(e["op"], e["device"], e["dur_ns"]) for e in t.events if e["type"] == "block"]
     for i, e in enumerate(mine):

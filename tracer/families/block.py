@@ -10,7 +10,8 @@ from stallscope.wire.schema import T_BLOCK
 
 NAME = "block"
 RECORD_TYPES = (T_BLOCK,)
-TRACEPOINTS = ("block/block_rq_issue", "block/block_rq_complete")
+#: issue and complete time a request; getrq names its submitter (bpf/block.bpf.c)
+TRACEPOINTS = ("block/block_rq_issue", "block/block_rq_complete", "block/block_getrq")
 
 
 def methods(cfg, tracefs):

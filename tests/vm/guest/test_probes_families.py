@@ -35,7 +35,7 @@ def test_block_requests_of_a_slow_device_by_pid_device_sector(probe_tracers, nul
     t = probe_tracers.tp
     t.wait_ready()
     line = _family_line(t.stderr, "block")
-    assert "tracepoints block/block_rq_issue block/block_rq_complete" in line, line
+    assert "tracepoints block/block_rq_issue block/block_rq_complete block/block_getrq" in line, line
     dd = subprocess.Popen(["dd", f"if={null_blk}", "of=/dev/null", "bs=4096", f"count={READS}", "iflag=direct"],
                           stderr=subprocess.PIPE, text=True)
     _, err = dd.communicate(timeout=120)
