@@ -3,8 +3,9 @@
 * block has only tracepoints: the shared ``tp`` tracer (``--families vfs,block --attach
   tracepoint``) reports each request of a slow device: null_blk with timer completions
   ``NULLB_DELAY_MS`` after the request is queued, read with ``dd iflag=direct`` (one 4 KiB
-  request per read, issued from dd's own context), so each of the ``READS`` requests is one
-  event with dd's pid, the device's name, its sector and at least the delay;
+  request per read), so each of the ``READS`` requests is one event with dd's pid, the
+  device's name, its sector and at least the delay. The pid is the submitter's, taken at
+  block_getrq: 5.10 issues these requests from a kblockd kworker, 6.1 and 6.12 from dd;
 * a family whose best method cannot load degrades to the next one and says why: with fentry
   and kprobes made unavailable (the capability checks patched, in-process), `auto` gives VFS
   its syscall tracepoints and NFS its RPC-only tracepoint method, each log line naming the
