@@ -6,7 +6,9 @@
  * in the context of the task that submitted the bio), because the issue may run
  * later from kblockd (a kworker): on 5.10 with null_blk every O_DIRECT read was
  * issued so. Where getrq was not seen for the sector (a front merge, a request
- * the block layer made itself), the issuing task. For writeback the submitter is
+ * the block layer made itself), the issuing task. Two requests in flight at one
+ * (dev, sector) share a slot: one of the two is lost, and counted
+ * (lost_inflight_collision). For writeback the submitter is
  * a kworker too, which is why block stalls are blamed through the VFS op that
  * waited on them (fsync) rather than by pid alone. Requests shorter than the
  * threshold only feed the per-op histogram.
@@ -77,6 +79,11 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 	char rwbs[4] = {};
 	bpf_probe_read_kernel(rwbs, sizeof(rwbs), args->rwbs);
 	s.op = rwbs_op(rwbs);
+	/* Two requests in flight at one (dev, sector): a buffered read and an O_DIRECT read
+	 * of the same block, say. The newer takes the slot; the first completion reports it
+	 * (with the older one's latency) and the second finds none: one event lost, counted. */
+	if (blk_start.lookup(&k))
+		ss_count(SS_C_INFLIGHT_COLLISION);
 	blk_start.update(&k, &s);
 	return 0;
 }

@@ -72,7 +72,7 @@ enum ss_op {
 
 /* counters[] indexes (per-CPU array "counters") */
 #define SS_C_LOST_RINGBUF 0    /* ring buffer refused the record twice: dropped */
-#define SS_C_INFLIGHT_COLLISION 1 /* in-flight slot held by another tid */
+#define SS_C_INFLIGHT_COLLISION 1 /* in-flight slot held by another tid (block: another request at the sector) */
 #define SS_C_EMITTED 2
 #define SS_C_BELOW 3           /* ops below threshold (block; vfs: sum of hist) */
 #define SS_C_NO_START 4        /* exit without a matching enter */

@@ -57,9 +57,12 @@ def _check_gap(tracer, load, method, ops, matrix_note):
 def check_against_calls(events: list, calls: list, what: str, context=lambda: "") -> None:
     """Each event is one of the process's calls: same count, in order, inside its window,
     with the latency it measured (the probe sits inside the syscall: a little shorter; by up
-    to 25 ms or 20% here: the python process's own timing around the call runs emulated and,
+    to 50 ms or 25% here: the python process's own timing around the call runs emulated and,
     on a loaded 2-core host, gets descheduled: one 147 ms call measured 130 ms by all three
-    VFS methods alike on 6.12). ``context()`` adds what else the tracer saw to a failure message."""
+    VFS methods alike on 6.12, and in one CI run a sendfile the process timed at 182.7 ms was
+    139.6 ms in the kernel). Never longer than the process measured, never shorter than the
+    round trips netem imposes, and inside the call's wall-clock window: those bounds are
+    tight. ``context()`` adds what else the tracer saw to a failure message."""
     events = sorted(events, key=lambda e: e["ts_ns"])
     calls = sorted(calls, key=lambda c: c["start_mono_ns"])
     assert len(calls) >= LOAD_COUNT and len(events) == len(calls), \
@@ -67,7 +70,7 @@ def check_against_calls(events: list, calls: list, what: str, context=lambda: ""
         f"\nall events of the process:\n{context()}"
     for ev, call in zip(events, calls):
         measured = call["end_mono_ns"] - call["start_mono_ns"]
-        assert measured - max(25_000_000, measured // 5) <= ev["dur_ns"] <= measured + 2_000_000, (what, ev, call)
+        assert measured - max(50_000_000, measured // 4) <= ev["dur_ns"] <= measured + 2_000_000, (what, ev, call)
         assert ev["dur_ns"] >= 2 * NETEM_DELAY_MS * 1_000_000 * 0.9, (what, ev)
         # wall-clock placement: within the call, give or take the clock mapping
         assert call["start_wall_ns"] - 5_000_000 <= ev["ts_ns"], (what, ev, call)
