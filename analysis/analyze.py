@@ -30,7 +30,7 @@ from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete,
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
 from .http_episodes import episodes
-from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups
+from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups, lifecycle
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
 DEFAULTS = {
@@ -725,6 +725,10 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
             culprit_ev, culprit_node = st.event(int(al.culprit[i]), al.best_overlap[i]), name
             chain = st.chain(al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]], int(al.best_cover[i]))
             basis = _BASIS[int(al.basis[i])]
+        klass, process = (None, None) if chain is None else (chain.klass, None)
+        if chain is None and gi >= 0:
+            klass, process = lifecycle(base.proc, own.roots[gi], own.members[gi], s, e, int(idle.res[i]),
+                                       bool(idle.open[i])) or (None, None)
         return Verdict(
             node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),
             idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),
@@ -736,7 +740,7 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
             contributors=contributors,
             owners=[int(x) for x in own.members[gi]] if gi >= 0 else [],
             gpu_pids=[int(x) for x in own.roots[gi]] if gi >= 0 else [],
-            job=str(job[i]), rank=int(rank[i]), klass=None if chain is None else chain.klass,
+            job=str(job[i]), rank=int(rank[i]), klass=klass, process=process,
             chain=chain, basis=basis, lost_ns=int(idle.lost[i]), **who)
 
     counts = {

@@ -9,7 +9,7 @@ import time
 from .analyze import VERDICTS, Result
 from .crossnode import signal_name
 from .http_episodes import SLOW, THROTTLING, TIMEOUT, endpoint_summary, full_reason, http_class, statuses_of
-from .verdict import Chain, Verdict, group_verdicts
+from .verdict import LIFECYCLE, Chain, Verdict, group_verdicts
 
 
 def _clock(ns: int) -> str:
@@ -214,6 +214,29 @@ def format_endpoints(endpoints: list, limit: int = 20) -> list:
     return lines
 
 
+def lifecycle_text(v: Verdict) -> str:
+    """An unexplained interval at the GPU's processes' edges (``verdict.lifecycle``):
+    ``start-up: python3 pid 579 started 0.3 s into it, no GPU work before``."""
+    p = v.process or {}
+    at = _dur(max(0, int(p.get("at_ns", 0)) - v.idle_start_ns))
+    who = f"{p.get('comm', '?')} pid {p.get('pid', '?')}"
+    if v.klass == "process_exit":
+        return f"exit: {who} exited {at} into it ({signal_name(int(p.get('exit_status', -1)))})"
+    if v.klass == "process_start":
+        return f"start-up: {who} started {at} into it, no GPU work before"
+    n = int(p.get("count", 1))
+    first = f"{who}, a child of the GPU's process," if n == 1 else \
+        f"{n} children of the GPU's process, the first {who},"
+    return f"worker start-up: {first} started {at} into it (workers re-forked, e.g. a DataLoader " \
+           "without persistent_workers)"
+
+
+def _edges_note(vs) -> str:
+    """`` (2 at a GPU process's start-up, exit or workers' start-up)`` after the unexplained count."""
+    n = sum(1 for v in vs if v.verdict == "unexplained" and v.klass in LIFECYCLE)
+    return f" ({n} at a GPU process's start-up, exit or workers' start-up)" if n else ""
+
+
 def format_text(result: Result) -> str:
     """A table of verdicts (NODE GPU IDLE-START DUR(ms) VERDICT EXPLAINED CULPRIT), the
     repeated culprits, and a summary: counts, edge precision per GPU, lost events."""
@@ -236,6 +259,8 @@ def format_text(result: Result) -> str:
                 what = f"[{v.culprit_node}, clock +-{v.clock_uncertainty_ns / 1e6:.3f}ms] " + what
             if v.job_cost is not None:
                 what += f"; {cost_text(v)}"
+        elif v.process and v.klass in LIFECYCLE:
+            what = f"({lifecycle_text(v)})"
         elif v.contributors:
             what = f"(partly: {describe(v.contributors[0])})"
         elif not v.owners:
@@ -258,7 +283,7 @@ def format_text(result: Result) -> str:
     lines.append("")
     lines.append(f"{s.get('intervals', 0)} idle intervals on {s.get('gpus', 0)} GPUs, "
                  f"{len(s.get('nodes', []))} nodes: " +
-                 ", ".join(f"{counts.get(k, 0)} {k}" for k in VERDICTS) +
+                 ", ".join(f"{counts.get(k, 0)} {k}" for k in VERDICTS) + _edges_note(vs) +
                  f"; {sum(s.get('stalls', {}).values())} stalls traced")
     per = s.get("sample_period_ns", {})
     if per:
@@ -319,6 +344,8 @@ def verdict_line(v: Verdict) -> str:
             what = f"[remote: {v.culprit_node}] {what}"
         if v.job_cost is not None:
             what += f"; {cost_text(v)}"
+    elif v.process and v.klass in LIFECYCLE:
+        what = f"unexplained: {lifecycle_text(v)}"
     elif v.contributors:
         what = f"unexplained (partly: {describe(v.contributors[0])})"
     elif not v.owners:

@@ -11,6 +11,8 @@ import collections
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .http_episodes import full_reason, http_class, statuses_of
 
 #: failure modes a culprit chain can be classed as
@@ -258,6 +260,9 @@ class Verdict:
     cause: str | None = None
     culprit_rank: int = -1
     job_cost: JobCost | None = None
+    # an interval nothing traced explains, at a GPU process's start or exit or while its
+    # worker processes started (:func:`lifecycle`): which process and when; ``klass`` names it
+    process: dict | None = None
 
     @property
     def duration_ns(self) -> int:
@@ -288,7 +293,58 @@ class Verdict:
                                  ("container_id", self.container_id)) if v},
             **({"cause": self.cause, "culprit_rank": self.culprit_rank} if self.cause else {}),
             **({"job_cost": self.job_cost.to_json()} if self.job_cost is not None else {}),
+            **({"process": self.process} if self.process else {}),
         }
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+#: classes of unexplained intervals at a process's edges (``Verdict.klass``), in priority order
+LIFECYCLE = ("process_exit", "process_start", "workers_start")
+
+
+def lifecycle(proc: dict, roots, members, start_ns: int, end_ns: int, res_ns: int, open_end: bool):
+    """``(class, process)`` for an interval nothing traced explains, when the GPU's own
+    processes account for it, else None. From the node's proc table (one row per pid):
+
+    * ``process_exit``: a process NVML listed on the GPU (a root) exited in it: the job ended
+      or crashed (``exit_status``);
+    * ``process_start``: a root started in it, or less than a sample period before it (the
+      GPU was idle since its last work, before this process ran): start-up (imports, CUDA
+      context, model load) before its first GPU work;
+    * ``workers_start``: processes descending from a root started in it (DataLoader workers
+      re-forked each epoch, say): the GPU waited while they started. A hint, not a proof.
+
+    ``process`` holds pid, comm and ``at_ns`` (the start or exit), with ``exit_status`` (a
+    wait(2) status, -1 unknown) or, for workers, ``pids`` (up to 8) and ``count``."""
+    if proc is None or not len(proc.get("pid", ())):
+        return None
+    pid = np.asarray(proc["pid"], dtype=np.int64)
+    start = np.asarray(proc["start_ns"], dtype=np.int64)
+    ex = np.asarray(proc["exit_ns"], dtype=np.int64) if "exit_ns" in proc else np.zeros(len(pid), np.int64)
+    roots = np.asarray(list(roots), dtype=np.int64)
+    r = np.flatnonzero(np.isin(pid, roots))
+    hi = np.iinfo(np.int64).max if open_end else end_ns + res_ns
+
+    def row(j, at, **more):
+        return {"pid": int(pid[j]), "comm": str(proc["comm"][j]), "at_ns": int(at), **more}
+
+    ended = r[(ex[r] > 0) & (ex[r] >= start_ns - res_ns) & (ex[r] <= hi)]
+    if len(ended):
+        j = ended[np.argmin(ex[ended])]
+        status = int(proc["exit_status"][j]) if "exit_status" in proc else -1
+        return "process_exit", row(j, ex[j], exit_status=status)
+    began = r[(start[r] > 0) & (start[r] >= start_ns - res_ns) & (start[r] <= end_ns)]
+    if len(began):
+        j = began[np.argmin(start[began])]
+        return "process_start", row(j, start[j])
+    kids = np.flatnonzero(np.isin(pid, np.setdiff1d(np.asarray(list(members), dtype=np.int64), roots)))
+    kids = kids[(start[kids] >= start_ns) & (start[kids] <= end_ns)]
+    if len(kids):
+        kids = kids[np.argsort(start[kids], kind="stable")]
+        return "workers_start", row(kids[0], start[kids[0]], pids=[int(x) for x in pid[kids[:8]]],
+                                    count=int(len(kids)))
+    return None
 
 
 # --------------------------------------------------------------------------- groups
