@@ -31,8 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 
-READ_WORKLOAD = r"""
-import os, sys, time, json, torch
+# both workloads: argv (the data folder, the ground-truth log), the GPU busy 3 s first
+_PRELUDE = r"""
+import json, os, sys, time, torch
 data, log = sys.argv[1], sys.argv[2]
 x = torch.randn(8192, 8192, device="cuda")
 def compute(sec):
@@ -41,6 +42,9 @@ def compute(sec):
         y = x @ x
         torch.cuda.synchronize()
 compute(3.0)
+"""
+
+READ_WORKLOAD = _PRELUDE + r"""
 ev = []
 for step in range(4):
     name = "slow-shard.bin" if step == 2 else "shard.bin"
@@ -53,10 +57,8 @@ for step in range(4):
 json.dump(ev, open(log, "w"))
 """
 
-DATALOADER_WORKLOAD = r"""
-import json, os, sys, time, torch
+DATALOADER_WORKLOAD = _PRELUDE + r"""
 from torch.utils.data import DataLoader, Dataset
-data, log = sys.argv[1], sys.argv[2]
 SLOW_ITEM = 10          # epoch 0 only; with 2 workers, worker 0 loads the even items
 
 class Shards(Dataset):
@@ -76,13 +78,6 @@ class Shards(Dataset):
             f.write(json.dumps(rec) + "\n")
         return torch.frombuffer(bytearray(buf[:64]), dtype=torch.uint8).float()
 
-x = torch.randn(8192, 8192, device="cuda")
-def compute(sec):
-    t = time.time()
-    while time.time() - t < sec:
-        y = x @ x
-        torch.cuda.synchronize()
-compute(3.0)
 ds = Shards()
 for epoch in range(2):
     ds.epoch = epoch    # the workers fork with it at the epoch's start
