@@ -177,6 +177,7 @@ class GuestSession:
     module_errors: dict[str, str] = field(default_factory=dict)
     junit_error: Optional[str] = None
     guest_result: Optional[dict] = None   # the guest's result.json (attach methods, outcomes)
+    lockups: list = field(default_factory=list)   # boots abandoned for a guest kernel lockup (retried)
 
     def guest_output_tail(self, lines: int = 30) -> str:
         out = "\n".join(self.result.stdout.splitlines()[-lines:])
@@ -246,7 +247,8 @@ def _save_result(session: GuestSession) -> None:
     data["host"] = {"kernel_series": session.kernel, "suite": vmrun.suite_of(session.kernel),
                     "image_built": session.image_built, "image_seconds": round(session.image_seconds, 1),
                     "boot_s": None if r.boot_s is None else round(r.boot_s, 1), "wall_s": round(r.wall_s, 1),
-                    "accel": r.accel, "guest_exit_code": r.exit_code}
+                    "accel": r.accel, "guest_exit_code": r.exit_code,
+                    "lockup_reboots": [x.splitlines()[0] for x in session.lockups]}
     session.guest_result = data
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS_DIR / f".{session.kernel}.json.tmp"
@@ -284,9 +286,21 @@ def boot_kernel(kernel: str, progress: TextIO) -> GuestSession:
         built, image_s = True, built_early
     progress.write(f"\nvm tier: kernel {kernel} ({suite})\n")
     progress.flush()
-    result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
-                       progress=progress)
-    session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built)
+    lockups: list[str] = []
+    try:
+        result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
+                           progress=progress)
+    except vmrun.GuestLockup as e:
+        # the emulator, not the tests (vmrun.GuestLockup): boot once more, and say so; a
+        # second lockup fails the kernel's tests like any VM failure
+        lockups.append(f"{e}\n{e.detail}")
+        progress.write(f"\nvm tier: kernel {kernel}: {e}; booting it once more\n")
+        progress.flush()
+        run_dir = Path(tempfile.mkdtemp(prefix=f"stallscope-vm-{kernel}-"))
+        result = vmrun.run(guest_script(kernel), image=image, run_dir=run_dir, timeout_s=timeout_s,
+                           progress=progress)
+    session = GuestSession(kernel=kernel, result=result, image=image, image_seconds=image_s, image_built=built,
+                           lockups=lockups)
     junit = result.share / GUEST_JUNIT
     try:
         session.cases, session.module_errors = parse_junit(junit)
@@ -403,6 +417,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"vm tier [{kernel}]: image {image} ({s.image.kernel_release}), boot-to-script {boot}, "
             f"full cycle {r.wall_s:.1f} s ({r.accel}); guest console: {r.console_log}"
         )
+        for x in s.lockups:
+            terminalreporter.write_line(f"vm tier [{kernel}]: a boot was abandoned and booted again: "
+                                        f"{x.splitlines()[0]}")
         slow = sorted((c for cs in s.cases.values() for c in cs), key=lambda c: -c.seconds)[:6]
         if slow:        # where a guest's minutes go (the CI time budget)
             terminalreporter.write_line(f"vm tier [{kernel}]: slowest guest tests: "

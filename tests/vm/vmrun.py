@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,55 @@ class Result:
     boot_s: Optional[float]
     guest_uptime_s: Optional[float]
     wall_s: float
+
+
+class GuestLockup(VMError):
+    """The guest kernel stopped making progress: soft lockups reported for ``LOCKUP_GIVE_UP_S``
+    of guest time on end. Seen once under TCG (5.10, session 11's CI run): two CPUs stuck
+    at ``vfs_read+0x0`` (an ftrace patch site) while BPF programs were being attached, RCU
+    starved, for the rest of the 30-minute timeout. The emulator's handling of live kernel
+    text patching, not the guest's tests: the caller may boot again."""
+
+
+LOCKUP_GIVE_UP_S = 150.0    # guest seconds of soft lockups, reported without a pause, to give up
+_LOCKUP_GAP_S = 60.0        # a report later than this after the previous one starts a new lockup
+_LOCKUP_RE = re.compile(rb"\[\s*(\d+\.\d+)\] watchdog: BUG: soft lockup - CPU#\d+ stuck for \d+s! \[[^\]\n]*\]")
+
+
+class LockupWatch:
+    """Reads a console log as it grows; :meth:`check` says whether the guest has been in soft
+    lockup for ``give_up_s`` of its own time (the kernel reports every ~20-30 s while stuck)."""
+
+    def __init__(self, path: Path, give_up_s: float = LOCKUP_GIVE_UP_S) -> None:
+        self.path, self.give_up_s = path, give_up_s
+        self.offset = 0
+        self.partial = b""
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+        self.first_line = ""
+
+    def check(self) -> Optional[str]:
+        """None, or what the lockup was (its first report, how long it lasted)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return None
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            m = _LOCKUP_RE.search(line)
+            if m is None:
+                continue
+            ts = float(m.group(1))
+            if self.last is None or ts - self.last > _LOCKUP_GAP_S:
+                self.first, self.first_line = ts, m.group(0).decode(errors="replace")
+            self.last = ts
+        if self.first is not None and self.last is not None and self.last - self.first >= self.give_up_s:
+            return f"soft lockups for {self.last - self.first:.0f} s of guest time from {self.first_line}"
+        return None
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -342,6 +392,7 @@ def run(
             progress.flush()
         start = time.monotonic()
         boot_s = None
+        lockup, next_look = LockupWatch(console_log), start + 5.0
         with open(console_log, "wb") as console:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                                     preexec_fn=_die_with_parent)
@@ -353,6 +404,12 @@ def run(
                         if progress is not None:
                             progress.write(f"vmrun: guest up after {boot_s:.1f} s, running the script\n")
                             progress.flush()
+                    if now >= next_look:
+                        next_look = now + 5.0
+                        why = lockup.check()
+                        if why:
+                            raise GuestLockup(f"guest kernel locked up ({why}); console: {console_log}",
+                                              _tail(console_log))
                     if now - start > timeout_s:
                         raise VMError(
                             f"VM timed out after {timeout_s:.0f} s "
