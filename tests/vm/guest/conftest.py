@@ -186,9 +186,8 @@ def null_blk() -> str:
         time.sleep(0.1)
     if not dev.exists():
         pytest.fail("modprobe null_blk made no /dev/nullb0", pytrace=False)
-    # udev probes a new disk (blkid reads its first blocks, 100 ms each here): wait for that,
-    # or its read of sector 0 is in flight beside the test's own (one CI run lost dd's first
-    # request so: requests are keyed by device and sector; such a loss is now counted)
+    # let udev finish with the new disk first, so that the test's reads are the device's only
+    # ones (its storage rules do not probe nullb*, so this is a precaution)
     subprocess.run(["udevadm", "settle", "--timeout=60"], capture_output=True)
     yield str(dev)
     subprocess.run(["rmmod", "null_blk"], capture_output=True)     # best effort: udev may still hold it
