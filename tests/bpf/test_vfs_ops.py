@@ -42,7 +42,7 @@ def test_storm_of_short_reads_is_reported_as_aggregates():
         storm = start_io("pread", slow, count=23, size=4096)
         cpu_loop = start_io("pread", fast, count=23, size=4096, comm="distractor")
         with Trace("--min-latency-ms", "10") as t:
-            r_fast = cpu_loop.go()       # page-cache hits (after one FUSE read): us each
+            r_fast = cpu_loop.go()       # page-cache hits after a few readahead requests
             res = storm.go()
         t.stop()
     assert t.rc == 0, t.stderr
@@ -68,8 +68,15 @@ def test_storm_of_short_reads_is_reported_as_aggregates():
     for a, b in zip(parts, parts[1:]):
         assert a["ts_ns"] + a["dur_ns"] <= b["ts_ns"] + 1e6
     assert all(e["blocked_ns"] <= e["dur_ns"] + 1e6 for e in evs)
-    # 23 fast reads in a loop form nothing
-    assert not _io(t.events, r_fast.pid)
+    # 23 fast reads in a loop form nothing on a quiet machine: microseconds each, from the page
+    # cache once a few readahead requests reached the daemon. On a loaded machine one of those
+    # requests to the Python daemon can itself take 10-22 ms (one CI run), and the tracer then
+    # rightly reports it. So what it reports for the distractor is only reads the distractor
+    # timed itself at the storm floor (threshold / 16) or more, with no more waiting than that.
+    fast_evs = _io(t.events, r_fast.pid)
+    timed = [o.dur_ns for o in r_fast.ops if o.dur_ns >= 10e6 / 16]
+    assert sum(e["count"] for e in fast_evs) <= len(timed), (fast_evs, timed)
+    assert sum(e["blocked_ns"] for e in fast_evs) <= sum(timed) + 1e6, (fast_evs, timed)
 
 
 def test_storm_tail_of_a_quiet_thread_is_flushed(tmp_path):

@@ -214,8 +214,14 @@ def test_lossy_netns_retransmits_and_is_deleted():
     try:
         assert ns.name in list_netns()
         ns.set_drop(0)
+        probes_before = ns.snmp()["TcpExt"]["TCPLossProbes"]
         clean = ns.run_exchange(n_messages=50)
-        assert clean.retrans_segs == 0  # the control: no rule, no retransmits
+        probes = ns.snmp()["TcpExt"]["TCPLossProbes"] - probes_before
+        # The control: no rule, no loss, so no loss repair. A tail-loss probe may still resend
+        # a burst's last segment when the server is descheduled past the probe timeout (a few
+        # ms here), as on one loaded CI machine (1 retransmit, 1 probe); a drop rule still in
+        # force would show SACK fast retransmits and timeouts, which are not probes.
+        assert clean.retrans_segs <= probes, (clean.retrans_segs, probes)
         ns.set_drop(20)
         before = ns.nstat_retrans()
         ex = ns.run_exchange()
