@@ -37,7 +37,35 @@ def base_cflags(cfg) -> list:
             *btf.offset_cflags(), *cfg.extra_cflags]
 
 
+class DumpOnly(BaseException):
+    """What :func:`load_bpf` would have compiled, raised instead under :func:`dumping`
+    (for --dump-bpf). A BaseException, so a family's ``except Exception`` fallbacks let it
+    through to the caller."""
+
+    def __init__(self, family: str, cflags: list, text: str | None):
+        super().__init__(family)
+        self.family, self.cflags, self.text = family, list(cflags), text
+
+
+_DUMPING = False
+
+
+class dumping:
+    """Within it, :func:`load_bpf` raises :class:`DumpOnly` instead of compiling."""
+
+    def __enter__(self):
+        global _DUMPING
+        _DUMPING = True
+
+    def __exit__(self, *exc):
+        global _DUMPING
+        _DUMPING = False
+        return False
+
+
 def load_bpf(family: str, cflags: list, text: str | None = None):
+    if _DUMPING:
+        raise DumpOnly(family, cflags, text)
     from bcc import BPF
     return BPF(text=(text or source_text(family)).encode(), cflags=cflags)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from stallscope.wire.schema import COUNTER_NAMES, HIST_SLOTS, NOPS, OP_NAMES
 
-from . import kernel
+from . import bpfload, kernel
 from .bpfload import base_cflags, source_text
 from .families import BY_NAME, DEFAULT_FAMILIES
 from .ring import RingReader
@@ -177,7 +177,35 @@ def load(cfg: ProbeConfig, log=lambda msg: None):
 
 
 def dump(cfg: ProbeConfig, family: str) -> str:
-    """The final program text and flags for one family (like BCC's --ebpf)."""
-    own = getattr(BY_NAME[family], "dump_cflags", None)
-    flags = base_cflags(cfg) + (own(kernel.tracefs_root()) if own else [])
-    return "// cflags: " + " ".join(flags) + "\n" + source_text(family)
+    """The program one family would load on this kernel (like BCC's --ebpf): its methods are
+    tried in order, as :func:`load` does, up to the compile, which is not done. The text
+    starts with the method and the exact flags, so it compiles on its own. Where no method
+    gets that far, the base flags and the reasons are given instead."""
+    try:
+        headers = kernel.ensure_headers()      # as the agent does: capability checks compile
+    except kernel.Unavailable as e:
+        headers = str(e)
+    reasons = []
+    try:
+        methods = BY_NAME[family].methods(cfg, kernel.tracefs_root())
+    except Exception as e:         # the family's own capability checks, as in load()
+        methods, reasons = [], [f"{type(e).__name__}: {e}"]
+    if cfg.attach != "auto":
+        methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
+    for name, fn in methods:
+        try:
+            with bpfload.dumping():
+                loaded = fn()
+        except bpfload.DumpOnly as d:
+            head = f"// {family}: method {name}" + (f" (not {'; not '.join(reasons)})" if reasons else "")
+            return (f"{head}\n// headers: {headers}\n// cflags: {' '.join(d.cflags)}\n"
+                    f"{d.text or source_text(family)}")
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            reasons.append(f"{name}: {msg[-1] if msg else type(e).__name__}")
+        else:         # a method that loads without load_bpf: nothing to show but what it got
+            loaded[0].cleanup()
+            reasons.append(f"{name}: loads without a program of its own")
+    return (f"// {family}: no method loads on this kernel ({'; '.join(reasons)}); "
+            f"the family's own flags are missing below\n// headers: {headers}\n"
+            f"// cflags: {' '.join(base_cflags(cfg))}\n{source_text(family)}")

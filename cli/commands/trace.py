@@ -24,7 +24,7 @@ Examples:
   stallscope trace --collector tcp://127.0.0.1:5557    # plaintext: loopback only unless --insecure
   stallscope trace --collector tcp://rack3:5557 --spool-dir /data/ss-spool --spool-max-mb 4096
   stallscope trace --families vfs,tcp --attach tracepoint
-  stallscope trace --dump-bpf vfs           # print the final BPF program
+  stallscope trace --dump-bpf vfs           # the BPF program this kernel would load, with its cflags
 \b
 Exit codes: 0 ok, 1 runtime failure (one line on stderr), 2 usage error.
 """
@@ -46,7 +46,7 @@ Exit codes: 0 ok, 1 runtime failure (one line on stderr), 2 usage error.
               help="Spool bound; past it new batches are dropped and counted until the collector catches up.")
 @click.option("--quiet", "-q", is_flag=True, help="No live output (useful with --output/--collector).")
 @click.option("--dump-bpf", type=click.Choice(ALL_FAMILIES), default=None,
-              help="Print the final BPF program of one family and exit.")
+              help="Print the program one family would load here (method, headers, cflags, source) and exit; loads nothing.")
 @security_options("client")
 def trace(topts: TraceOptions, as_json, duration, output, collector, spool_dir, spool_max_mb, quiet, dump_bpf,
           sopts):

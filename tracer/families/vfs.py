@@ -88,11 +88,6 @@ def extra_ops(tracefs: str) -> tuple:
     return [f"-DSS_TP_{s}" for s in have], have, note
 
 
-def dump_cflags(tracefs: str) -> list:
-    """The family's own -D flags on this kernel, for --dump-bpf."""
-    return extra_ops(tracefs)[0]
-
-
 def load_and_attach(cflags, syscalls):
     """Compile (enter tracepoints attach themselves), then attach each syscall's exit
     tracepoint to its kind's shared exit program; nothing stays attached on failure."""
