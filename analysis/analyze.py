@@ -30,7 +30,7 @@ from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete,
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
 from .http_episodes import episodes
-from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups, lifecycle
+from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups, cpu_bound, lifecycle
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
 DEFAULTS = {
@@ -709,6 +709,9 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
         return Source(st, int(al.culprit[i]), al.chain_stall[al.chain_ptr[i]:al.chain_ptr[i + 1]],
                       _BASIS[int(al.basis[i])])
 
+    def comm_of(pid: int) -> str:
+        return (info.get(pid) or ("?",))[0]
+
     def make(i: int) -> Verdict:
         """Interval i's verdict as this node sees it: culprit or unexplained."""
         gpu = int(gpus[i])
@@ -728,7 +731,8 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
         klass, process = (None, None) if chain is None else (chain.klass, None)
         if chain is None and gi >= 0:
             klass, process = lifecycle(base.proc, own.roots[gi], own.members[gi], s, e, int(idle.res[i]),
-                                       bool(idle.open[i])) or (None, None)
+                                       bool(idle.open[i])) or \
+                cpu_bound(nd.table("cpu"), own.members[gi], s, e, comm_of) or (None, None)
         return Verdict(
             node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),
             idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),
@@ -1071,7 +1075,7 @@ class LiveAnalyzer:
         n = table_len(pr)
         if n < at_least:
             return
-        used = [np.asarray(nd.table(k)["pid"], dtype=np.int64) for k in STALL_TABLES + ("gpu_proc",)]
+        used = [np.asarray(nd.table(k)["pid"], dtype=np.int64) for k in STALL_TABLES + ("gpu_proc", "cpu")]
         used = np.unique(np.concatenate(used))
         pid, anc = blame.lineage(pr["pid"], pr["ppid"])
         needed = np.unique(anc[np.isin(pid, used)])

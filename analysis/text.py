@@ -9,7 +9,7 @@ import time
 from .analyze import VERDICTS, Result
 from .crossnode import signal_name
 from .http_episodes import SLOW, THROTTLING, TIMEOUT, endpoint_summary, full_reason, http_class, statuses_of
-from .verdict import LIFECYCLE, Chain, Verdict, group_verdicts
+from .verdict import LIFECYCLE, UNEXPLAINED_CLASSES, Chain, Verdict, group_verdicts
 
 
 def _clock(ns: int) -> str:
@@ -220,6 +220,15 @@ def lifecycle_text(v: Verdict) -> str:
     p = v.process or {}
     at = _dur(max(0, int(p.get("at_ns", 0)) - v.idle_start_ns))
     who = f"{p.get('comm', '?')} pid {p.get('pid', '?')}"
+    if v.klass == "cpu_bound":
+        busy = p.get("busy") or [p]
+        more = int(p.get("count", 1)) - 1
+        others = "".join(f", {b.get('comm', '?')} pid {b.get('pid', '?')} {float(b.get('share', 0)):.0%}"
+                         for b in busy[1:4])
+        return (f"on CPU: {who} used {_dur(int(p.get('cpu_ns', 0)))} of CPU in it "
+                f"({float(p.get('share', 0)):.0%} of a core){others}"
+                + (f" (+{more - 3} more)" if more > 3 else "")
+                + "; nothing it waited on was traced")
     if v.klass == "process_exit":
         return f"exit: {who} exited {at} into it ({signal_name(int(p.get('exit_status', -1)))})"
     if v.klass == "process_start":
@@ -234,7 +243,10 @@ def lifecycle_text(v: Verdict) -> str:
 def _edges_note(vs) -> str:
     """`` (2 at a GPU process's start-up, exit or workers' start-up)`` after the unexplained count."""
     n = sum(1 for v in vs if v.verdict == "unexplained" and v.klass in LIFECYCLE)
-    return f" ({n} at a GPU process's start-up, exit or workers' start-up)" if n else ""
+    c = sum(1 for v in vs if v.verdict == "unexplained" and v.klass == "cpu_bound")
+    parts = ([f"{n} at a GPU process's start-up, exit or workers' start-up"] if n else []) + \
+        ([f"{c} while a GPU process or its worker ran on the CPU"] if c else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def format_text(result: Result) -> str:
@@ -259,7 +271,7 @@ def format_text(result: Result) -> str:
                 what = f"[{v.culprit_node}, clock +-{v.clock_uncertainty_ns / 1e6:.3f}ms] " + what
             if v.job_cost is not None:
                 what += f"; {cost_text(v)}"
-        elif v.process and v.klass in LIFECYCLE:
+        elif v.process and v.klass in UNEXPLAINED_CLASSES:
             what = f"({lifecycle_text(v)})"
         elif v.contributors:
             what = f"(partly: {describe(v.contributors[0])})"
@@ -344,7 +356,7 @@ def verdict_line(v: Verdict) -> str:
             what = f"[remote: {v.culprit_node}] {what}"
         if v.job_cost is not None:
             what += f"; {cost_text(v)}"
-    elif v.process and v.klass in LIFECYCLE:
+    elif v.process and v.klass in UNEXPLAINED_CLASSES:
         what = f"unexplained: {lifecycle_text(v)}"
     elif v.contributors:
         what = f"unexplained (partly: {describe(v.contributors[0])})"

@@ -347,6 +347,57 @@ def lifecycle(proc: dict, roots, members, start_ns: int, end_ns: int, res_ns: in
     return None
 
 
+#: the least CPU (a share of one core over the interval) a process of the GPU must have used
+#: for ``cpu_bound``
+CPU_BOUND_SHARE = 0.8
+#: classes of an unexplained interval that its GPU's own processes account for
+UNEXPLAINED_CLASSES = (*LIFECYCLE, "cpu_bound")
+
+
+def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
+              share: float = CPU_BOUND_SHARE):
+    """``("cpu_bound", process)`` for an interval nothing traced explains, when a process of
+    the GPU (one NVML listed, or a descendant: a DataLoader worker) ran on the CPU for at
+    least ``share`` of it (``share`` x its length of CPU time, user + system, all threads),
+    else None: the GPU waited while its side of the host computed (Python-side preprocessing,
+    a CPU-bound augmentation in busy workers, serializing a checkpoint), which no stall probe
+    sees. A GPU process that waits for its workers sleeps (its CPU share drops); one that
+    waits for the GPU spins only while the GPU is busy.
+
+    From the ``cpu`` table's running totals per pid (tracer/cpu.py): each member's total is
+    interpolated at the edges of the part of the interval its samples cover, which must be
+    at least half of it. ``process``: the busiest member's pid, comm, ``cpu_ns`` and
+    ``share``, with ``busy``: every member at ``share`` or more, busiest first (up to 8;
+    pid, comm, cpu_ns, share) and ``count``."""
+    if cpu is None or not len(cpu.get("pid", ())) or end_ns <= start_ns:
+        return None
+    ts = np.asarray(cpu["ts_ns"], dtype=np.int64)
+    length = end_ns - start_ns
+    near = (ts >= start_ns - length) & (ts <= end_ns + length)
+    pid = np.asarray(cpu["pid"], dtype=np.int64)[near]
+    mine = np.isin(pid, np.asarray(list(members), dtype=np.int64))
+    if not mine.any():
+        return None
+    pid, ts, tot = pid[mine], ts[near][mine], np.asarray(cpu["cpu_ns"], dtype=np.int64)[near][mine]
+    found = []
+    for p in np.unique(pid).tolist():
+        k = pid == p
+        t, v = ts[k], tot[k]
+        o = np.argsort(t, kind="stable")
+        t, v = t[o], v[o]
+        a, b = max(start_ns, int(t[0])), min(end_ns, int(t[-1]))
+        if b - a < length / 2:
+            continue
+        used = float(np.interp(b, t, v) - np.interp(a, t, v))
+        found.append((used / (b - a), int(p), int(used * length / (b - a))))
+    busy = sorted((f for f in found if f[0] >= share), reverse=True)
+    if not busy:
+        return None
+    name = comm_of or (lambda _p: "?")
+    rows = [{"pid": p, "comm": name(p), "cpu_ns": used, "share": round(sh, 3)} for sh, p, used in busy]
+    return "cpu_bound", {**rows[0], "busy": rows[:8], "count": len(rows)}
+
+
 # --------------------------------------------------------------------------- groups
 
 def path_pattern(name: str) -> str:

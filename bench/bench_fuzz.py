@@ -112,6 +112,7 @@ def realistic_tables(n: int, seed: int) -> dict:
         "gpu": {"ts_ns": _ts(n, rng), "gpu": _u(0, 8, n, rng), "util": _u(0, 101, n, rng),
                 "synth": _u(0, 2, n, rng)},
         "gpu_proc": {"ts_ns": _ts(n, rng), "gpu": _u(0, 8, n, rng), "pid": _u(4000, 4003, n, rng)},
+        "cpu": {"ts_ns": _ts(n, rng), "pid": _u(4000, 4008, n, rng), "cpu_ns": _u(0, 1 << 45, n, rng)},
         "proc": {"pid": _u(4000, 4008, n, rng), "ppid": _u(1, 4000, n, rng),
                  "comm": _s(["python", "torchrun"], n, rng), "start_ns": _ts(n, rng),
                  "job": _s(["", "slurm-77"], n, rng), "rank": rng.integers(-1, 8, n).astype(np.int64),

@@ -27,7 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from stallscope.analysis.verdict import LIFECYCLE
+from stallscope.analysis.verdict import UNEXPLAINED_CLASSES
 from stallscope.wire.schema import HIST_SLOTS, STALL_TABLES, table_len
 from stallscope.wire.sink import is_loss_counter
 
@@ -72,8 +72,8 @@ def _s(x) -> str:
 def verdict_labels(v) -> tuple:
     """The label values (:data:`VERDICT_LABELS`) of one verdict. Pod identity is read where
     the verdict has it (``pod``, ``namespace``, ``container`` attributes), else empty."""
-    if v.verdict == "unexplained":      # at a GPU process's edges, its class (process_start...)
-        klass, fs, op = v.klass if v.klass in LIFECYCLE else "unexplained", "", ""
+    if v.verdict == "unexplained":      # its class when its GPU processes account for it (process_start, cpu_bound...)
+        klass, fs, op = v.klass if v.klass in UNEXPLAINED_CLASSES else "unexplained", "", ""
     else:
         c = v.culprit or {}
         t = v.chain.targets[0] if v.chain is not None and v.chain.targets else None

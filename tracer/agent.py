@@ -44,6 +44,7 @@ class AgentConfig:
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
+    cpu_poll_ms: int = 500          # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
     shed: bool = True               # overload: raise the in-kernel threshold (ring.Shedder)
     rdma_poll_ms: int = 1000        # RDMA port counters (sysfs), with the rdma family
     http_tls_poll_ms: int = 500     # owners' libssl mappings (http family's TLS uprobes)
@@ -61,7 +62,7 @@ class AgentConfig:
 
 
 #: tables of periodic samples: pending alone, they wait for the once-a-second batch
-SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "rdma_counter"))
+SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "cpu", "rdma_counter"))
 
 #: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
 #: slews at most 500 ppm: 0.5 ms per second)
@@ -181,6 +182,7 @@ class Agent:
         self.gpu_reason = ""
         self.attribution = None         # GPU -> pods and jobs, with a GPU
         self.rdma_counters = None
+        self.cpu = None                 # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
@@ -232,6 +234,9 @@ class Agent:
         self._start_http()
         if self.cfg.gpu != "off":
             self._open_gpu()
+        if self.gpu is not None and self.cfg.cpu_poll_ms > 0:
+            from .cpu import CpuSampler
+            self.cpu = CpuSampler(self.cfg.proc_root)
         if "rdma" in self.cfg.probe.families:
             from .rdma_counters import RdmaCounterSampler
             self.rdma_counters = RdmaCounterSampler.open(self.cfg.rdma_root)
@@ -312,7 +317,7 @@ class Agent:
     def run(self, duration: float | None = None, stop=lambda: False):
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
-        next_gpu = next_rdma = next_sched = next_http = time.monotonic()
+        next_gpu = next_cpu = next_rdma = next_sched = next_http = time.monotonic()
         last_flush = time.monotonic()
         try:
             while not stop():
@@ -327,6 +332,9 @@ class Agent:
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
+                if self.cpu is not None and now >= next_cpu:
+                    self._guard(self._sample_cpu)
+                    next_cpu = now + self.cfg.cpu_poll_ms / 1000
                 if self.http_tls is not None and now >= next_http:
                     self._guard(self._tick_http)
                     next_http = now + self.cfg.http_tls_poll_ms / 1000
@@ -353,6 +361,8 @@ class Agent:
             self._guard(lambda: self._drain(final=True))
             if self.gpu is not None:
                 self._guard(self._sample_gpu)
+            if self.cpu is not None:
+                self._guard(self._sample_cpu)
             if self.rdma_counters is not None:
                 self._guard(self._sample_rdma)
             self._guard(lambda: self.flush(final=True))
@@ -425,6 +435,16 @@ class Agent:
             if self.sched is not None:
                 self._add_owners(np.unique(got["gpu_proc"]["pid"]))
 
+    def _sample_cpu(self):
+        roots = set(self._gpu_pids)
+        if self.cfg.probe.pid:
+            roots.add(self.cfg.probe.pid)
+        if not roots:
+            return
+        got = self.cpu.poll(roots, self.sched.owner_pids() if self.sched is not None else None)
+        if got:
+            self.pending.append(got)
+
     def _sample_rdma(self):
         got = self.rdma_counters.poll()
         if got:
@@ -451,7 +471,7 @@ class Agent:
             tables["net"] = net
         # lineage of every process in a stall or on a GPU, as it was at the row's time
         pids, at = [], []
-        for kind in STALL_TABLES + ("gpu_proc",):
+        for kind in STALL_TABLES + ("gpu_proc", "cpu"):
             if kind in tables and len(tables[kind]["pid"]):
                 pids.append(np.asarray(tables[kind]["pid"], dtype=np.int64))
                 at.append(np.asarray(tables[kind]["ts_ns"], dtype=np.int64))

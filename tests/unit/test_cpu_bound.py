@@ -1,0 +1,131 @@
+"""GPU idle while its processes computed on the CPU (analysis/verdict.py cpu_bound, from the
+tracer's "cpu" table: tracer/cpu.py): nothing blocked, so no stall explains it, but the GPU's
+process, or its DataLoader workers, used a core's worth of CPU through the interval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from stallscope.analysis.analyze import LiveAnalyzer, analyze
+from stallscope.analysis.text import format_text, verdict_line
+from stallscope.analysis.verdict import cpu_bound
+from stallscope.export.prometheus import verdict_labels
+from stallscope.tracer.cpu import CpuSampler, children_of, read_cpu_ns
+from stallscope.wire.schema import Batch
+from tests.unit.test_blame import MS, T0, P, samples, table
+
+S = 1000 * MS
+TRAINER, WORKER, WORKER2, OTHER = 579, 600, 601, 4000
+
+
+def _cpu_rows(pid, shares, period=500 * MS):
+    """Running CPU totals of ``pid`` sampled every ``period`` from T0, using ``shares[k]`` of
+    a core in the k-th period."""
+    total, rows = 0, []
+    for k, sh in enumerate([0.0] + list(shares)):
+        total += int(sh * period)
+        rows.append({"ts_ns": T0 + k * period, "pid": pid, "cpu_ns": total})
+    return rows
+
+
+def _world(trainer=None, workers=None, other=None):
+    """GPU 0 sampled every 100 ms for 10 s: busy 0-3 s, idle 3-5 s, busy 5-10 s; the trainer
+    (started long before) and two workers on it. CPU shares per 500 ms: 20 periods each."""
+    utils = [95] * 30 + [0] * 20 + [95] * 50
+    listed = [{"ts_ns": T0 + k * P, "gpu": 0, "pid": TRAINER} for k in range(100)]
+    proc = [{"pid": TRAINER, "ppid": 1, "comm": "python3", "start_ns": T0 - 600 * S, "exit_status": -1},
+            {"pid": WORKER, "ppid": TRAINER, "comm": "pt_data_worker", "start_ns": T0 - 500 * S,
+             "exit_status": -1},
+            {"pid": WORKER2, "ppid": TRAINER, "comm": "pt_data_worker", "start_ns": T0 - 500 * S,
+             "exit_status": -1},
+            {"pid": OTHER, "ppid": 1, "comm": "ffmpeg", "start_ns": T0 - 500 * S, "exit_status": -1}]
+    busy = [0.3] * 6 + [0.0] * 4 + [0.3] * 10           # waits for the GPU (asleep) in the idle
+    rows = _cpu_rows(TRAINER, trainer or busy)
+    for pid, sh in ((WORKER, workers), (WORKER2, workers), (OTHER, other)):
+        rows += _cpu_rows(pid, sh or [0.1] * 20)
+    tables = {"gpu": table("gpu", samples(0, utils)), "gpu_proc": table("gpu_proc", listed),
+              "proc": table("proc", proc), "cpu": table("cpu", rows)}
+    return [Batch("n1", 0, tables, {}, {}, {"gpu": {"sample_period_ns": {"0": P}}})]
+
+
+def test_trainer_computing_on_the_cpu_is_named():
+    # 3-5 s: the trainer runs Python-side work on the CPU (95%); its workers idle
+    vs = analyze(_world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)).verdicts
+    assert [v.verdict for v in vs] == ["unexplained"]
+    v = vs[0]
+    assert v.klass == "cpu_bound"
+    assert v.process["pid"] == TRAINER and v.process["comm"] == "python3"
+    assert abs(v.process["share"] - 0.95) < 0.06 and v.process["count"] == 1
+    assert abs(v.process["cpu_ns"] - 0.95 * v.duration_ns) < 0.1 * v.duration_ns
+    line = verdict_line(v)
+    assert "on CPU: python3 pid 579 used" in line and "of a core" in line, line
+    j = json.loads(json.dumps(v.to_json()))
+    assert j["class"] == "cpu_bound" and j["process"]["busy"][0]["pid"] == TRAINER
+    assert "cpu_bound" in verdict_labels(v)
+    text = format_text(analyze(_world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)))
+    assert "1 while a GPU process or its worker ran on the CPU" in text, text
+
+
+def test_busy_workers_are_named_and_another_process_is_not():
+    # the trainer sleeps waiting for batches; both workers decode flat out; ffmpeg (not the
+    # GPU's) too
+    vs = analyze(_world(workers=[1.0] * 20, other=[1.0] * 20)).verdicts
+    v = vs[0]
+    assert v.klass == "cpu_bound"
+    assert {b["pid"] for b in v.process["busy"]} == {WORKER, WORKER2}
+    assert v.process["comm"] == "pt_data_worker" and v.process["count"] == 2
+    assert "pt_data_worker pid 60" in verdict_line(v)
+
+
+def test_no_cpu_table_or_a_sleeping_gpu_process_leaves_it_plain():
+    vs = analyze(_world()).verdicts                        # everyone mostly asleep
+    assert [v.klass for v in vs] == [None] and vs[0].process is None
+    b = _world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)[0]
+    del b.tables["cpu"]
+    assert [v.klass for v in analyze([b]).verdicts] == [None]
+    # 70% of a core: below the bar
+    assert analyze(_world(trainer=[0.3] * 6 + [0.7] * 4 + [0.3] * 10)).verdicts[0].klass is None
+
+
+def test_live_verdicts_carry_it():
+    live = LiveAnalyzer()
+    got = live.add(_world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10))
+    got += live.flush()
+    assert [v.klass for v in got] == ["cpu_bound"]
+
+
+def test_cpu_bound_rule_edges():
+    cpu = table("cpu", _cpu_rows(7, [1.0] * 4))             # samples 0-2 s, a full core
+    assert cpu_bound(cpu, [7], T0 + 500 * MS, T0 + 1500 * MS)[1]["share"] == 1.0
+    assert cpu_bound(cpu, [8], T0 + 500 * MS, T0 + 1500 * MS) is None           # not a member
+    # samples cover only a quarter of the interval: no judgement
+    assert cpu_bound(cpu, [7], T0 + 1500 * MS, T0 + 3500 * MS) is None
+    # half of it covered: judged on that half
+    assert cpu_bound(cpu, [7], T0 + 1000 * MS, T0 + 3000 * MS)[0] == "cpu_bound"
+
+
+def test_sampler_reads_a_busy_child_and_finds_it_from_its_parent():
+    """Real /proc: a child spinning for a second has a second of CPU; it is found as a
+    descendant of this process through the kernel's children lists."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.2: pass"])
+    try:
+        s = CpuSampler()
+        first = s.poll([os.getpid()])["cpu"]
+        assert child.pid in first["pid"].tolist(), (children_of([os.getpid()]), first)
+        child.wait(10)
+    finally:
+        child.kill()
+    assert read_cpu_ns(child.pid) is None            # reaped: gone
+    me = read_cpu_ns(os.getpid())
+    t0 = time.process_time_ns()
+    while time.process_time_ns() - t0 < 300 * MS:
+        pass
+    assert read_cpu_ns(os.getpid()) - me >= 250 * MS
+    got = s.poll([os.getpid()], owners={os.getpid()})["cpu"]
+    assert got["pid"].tolist() == [os.getpid()] and np.all(got["ts_ns"] > T0)
