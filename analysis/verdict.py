@@ -348,8 +348,10 @@ def lifecycle(proc: dict, roots, members, start_ns: int, end_ns: int, res_ns: in
 
 
 #: the least CPU (a share of one core over the interval) a process of the GPU must have used
-#: for ``cpu_bound``
-CPU_BOUND_SHARE = 0.8
+#: for ``cpu_bound``: one waiting for data or IO sleeps (near 0); one computing on a machine
+#: short of CPU gets part of a core and waits for the rest (its runq time, when not enough
+#: to blame, is not counted here)
+CPU_BOUND_SHARE = 0.5
 #: classes of an unexplained interval that its GPU's own processes account for
 UNEXPLAINED_CLASSES = (*LIFECYCLE, "cpu_bound")
 
@@ -364,16 +366,18 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
     sees. A GPU process that waits for its workers sleeps (its CPU share drops); one that
     waits for the GPU spins only while the GPU is busy.
 
-    From the ``cpu`` table's running totals per pid (tracer/cpu.py): each member's total is
-    interpolated at the edges of the part of the interval its samples cover, which must be
-    at least half of it. ``process``: the busiest member's pid, comm, ``cpu_ns`` and
+    From the ``cpu`` table's running totals per pid (tracer/cpu.py): a member's share is its
+    CPU time between its first and last sample inside the interval (5% slack at each edge)
+    over the time between them, which must be at least half of the interval: samples
+    outside it would mix in the busy phases around it (a process waiting on a busy GPU
+    often spins: CUDA's default synchronization). ``process``: the busiest member's pid, comm, ``cpu_ns`` and
     ``share``, with ``busy``: every member at ``share`` or more, busiest first (up to 8;
     pid, comm, cpu_ns, share) and ``count``."""
     if cpu is None or not len(cpu.get("pid", ())) or end_ns <= start_ns:
         return None
     ts = np.asarray(cpu["ts_ns"], dtype=np.int64)
     length = end_ns - start_ns
-    near = (ts >= start_ns - length) & (ts <= end_ns + length)
+    near = (ts >= start_ns - length // 20) & (ts <= end_ns + length // 20)
     pid = np.asarray(cpu["pid"], dtype=np.int64)[near]
     mine = np.isin(pid, np.asarray(list(members), dtype=np.int64))
     if not mine.any():
@@ -385,11 +389,11 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
         t, v = ts[k], tot[k]
         o = np.argsort(t, kind="stable")
         t, v = t[o], v[o]
-        a, b = max(start_ns, int(t[0])), min(end_ns, int(t[-1]))
-        if b - a < length / 2:
+        span = int(t[-1] - t[0])
+        if span < length / 2:
             continue
-        used = float(np.interp(b, t, v) - np.interp(a, t, v))
-        found.append((used / (b - a), int(p), int(used * length / (b - a))))
+        used = float(v[-1] - v[0])
+        found.append((used / span, int(p), int(used * length / span)))
     busy = sorted((f for f in found if f[0] >= share), reverse=True)
     if not busy:
         return None

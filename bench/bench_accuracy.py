@@ -3,13 +3,16 @@
 A trainer (sim/scenarios.py) registered on the NVML simulator's GPU alternates busy
 phases with idle windows of 0.3-3 s, each caused by one thing (a short-lived worker's
 stalled read, a thread's read, write+fsync, a storm of small reads, page faults on a
-memory-mapped file, a file copy, a slow stat, CPU contention, or nothing at all), half of
-them with an unrelated process doing the same stall at the same time. The real tracer
+memory-mapped file, a file copy, a slow stat, CPU contention, the trainer or its
+persistent worker computing on the CPU, or nothing at all), half of them with an unrelated
+process doing the same stall at the same time. The real tracer
 (`stallscope trace --output`, default settings) records it; `stallscope report --json`
 judges it; each window's verdict is scored against the workload's ground truth:
 
   top-1        the verdict names the right culprit: the process (or its worker) and the
-               file (CPU contention: a runq stall of the process; nothing: "unexplained")
+               file (CPU contention: a runq stall of the process; computing: "unexplained"
+               classed cpu_bound naming the process that computed; nothing: "unexplained",
+               unclassed)
   false blame  any verdict whose culprit is the distractor's process or file
   unexplained  an explainable window judged "unexplained" (or no idle interval found)
 
@@ -65,7 +68,16 @@ def score(windows: list, verdicts: list) -> dict:
         c = best.get("culprit") if best else None
         cause = w["cause"]
         if cause == "nothing":
-            ok = best is not None and c is None
+            ok = best is not None and c is None and best.get("class") is None
+        elif cause in ("compute", "worker_compute"):
+            # nothing blocked: "unexplained", classed cpu_bound, naming the process that
+            # computed; or, on a machine short of CPU, the trainer's own wait for a CPU
+            ok = best is not None and (
+                (c is None and best.get("class") == "cpu_bound"
+                 and (best.get("process") or {}).get("pid") in w["pids"][-1:])
+                or (c is not None and c.get("pid") in w["pids"] and c.get("op") == "runq"))
+            if not ok and best is not None and c is None:
+                out["unexplained_when_explainable"] += 1
         elif c is None:
             ok = False
             if best is None:
@@ -85,7 +97,8 @@ def score(windows: list, verdicts: list) -> dict:
         out["details"].append({"idx": w["idx"], "cause": cause, "dur_ms": w["dur_ms"], "ok": bool(ok),
                                "distractor": bool(w.get("other_path")),
                                "verdict": None if best is None else {
-                                   k: best.get(k) for k in ("verdict", "explained_fraction", "class")},
+                                   k: best.get(k) for k in ("verdict", "explained_fraction", "class",
+                                                            "process")},
                                "culprit": None if c is None else {
                                    k: c.get(k) for k in ("type", "op", "pid", "path", "count", "dur_ns")}})
     return out

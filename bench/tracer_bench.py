@@ -557,8 +557,52 @@ def sched_cost(n=50_000, reps=15) -> dict:
             "switches_seen_by_counter": switches}
 
 
+def cpu_sampler(seconds=5.0, roots=8, workers=8) -> dict:
+    """The agent's CPU-time sampler (tracer/cpu.py) as it runs beside 8 GPUs' trainers with 8
+    DataLoader workers each (72 real sleeping processes; their descendants found through the
+    kernel's children lists, as without the sched family), polled every 250 ms: its CPU per
+    second. Baseline, same run: the sampler's loop with no GPU process (nothing to read)."""
+    from stallscope.tracer.cpu import CpuSampler
+    code = ("import os,sys,time\n"
+            "for _ in range(int(sys.argv[1])):\n"
+            "    if os.fork() == 0:\n"
+            "        time.sleep(3600)\n"
+            "        os._exit(0)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(3600)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(workers)], stdout=subprocess.PIPE, text=True)
+             for _ in range(roots)]
+    try:
+        for p in procs:
+            p.stdout.readline()
+        pids = [p.pid for p in procs]
+
+        def loop(roots_now):
+            s = CpuSampler()
+            rows, polls = 0, 0
+            c0, t0 = time.process_time(), time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                got = s.poll(roots_now)
+                rows += len(got["cpu"]["pid"]) if got else 0
+                polls += 1
+                time.sleep(0.25)
+            return {"cpu_s_per_s": (time.process_time() - c0) / (time.monotonic() - t0),
+                    "rows_per_poll": rows / max(polls, 1), "polls": polls}
+        full, base = loop(pids), loop([])
+    finally:
+        for p in procs:
+            subprocess.run(["pkill", "-9", "-P", str(p.pid)], check=False)
+            p.kill()
+            p.wait()
+    return {"bench": "cpu_sampler", "owners": roots * (workers + 1), "period_ms": 250,
+            "percent_of_one_core": round(100 * full["cpu_s_per_s"], 3),
+            "rows_per_poll": full["rows_per_poll"],
+            "baseline_no_gpu_process_percent": round(100 * base["cpu_s_per_s"], 3),
+            "added_percent_of_one_core": round(100 * (full["cpu_s_per_s"] - base["cpu_s_per_s"]), 3)}
+
+
 ALL = {"syscall_cost": syscall_cost, "uprobe_cost": uprobe_cost, "drain": drain, "shed": shed, "overflow": overflow, "idle": idle,
-       "sched_cost": sched_cost}
+       "sched_cost": sched_cost, "cpu_sampler": cpu_sampler}
 
 
 def main(names=None, quick=False):
@@ -568,7 +612,7 @@ def main(names=None, quick=False):
         if quick:
             kw = {"syscall_cost": {"n": 200_000, "reps": 2}, "drain": {"n": 300_000, "reps": 1}, "uprobe_cost": {"n": 50_000, "reps": 2}, "shed": {"n": 400_000},
                   "overflow": {"n": 100_000}, "idle": {"seconds": 5},
-                  "sched_cost": {"n": 20_000, "reps": 3}}[name]
+                  "sched_cost": {"n": 20_000, "reps": 3}, "cpu_sampler": {"seconds": 2.0}}[name]
         r = fn(**kw)
         r["machine"] = f"{os.uname().nodename} {os.uname().release} {os.cpu_count()} cpus"
         print(json.dumps(r), flush=True)

@@ -12,7 +12,11 @@ idle phase of a chosen length caused by one thing, as a training process meets i
   copy          a checkpoint copied with shutil.copyfile (copy_file_range / sendfile)
   metadata      stat() of a file on a filesystem whose metadata is slow
   cpu           the data thread is runnable but a CPU hog holds its CPU
-  nothing       the process just waits (no IO): the verdict must be "unexplained"
+  compute       the training process itself computes on the CPU (Python-side preprocessing,
+                metrics): nothing is blocked; "unexplained", classed cpu_bound with its pid
+  worker_compute  a persistent dataloader worker (forked once, at the start) decodes on the
+                CPU while the training process waits for it on a pipe: cpu_bound, the worker
+  nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
 kind of stall on its own file at the same time: it must never be blamed.
@@ -36,7 +40,9 @@ import threading
 import time
 
 CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy", "metadata", "cpu",
-          "nothing")
+          "compute", "worker_compute", "nothing")
+#: causes with nothing to trace: the verdict is "unexplained", with this class
+UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "nothing": None}
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
 MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
 BUSY_S = (0.5, 0.9)        # busy phase before each idle window
@@ -52,7 +58,7 @@ def make_plan(n: int, seed: int = 1, causes=CAUSES, min_ms: int = 300, max_ms: i
         cause = causes[i % len(causes)] if i < len(causes) else rng.choice(causes)
         plan.append({"idx": i, "cause": cause, "dur_ms": rng.randint(min_ms, max_ms),
                      "busy_s": round(rng.uniform(*BUSY_S), 3),
-                     "distractor": cause not in ("nothing", "cpu") and rng.random() < distractor_share})
+                     "distractor": cause not in ("cpu", *UNTRACED) and rng.random() < distractor_share})
     return plan
 
 
@@ -220,6 +226,7 @@ def trainer_main(argv=None) -> None:
     din = os.fdopen(a.distractor_in, "w") if a.distractor_in >= 0 else None
     dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
     me = os.getpid()
+    worker = _Worker() if any(w["cause"] == "worker_compute" for w in plan) else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
         for w in plan:
@@ -258,11 +265,16 @@ def trainer_main(argv=None) -> None:
                 t.start()
                 t.join()
                 os.unlink(a.hog_flag)
+            elif cause == "compute":
+                _spin(d / 1000)
+            elif cause == "worker_compute":
+                worker.compute(d / 1000)
+                pids.append(worker.pid)
             else:
                 stall(cause, path, d, a.scratch)
             end = time.time_ns()
             rec = {"kind": "window", "idx": w["idx"], "cause": cause, "start_ns": start, "end_ns": end,
-                   "dur_ms": d, "pids": pids, "path": "" if cause in ("nothing", "cpu") else path,
+                   "dur_ms": d, "pids": pids, "path": "" if cause in ("cpu", *UNTRACED) else path,
                    "other_pid": a.distractor_pid if other else 0, "other_path": other,
                    "hog_pid": a.hog_pid if cause == "cpu" else 0}
             if other and dout is not None:
@@ -271,7 +283,43 @@ def trainer_main(argv=None) -> None:
             log.flush()
         with gpu.busy():
             _spin(0.8)
+    if worker is not None:
+        worker.close()
     gpu.unregister()
+
+
+class _Worker:
+    """A persistent dataloader worker (forked once, as with persistent_workers=True): on each
+    request it computes for the seconds asked, then answers; the trainer waits on the pipe."""
+
+    def __init__(self):
+        req_r, self._req = os.pipe()
+        self._done, done_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                _set_comm("pt_data_worker")
+                os.close(self._req)
+                os.close(self._done)
+                with os.fdopen(req_r, "r") as req, os.fdopen(done_w, "w") as done:
+                    for line in req:
+                        _spin(float(line))
+                        done.write("done\n")
+                        done.flush()
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(done_w)
+
+    def compute(self, seconds: float) -> None:
+        os.write(self._req, f"{seconds}\n".encode())
+        if os.read(self._done, 5) != b"done\n":
+            raise RuntimeError("the worker did not answer")
+
+    def close(self) -> None:
+        os.close(self._req)
+        os.close(self._done)
+        os.waitpid(self.pid, 0)
 
 
 def _spin_cpu(cpu_seconds: float) -> None:

@@ -44,7 +44,7 @@ class AgentConfig:
     gpu: str = "auto"               # auto | on | off
     nvml_lib: str | None = None
     gpu_poll_ms: int = 200
-    cpu_poll_ms: int = 500          # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
+    cpu_poll_ms: int = 250          # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
     shed: bool = True               # overload: raise the in-kernel threshold (ring.Shedder)
     rdma_poll_ms: int = 1000        # RDMA port counters (sysfs), with the rdma family
     http_tls_poll_ms: int = 500     # owners' libssl mappings (http family's TLS uprobes)
@@ -63,6 +63,12 @@ class AgentConfig:
 
 #: tables of periodic samples: pending alone, they wait for the once-a-second batch
 SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "cpu", "rdma_counter"))
+
+#: the CPU time of a GPU's processes is sampled while the GPU is mostly idle (a sample under
+#: this utilization: analysis/blame.py's PARTIAL_THRESHOLD, the bar of an idle run) and this
+#: long after
+PARTIAL_THRESHOLD = 50
+CPU_AFTER_IDLE_S = 1.0
 
 #: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
 #: slews at most 500 ppm: 0.5 ms per second)
@@ -183,6 +189,8 @@ class Agent:
         self.attribution = None         # GPU -> pods and jobs, with a GPU
         self.rdma_counters = None
         self.cpu = None                 # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
+        self._gpu_idle_at: dict = {}    # gpu -> monotonic time of the last poll that found it mostly idle
+        self._pids_by_gpu: dict = {}    # gpu -> the processes NVML listed on it at its last poll
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
@@ -430,18 +438,31 @@ class Agent:
             got["gpu"] = {k: v[keep] for k, v in g.items()}
         if got and any(len(t.get("ts_ns", ())) for t in got.values()):
             self.pending.append(got)
+            now = time.monotonic()
+            for x in np.unique(got["gpu"]["gpu"][got["gpu"]["util"] < PARTIAL_THRESHOLD]).tolist():
+                self._gpu_idle_at[int(x)] = now
+        if got:
+            gp = got["gpu_proc"]
+            self._pids_by_gpu = {}
+            for x, pid in zip(gp["gpu"].tolist(), gp["pid"].tolist()):
+                self._pids_by_gpu.setdefault(int(x), set()).add(int(pid))
         if got and len(got["gpu_proc"]["pid"]):
             self._gpu_pids = {int(x) for x in np.unique(got["gpu_proc"]["pid"])}
             if self.sched is not None:
                 self._add_owners(np.unique(got["gpu_proc"]["pid"]))
 
     def _sample_cpu(self):
-        roots = set(self._gpu_pids)
-        if self.cfg.probe.pid:
-            roots.add(self.cfg.probe.pid)
+        """CPU time of the processes of each GPU found mostly idle in the last second (and
+        their descendants): the analysis reads it inside idle intervals only, so a busy
+        node's processes are never read."""
+        now = time.monotonic()
+        roots = set()
+        for x, at in self._gpu_idle_at.items():
+            if now - at <= CPU_AFTER_IDLE_S:
+                roots |= self._pids_by_gpu.get(x, set())
         if not roots:
             return
-        got = self.cpu.poll(roots, self.sched.owner_pids() if self.sched is not None else None)
+        got = self.cpu.poll(roots, self.sched.owner_pids if self.sched is not None else None)
         if got:
             self.pending.append(got)
 

@@ -8,12 +8,15 @@ system time of each owner process (the GPUs' processes and their descendants) fr
 ``/proc/<pid>/stat`` (the whole thread group's, in clock ticks) and sends it as a running
 total; the analysis takes the difference across an idle interval (``verdict.cpu_bound``).
 
-Owners: the sched family's set when it is loaded (NVML's processes and every descendant, kept
-by the kernel at fork), else NVML's processes and their descendants from their
-``/proc/<pid>/task/<tid>/children`` lists (refreshed every ``children_s``).
+Which processes: those NVML lists on a GPU that a poll found mostly idle in the last second
+(tracer/agent.py; the analysis reads CPU time inside idle intervals only, so while every GPU
+computes nothing is read), and their descendants from the kernel's
+``/proc/<pid>/task/<tid>/children`` lists (re-read every ``children_s``).
 
-Cost: one small read per owner per period (about 10 us): 72 owners (8 GPUs, 8 workers each)
-at the 500 ms default are about 1.5 ms of CPU per second.
+Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, one small read per process per
+period (about 10 us); 72 processes (8 GPUs, 8 workers each) at the 250 ms default measured
+0.5% of a core on a loaded 2-core machine. The period bounds what can be judged: an interval
+needs two samples inside it, half its length apart.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") e
 def read_cpu_ns(pid: int, proc: str = "/proc"):
     """User + system time of process ``pid`` (all its threads) in ns, or None if it is gone."""
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     rest = data[data.rfind(b")") + 2:].split()
     try:
         return (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
@@ -65,9 +73,11 @@ def children_of(pids, proc: str = "/proc") -> set:
 
 
 class CpuSampler:
-    """``poll(roots, owners)`` -> ``{"cpu": {ts_ns, pid, cpu_ns}}`` or None. ``owners`` is the
-    full owner set when the caller has one (the sched family's), else None: the descendants
-    of ``roots`` are then found here."""
+    """``poll(roots, all_owners)`` -> ``{"cpu": {ts_ns, pid, cpu_ns}}`` or None: ``roots``
+    and their descendants (found through the kernel's children lists, re-read every
+    ``children_s`` or when the roots change). Where those lists do not exist
+    (CONFIG_PROC_CHILDREN off), ``all_owners()``, when given (the sched family's owner set:
+    every GPU's processes and descendants), stands in for the descendants."""
 
     def __init__(self, proc: str = "/proc", children_s: float = 2.0):
         self.proc = proc
@@ -75,20 +85,25 @@ class CpuSampler:
         self._kids: set = set()
         self._kids_of: frozenset = frozenset()
         self._kids_at = -1e18
+        self.have_children = None      # whether the kernel has the children lists (once known)
         self.reads = 0
 
-    def owners(self, roots, owners=None) -> set:
+    def owners(self, roots, all_owners=None) -> set:
         roots = {int(p) for p in roots if int(p) > 0}
-        if owners is not None:
-            return {int(p) for p in owners} | roots
+        if self.have_children is None and roots:
+            r = next(iter(roots))
+            self.have_children = os.path.exists(f"{self.proc}/{r}/task/{r}/children") or \
+                not os.path.exists(f"{self.proc}/{r}")
+        if self.have_children is False:
+            return roots | ({int(p) for p in all_owners()} if all_owners is not None else set())
         now = time.monotonic()
         if frozenset(roots) != self._kids_of or now - self._kids_at >= self.children_s:
             self._kids, self._kids_of, self._kids_at = children_of(roots, self.proc), frozenset(roots), now
         return roots | self._kids
 
-    def poll(self, roots, owners=None):
+    def poll(self, roots, all_owners=None):
         pids, vals = [], []
-        for pid in sorted(self.owners(roots, owners)):
+        for pid in sorted(self.owners(roots, all_owners)):
             v = read_cpu_ns(pid, self.proc)
             self.reads += 1
             if v is not None:

@@ -76,3 +76,18 @@ def test_cpu_contention_names_the_hog():
 def test_nothing_is_unexplained():
     res = run(0, 0, plan=plan_of("nothing", distractor=False), log=lambda m: None, keep=True)
     check(res, "nothing")
+
+
+@pytest.mark.parametrize("cause", ["compute", "worker_compute"])
+def test_cpu_work_is_classed_cpu_bound_naming_who_computed(cause):
+    """Nothing blocked: the trainer computes on the CPU itself, or waits on a pipe while its
+    persistent worker does. "unexplained", classed cpu_bound, naming that process (or, on a
+    machine short of CPU, the trainer's wait for one)."""
+    res = run(0, 0, plan=plan_of(cause, distractor=False), log=lambda m: None, keep=True)
+    who = {w["pids"][-1] for w in res["truth"]}
+    sampled = {int(p) for b in load_batches(res["rec"]) for p in (b.tables.get("cpu") or {}).get("pid", [])}
+    assert who <= sampled, (who, sampled)          # the tracer sampled the process that computed
+    classed = [d for d in res["details"] if (d["verdict"] or {}).get("class") == "cpu_bound"]
+    assert classed, [(d["ok"], d["verdict"], d["culprit"]) for d in res["details"]]
+    assert all(d["verdict"]["process"]["pid"] in who for d in classed), classed
+    check(res, cause)

@@ -89,8 +89,8 @@ def test_no_cpu_table_or_a_sleeping_gpu_process_leaves_it_plain():
     b = _world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)[0]
     del b.tables["cpu"]
     assert [v.klass for v in analyze([b]).verdicts] == [None]
-    # 70% of a core: below the bar
-    assert analyze(_world(trainer=[0.3] * 6 + [0.7] * 4 + [0.3] * 10)).verdicts[0].klass is None
+    # 40% of a core: below the bar
+    assert analyze(_world(trainer=[0.3] * 6 + [0.4] * 4 + [0.3] * 10)).verdicts[0].klass is None
 
 
 def test_live_verdicts_carry_it():
@@ -104,10 +104,14 @@ def test_cpu_bound_rule_edges():
     cpu = table("cpu", _cpu_rows(7, [1.0] * 4))             # samples 0-2 s, a full core
     assert cpu_bound(cpu, [7], T0 + 500 * MS, T0 + 1500 * MS)[1]["share"] == 1.0
     assert cpu_bound(cpu, [8], T0 + 500 * MS, T0 + 1500 * MS) is None           # not a member
-    # samples cover only a quarter of the interval: no judgement
+    # samples inside cover only a quarter of the interval: no judgement
     assert cpu_bound(cpu, [7], T0 + 1500 * MS, T0 + 3500 * MS) is None
     # half of it covered: judged on that half
     assert cpu_bound(cpu, [7], T0 + 1000 * MS, T0 + 3000 * MS)[0] == "cpu_bound"
+    # busy around a short sleep: samples outside the interval are not mixed in
+    cpu = table("cpu", _cpu_rows(7, [1.0] * 4 + [0.0] * 2 + [1.0] * 4))
+    assert cpu_bound(cpu, [7], T0 + 2000 * MS, T0 + 3000 * MS) is None
+    assert cpu_bound(cpu, [7], T0 + 1900 * MS, T0 + 3100 * MS) is None
 
 
 def test_sampler_reads_a_busy_child_and_finds_it_from_its_parent():
@@ -127,5 +131,20 @@ def test_sampler_reads_a_busy_child_and_finds_it_from_its_parent():
     while time.process_time_ns() - t0 < 300 * MS:
         pass
     assert read_cpu_ns(os.getpid()) - me >= 250 * MS
-    got = s.poll([os.getpid()], owners={os.getpid()})["cpu"]
+    got = s.poll([os.getpid()], all_owners=lambda: {os.getpid()})["cpu"]
     assert got["pid"].tolist() == [os.getpid()] and np.all(got["ts_ns"] > T0)
+
+
+def test_sampler_without_children_lists_takes_the_owner_set(tmp_path):
+    """A kernel without CONFIG_PROC_CHILDREN: the sched family's owners stand in for the
+    descendants. A fake /proc: process 100 (a GPU's) and 101 (its worker)."""
+    for pid, ticks in ((100, (30, 12)), (101, (250, 50))):
+        (tmp_path / str(pid) / "task" / str(pid)).mkdir(parents=True)
+        (tmp_path / str(pid) / "stat").write_text(
+            f"{pid} (py thon) S 1 {pid} {pid} 0 -1 4194304 10 0 0 0 {ticks[0]} {ticks[1]} 0 0 20 0 1 0 5 0 0\n")
+    s = CpuSampler(proc=str(tmp_path))
+    got = s.poll([100], all_owners=lambda: {100, 101, 999})["cpu"]
+    assert s.have_children is False
+    tick = read_cpu_ns(100, str(tmp_path)) // 42
+    assert dict(zip(got["pid"].tolist(), got["cpu_ns"].tolist())) == {100: 42 * tick, 101: 300 * tick}
+    assert s.poll([100])["cpu"]["pid"].tolist() == [100]         # no owner set: the roots only
