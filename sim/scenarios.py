@@ -268,6 +268,7 @@ def trainer_main(argv=None) -> None:
             elif cause == "compute":
                 _spin(d / 1000)
             elif cause == "worker_compute":
+                assert worker is not None      # forked at the start for such a plan
                 worker.compute(d / 1000)
                 pids.append(worker.pid)
             else:
