@@ -191,6 +191,7 @@ class Agent:
         self.cpu = None                 # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
         self._gpu_idle_at: dict = {}    # gpu -> monotonic time of the last poll that found it mostly idle
         self._pids_by_gpu: dict = {}    # gpu -> the processes NVML listed on it at its last poll
+        self._newly_idle = False        # a poll found a GPU mostly idle that was not a second ago
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
@@ -340,6 +341,8 @@ class Agent:
                 if self.gpu is not None and now >= next_gpu:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
+                    if self._newly_idle:            # its first CPU sample now, not a period later
+                        next_cpu, self._newly_idle = now, False
                 if self.cpu is not None and now >= next_cpu:
                     self._guard(self._sample_cpu)
                     next_cpu = now + self.cfg.cpu_poll_ms / 1000
@@ -440,6 +443,8 @@ class Agent:
             self.pending.append(got)
             now = time.monotonic()
             for x in np.unique(got["gpu"]["gpu"][got["gpu"]["util"] < PARTIAL_THRESHOLD]).tolist():
+                if now - self._gpu_idle_at.get(int(x), -1e18) > CPU_AFTER_IDLE_S:
+                    self._newly_idle = True
                 self._gpu_idle_at[int(x)] = now
         if got:
             gp = got["gpu_proc"]

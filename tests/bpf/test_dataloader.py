@@ -68,3 +68,45 @@ def test_real_dataloader_waits_are_blamed_on_the_workers_reads(tmp_path):
         read = next(e for (i, pid), e in reads.items() if pid == c["pid"] and e["path"].endswith(
             os.path.basename(c["path"])))
         assert read["end_ns"] - read["start_ns"] >= DELAY_MS * 1e6 * 0.9
+
+
+def test_real_dataloader_starved_by_its_cpu_bound_worker_is_classed_cpu_bound(tmp_path):
+    """Nothing stalls: one persistent worker spends 1.5 s of CPU decoding each item while the
+    loop computes 150 ms, so the GPU waits about 1.35 s per batch with the trainer asleep on
+    the worker's queue. Default families: each wait is "unexplained", classed cpu_bound,
+    naming the worker (the process that computed), never the trainer."""
+    _torch_or_fail()
+    lib = nvmlsim.build()
+    state = nvmlsim.create_state(str(tmp_path / "sim.state"), n_gpus=1, period_ms=100)
+    env = {"STALLSCOPE_NVMLSIM_STATE": state}
+    rec = str(tmp_path / "rec.ssrec")
+    log = tmp_path / "gt.jsonl"
+    with SlowFS(delay_ms=0, slow_prefix="\0none", ops=("read",)) as fs:
+        for i in range(6):
+            fs.make_file(f"shard-{i:02d}.bin", 64 << 10)
+        with Trace("--quiet", "--output", rec, "--nvml-lib", lib, gpu=True, env=env) as t:
+            p = subprocess.run([sys.executable, "-m", "tests.fixtures.torch_train", "--state", state,
+                                "--data", fs.mountpoint, "--log", str(log), "--compute-ms", "150",
+                                "--n", "6", "--epochs", "1", "--workers", "1", "--persistent",
+                                "--decode-ms", "1500"], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": ROOT, **env}, capture_output=True, text=True,
+                               timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+    assert t.rc == 0, t.stderr[-3000:]
+    gt = [json.loads(x) for x in open(log)]
+    trainer = next(e["pid"] for e in gt if e["kind"] == "start")
+    worker = {e["pid"] for e in gt if e["kind"] == "read"}
+    assert len(worker) == 1 and trainer not in worker, worker     # one persistent worker
+    waits = [e for e in gt if e["kind"] == "wait"][1:]               # the first includes its start-up
+    assert len(waits) == 5 and all(w["end_ns"] - w["start_ns"] >= 1e9 for w in waits), waits
+    r = run_cli("report", "--json", rec)
+    assert r.returncode == 0, r.stderr
+    vs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    got = []
+    for w in waits:
+        over = [v for v in vs if v["idle_start_ns"] < w["end_ns"] and v["idle_end_ns"] > w["start_ns"]]
+        assert over, (w, vs)
+        v = max(over, key=lambda v: min(v["idle_end_ns"], w["end_ns"]) - max(v["idle_start_ns"], w["start_ns"]))
+        got.append((v["verdict"], v.get("class"), (v.get("process") or {}).get("pid"), (v.get("process") or {}).get("share")))
+    print(got)
+    assert all(g[:3] == ("unexplained", "cpu_bound", next(iter(worker))) for g in got), got
