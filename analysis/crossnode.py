@@ -315,6 +315,7 @@ def apply(v: Verdict, cause: RemoteCause | None = None, cost: JobCost | None = N
             explained_fraction=float(min(cause.covered_ns / max(v.lost_ns, 1), 1.0)),
             chain=chain, basis=cause.basis,
             klass="rank_exit" if cause.cause == "peer_exit" else (None if chain is None else chain.klass),
+            process=None,       # what the local classes (lifecycle, cpu_bound) said no longer stands
             cause=cause.cause, culprit_rank=cause.source_rank)
     if cost is not None and v.verdict == "culprit":
         v = dataclasses.replace(v, job_cost=cost)
