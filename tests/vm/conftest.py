@@ -420,6 +420,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for x in s.lockups:
             terminalreporter.write_line(f"vm tier [{kernel}]: a boot was abandoned and booted again: "
                                         f"{x.splitlines()[0]}")
+        for gap in (s.guest_result or {}).get("gaps", []):       # tolerated, and still open
+            counters = (s.guest_result.get("tracers", {}).get("tp", {}).get("counters") or {})
+            terminalreporter.write_line(
+                f"vm tier [{kernel}]: {gap['test']} test missed sectors {gap['missing_sectors']} "
+                f"(arrived by the end: {gap.get('arrived_later', '?')}); tp's "
+                "counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())
+                                         if k.startswith("block.") or "error" in k))
         slow = sorted((c for cs in s.cases.values() for c in cs), key=lambda c: -c.seconds)[:6]
         if slow:        # where a guest's minutes go (the CI time budget)
             terminalreporter.write_line(f"vm tier [{kernel}]: slowest guest tests: "

@@ -194,6 +194,13 @@ def null_blk() -> str:
 
 
 @pytest.fixture
+def result_gaps() -> list:
+    """A list in result.json ("gaps") for what a test tolerates but is still an open bug;
+    the host's terminal summary prints each."""
+    return RESULT.setdefault("gaps", [])
+
+
+@pytest.fixture
 def netem():
     """A function ``netem(dev, *args)`` that puts a netem qdisc on ``dev``; removed after the test."""
     devices = []
@@ -229,6 +236,22 @@ def probe_tracers(nfs_mounts, rxe_pair, tmp_path_factory) -> ProbeTracers:
     for tr in t.all():
         tr.stop()
         RESULT["tracers"][tr.name] = {"argv": tr.argv[3:], "families": family_lines(tr.stderr)}
+    RESULT["tracers"]["tp"]["counters"] = last_counters(t.tp_recording)
+    for gap in RESULT.get("gaps", []):      # a request only late (still in flight, delayed) shows now
+        if gap["test"] == "block":
+            late = {e["sector"] for e in t.tp.events(lambda e: e["type"] == "block" and e["pid"] == gap["pid"])}
+            gap["arrived_later"] = sorted(late & set(gap["missing_sectors"]))
+
+
+def last_counters(recording: Path) -> dict:
+    """The counters of a recording's last batch (kernel counters are running totals), or
+    {"error": why}: what a tracer lost, for result.json."""
+    from stallscope.collector.store import load_batches
+    try:
+        batches = load_batches(str(recording))
+    except Exception as e:      # a diagnostic: never fails the session
+        return {"error": f"{type(e).__name__}: {e}"}
+    return dict(max(batches, key=lambda b: b.seq).counters) if batches else {}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -266,6 +266,7 @@ class ProbeTracers:
     mounts: dict
 
     tp: TracerProcess
+    tp_recording: Path      # tp's batches: the block family's counters when a request is missed
 
     def all(self):
         return (self.vfs_tcp, self.vfs_fentry, self.nfs_rdma, self.tp)
@@ -305,7 +306,9 @@ def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
         nfs_rdma=TracerProcess("nfs_rdma", ["--families", "nfs,rdma", "--output", str(rec),
                                             *gpu_args, *common], env=env),
         recording=rec, sim_state=state, gpu=not reason, gpu_reason=reason, rxe=rxe, mounts=mounts,
-        tp=TracerProcess("tp", ["--families", "vfs,block", "--attach", "tracepoint", "--no-gpu", *common]))
+        tp=TracerProcess("tp", ["--families", "vfs,block", "--attach", "tracepoint", "--no-gpu",
+                                "--output", str(tmp / "tp.ssrec"), *common]),
+        tp_recording=tmp / "tp.ssrec")
 
 
 # ---------------------------------------------------------------------------- NFS workload
