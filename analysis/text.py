@@ -228,7 +228,7 @@ def lifecycle_text(v: Verdict) -> str:
         return (f"on CPU: {who} used {_dur(int(p.get('cpu_ns', 0)))} of CPU in it "
                 f"({float(p.get('share', 0)):.0%} of a core){others}"
                 + (f" (+{more - 3} more)" if more > 3 else "")
-                + "; nothing it waited on was traced")
+                + ": the GPU waited on CPU work, nothing traced was blocked")
     if v.klass == "process_exit":
         return f"exit: {who} exited {at} into it ({signal_name(int(p.get('exit_status', -1)))})"
     if v.klass == "process_start":
@@ -245,7 +245,7 @@ def _edges_note(vs) -> str:
     n = sum(1 for v in vs if v.verdict == "unexplained" and v.klass in LIFECYCLE)
     c = sum(1 for v in vs if v.verdict == "unexplained" and v.klass == "cpu_bound")
     parts = ([f"{n} at a GPU process's start-up, exit or workers' start-up"] if n else []) + \
-        ([f"{c} while a GPU process or its worker ran on the CPU"] if c else [])
+        ([f"{c} while a GPU process or its workers computed on the CPU"] if c else [])
     return f" ({'; '.join(parts)})" if parts else ""
 
 

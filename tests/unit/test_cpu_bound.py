@@ -69,7 +69,7 @@ def test_trainer_computing_on_the_cpu_is_named():
     assert j["class"] == "cpu_bound" and j["process"]["busy"][0]["pid"] == TRAINER
     assert "cpu_bound" in verdict_labels(v)
     text = format_text(analyze(_world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)))
-    assert "1 while a GPU process or its worker ran on the CPU" in text, text
+    assert "1 while a GPU process or its workers computed on the CPU" in text, text
 
 
 def test_busy_workers_are_named_and_another_process_is_not():
