@@ -3,7 +3,7 @@
 Needs BPF (bpf(), BTF), BCC, pyzmq and FUSE besides the GPU, as root; tests/gpu/run.sh runs
 it only where `nvml_check.py --bpf-gate` says all are there (on the project's GPU test
 machine, whose image has no BCC, with the bundle tests/gpu/bundle.sh builds).  The NVML side
-alone is Part A, tests/gpu/nvml_check.py.  Two scenarios, each with its own tracer:
+alone is Part A, tests/gpu/nvml_check.py.  Three scenarios, each with its own tracer:
 
 * ``read``: the training process itself reads a shard between compute phases; one read
   stalls 3 s (SlowFS). Traced with ``--families vfs``.
@@ -13,11 +13,18 @@ alone is Part A, tests/gpu/nvml_check.py.  Two scenarios, each with its own trac
   end of that epoch (short-lived, as without ``persistent_workers``). Traced as users run
   it: the default families.
 
-Each checks that the verdict for the idle interval around the stalled read names that read
-(its path, and the pid of the process that made it: the worker, not the trainer) and
-explains >= 80% of the interval; ``dataloader`` also that the idle intervals at the run's
-two ends are named as the trainer's start-up and exit (classes process_start, process_exit). Prints one JSON object per scenario and a summary;
-exit 0 when all pass.
+* ``cpu_worker``: a ``DataLoader`` with one persistent worker that spends 1.5 s of CPU on
+  each of 5 items (a CPU-bound transform; nothing stalls) while the loop computes 0.25 s on
+  the GPU, so the GPU waits about 1.25 s per batch. The default families.
+
+``read`` and ``dataloader`` check that the verdict for the idle interval around the stalled
+read names that read (its path, and the pid of the process that made it: the worker, not
+the trainer) and explains >= 80% of the interval; ``dataloader`` also that the idle
+intervals at the run's two ends are named as the trainer's start-up and exit (classes
+process_start, process_exit). ``cpu_worker`` checks that each wait of the loop after the
+first is "unexplained", classed cpu_bound, naming the worker (the trainer spins in CUDA's
+synchronization while the GPU computes: its CPU share in the busy phases must not leak into
+the judgement). Prints one JSON object per scenario and a summary; exit 0 when all pass.
 """
 
 import json
@@ -84,6 +91,35 @@ for epoch in range(2):
     for batch in DataLoader(ds, batch_size=1, num_workers=2, prefetch_factor=2):
         batch = batch.cuda()
         compute(0.25)
+compute(2.0)
+with open(log, "a") as f:
+    f.write(json.dumps({"kind": "trainer", "pid": os.getpid()}) + "\n")
+"""
+
+CPU_WORKER_WORKLOAD = _PRELUDE + r"""
+from torch.utils.data import DataLoader, Dataset
+
+class Decoded(Dataset):
+    def __len__(self):
+        return 6
+    def __getitem__(self, i):
+        t0 = time.time_ns()
+        end = time.thread_time() + 1.5      # decode/augment: CPU only
+        while time.thread_time() < end:
+            pass
+        with open(log, "a") as f:
+            f.write(json.dumps({"kind": "item", "pid": os.getpid(), "item": i, "start_ns": t0,
+                                "end_ns": time.time_ns()}) + "\n")
+        return torch.zeros(64)
+
+it = iter(DataLoader(Decoded(), batch_size=1, num_workers=1, persistent_workers=True, prefetch_factor=2))
+for _ in range(6):
+    t0 = time.time_ns()
+    batch = next(it)
+    with open(log, "a") as f:
+        f.write(json.dumps({"kind": "wait", "start_ns": t0, "end_ns": time.time_ns()}) + "\n")
+    batch = batch.cuda()
+    compute(0.25)
 compute(2.0)
 with open(log, "a") as f:
     f.write(json.dumps({"kind": "trainer", "pid": os.getpid()}) + "\n")
@@ -165,6 +201,34 @@ def _judge(name: str, run: dict, edges_named: bool = False) -> dict:
     return out
 
 
+def _judge_cpu(name: str, run: dict) -> dict:
+    """Each wait of the loop after the first (the worker's start-up) lasting >= 0.8 s: the
+    verdict overlapping it most is "unexplained", classed cpu_bound, naming the worker."""
+    out = {"scenario": name, "ok": False}
+    if "error" in run:
+        out["error"] = run["error"]
+        return out
+    worker = {e["pid"] for e in run["gt"] if e.get("kind") == "item"}
+    trainer = next((e["pid"] for e in run["gt"] if e.get("kind") == "trainer"), None)
+    waits = [e for e in run["gt"] if e.get("kind") == "wait"][1:]
+    waits = [w for w in waits if w["end_ns"] - w["start_ns"] >= 800_000_000]
+    got = []
+    for w in waits:
+        over = [v for v in run["verdicts"] if v["idle_start_ns"] < w["end_ns"] and v["idle_end_ns"] > w["start_ns"]]
+        v = max(over, key=lambda v: min(v["idle_end_ns"], w["end_ns"]) - max(v["idle_start_ns"], w["start_ns"]),
+                default=None)
+        got.append(None if v is None else (v["verdict"], v.get("class"), (v.get("process") or {}).get("pid"),
+                                           (v.get("process") or {}).get("share")))
+    out.update({"worker_pids": sorted(worker), "trainer_pid": trainer, "workload_s": run["workload_s"],
+                "waits": [round((w["end_ns"] - w["start_ns"]) / 1e6) for w in waits], "got": got,
+                "all": [_brief(v, run["start_ns"]) for v in run["verdicts"]]})
+    out["ok"] = len(worker) == 1 and len(waits) >= 3 and all(
+        g is not None and g[:3] == ("unexplained", "cpu_bound", next(iter(worker))) for g in got)
+    if not out["ok"]:
+        out["tracer_log"] = run.get("tracer_log", "")
+    return out
+
+
 def main():
     try:
         import torch
@@ -179,6 +243,7 @@ def main():
         _judge("dataloader", _trace_and_run("dataloader", DATALOADER_WORKLOAD,
                                             [f"shard-{i}.bin" for i in range(4)] + ["slow-shard.bin"], [], tmp),
                edges_named=True),
+        _judge_cpu("cpu_worker", _trace_and_run("cpu_worker", CPU_WORKER_WORKLOAD, [], [], tmp)),
     ]
     for r in results:
         print(json.dumps(r, default=str))

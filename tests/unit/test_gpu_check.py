@@ -36,6 +36,24 @@ def test_judge_wants_the_read_by_its_readers_pid_and_the_edges():
                                                                    "error": "tracer failed"}
 
 
+def test_cpu_judge_wants_every_wait_classed_cpu_bound_naming_the_worker():
+    s = 1_000_000_000
+    gt = [{"kind": "item", "pid": 7}, {"kind": "trainer", "pid": 4}] + \
+        [{"kind": "wait", "start_ns": k * 2 * s, "end_ns": k * 2 * s + int(1.2 * s)} for k in range(5)]
+    vs = [{"idle_start_ns": k * 2 * s + 50, "idle_end_ns": k * 2 * s + int(1.2 * s), "verdict": "unexplained",
+           "class": "cpu_bound", "process": {"pid": 7, "share": 0.9}, "explained_fraction": 0.0,
+           "culprit": None} for k in range(5)]
+    run = {"gt": gt, "verdicts": vs, "workload_s": 1.0, "start_ns": 0, "tracer_log": ""}
+    r = gpu_check._judge_cpu("cpu_worker", run)
+    assert r["ok"] and len(r["got"]) == 4, r              # the first wait (start-up) not judged
+    for change in (lambda v: v[2]["process"].update(pid=4),     # the trainer named
+                   lambda v: v[3].update({"class": None}),
+                   lambda v: v.pop(4)):                          # a wait with no interval
+        bad = copy.deepcopy(run)
+        change(bad["verdicts"])
+        assert not gpu_check._judge_cpu("cpu_worker", bad)["ok"]
+
+
 def test_workloads_are_python():
-    for src in (gpu_check.READ_WORKLOAD, gpu_check.DATALOADER_WORKLOAD):
+    for src in (gpu_check.READ_WORKLOAD, gpu_check.DATALOADER_WORKLOAD, gpu_check.CPU_WORKER_WORKLOAD):
         compile(src, "workload", "exec")
