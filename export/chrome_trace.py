@@ -5,7 +5,8 @@ Tracks:
 
 * one process per node/GPU (``process_name`` "node gpuN (UUID)"): NVML utilization as a
   counter (``C``) and each idle interval as a complete slice (``X``) named by its verdict:
-  the culprit's class (``dataset_read``), ``remote dataset_read`` or ``unexplained``;
+  the culprit's class (``dataset_read``), ``remote dataset_read``, ``unexplained`` or
+  ``unexplained (cpu_bound)`` (a class of its GPU's own processes: process_start...);
 * one thread per owner thread (the GPU's processes and their descendants) with its stalls as
   ``X`` slices (args: op, path, bytes, latency ...), under its real pid and tid;
 * a flow arrow (``s`` on the culprit stall, ``f`` with ``bp: "e"`` on the idle slice, same
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stallscope.analysis.text import describe, verdict_line
-from stallscope.analysis.verdict import op_class
+from stallscope.analysis.verdict import UNEXPLAINED_CLASSES, op_class
 from stallscope.wire.schema import STALL_TABLES, TABLES, table_len
 
 PID_LIMIT = 1 << 22          # Linux PID_MAX_LIMIT (64-bit): no real pid or tid reaches it
@@ -131,9 +132,11 @@ class Timeline:
 
 
 def interval_name(v) -> str:
-    """The idle slice's name: the culprit's class, ``remote <class>`` or ``unexplained``."""
+    """The idle slice's name: the culprit's class, ``remote <class>``, ``unexplained`` or,
+    where the GPU's own processes account for it, ``unexplained (<class>)`` (process_start,
+    cpu_bound...)."""
     if v.verdict == "unexplained" or not v.klass:
-        return "unexplained"
+        return f"unexplained ({v.klass})" if v.klass in UNEXPLAINED_CLASSES else "unexplained"
     return f"remote {v.klass}" if v.remote else v.klass
 
 

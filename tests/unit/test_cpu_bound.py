@@ -15,6 +15,7 @@ import numpy as np
 from stallscope.analysis.analyze import LiveAnalyzer, analyze
 from stallscope.analysis.text import format_text, verdict_line
 from stallscope.analysis.verdict import cpu_bound
+from stallscope.export.chrome_trace import interval_name
 from stallscope.export.prometheus import verdict_labels
 from stallscope.tracer.cpu import CpuSampler, children_of, read_cpu_ns
 from stallscope.wire.schema import Batch
@@ -68,6 +69,7 @@ def test_trainer_computing_on_the_cpu_is_named():
     j = json.loads(json.dumps(v.to_json()))
     assert j["class"] == "cpu_bound" and j["process"]["busy"][0]["pid"] == TRAINER
     assert "cpu_bound" in verdict_labels(v)
+    assert interval_name(v) == "unexplained (cpu_bound)"                # the Perfetto slice
     text = format_text(analyze(_world(trainer=[0.3] * 6 + [0.95] * 4 + [0.3] * 10)))
     assert "1 while a GPU process or its workers computed on the CPU" in text, text
 
