@@ -5,7 +5,6 @@ process, or its DataLoader workers, used a core's worth of CPU through the inter
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from stallscope.analysis.text import format_text, verdict_line
 from stallscope.analysis.verdict import cpu_bound
 from stallscope.export.chrome_trace import interval_name
 from stallscope.export.prometheus import verdict_labels
-from stallscope.tracer.cpu import CpuSampler, children_of, read_cpu_ns
+from stallscope.tracer.cpu import CpuSampler, read_cpu_ns
 from stallscope.wire.schema import Batch
 from tests.unit.test_blame import MS, T0, P, samples, table
 
