@@ -382,23 +382,26 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
     mine = np.isin(pid, np.asarray(list(members), dtype=np.int64))
     if not mine.any():
         return None
+    rows_at = np.flatnonzero(near)[mine]
     pid, ts, tot = pid[mine], ts[near][mine], np.asarray(cpu["cpu_ns"], dtype=np.int64)[near][mine]
     found = []
     for p in np.unique(pid).tolist():
-        k = pid == p
-        t, v = ts[k], tot[k]
-        o = np.argsort(t, kind="stable")
-        t, v = t[o], v[o]
+        k = np.flatnonzero(pid == p)
+        o = k[np.argsort(ts[k], kind="stable")]
+        t, v = ts[o], tot[o]
         span = int(t[-1] - t[0])
         if span < length / 2:
             continue
         used = float(v[-1] - v[0])
-        found.append((used / span, int(p), int(used * length / span)))
+        found.append((used / span, int(p), int(used * length / span), int(rows_at[o[-1]])))
     busy = sorted((f for f in found if f[0] >= share), reverse=True)
     if not busy:
         return None
-    name = comm_of or (lambda _p: "?")
-    rows = [{"pid": p, "comm": name(p), "cpu_ns": used, "share": round(sh, 3)} for sh, p, used in busy]
+
+    def name(p: int, row: int) -> str:      # its name as sampled (a worker renames itself)
+        c = str(cpu["comm"][row]) if "comm" in cpu else ""
+        return c or (comm_of(p) if comm_of else "?")
+    rows = [{"pid": p, "comm": name(p, r), "cpu_ns": used, "share": round(sh, 3)} for sh, p, used, r in busy]
     return "cpu_bound", {**rows[0], "busy": rows[:8], "count": len(rows)}
 
 

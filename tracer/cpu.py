@@ -26,11 +26,20 @@ import time
 
 import numpy as np
 
+from .decode import safe_text
+
 TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 
 def read_cpu_ns(pid: int, proc: str = "/proc"):
     """User + system time of process ``pid`` (all its threads) in ns, or None if it is gone."""
+    got = read_cpu(pid, proc)
+    return None if got is None else got[1]
+
+
+def read_cpu(pid: int, proc: str = "/proc"):
+    """(comm, user + system ns) of process ``pid`` (all its threads), or None if it is gone:
+    the name it has now (a DataLoader worker renames itself after the fork)."""
     try:
         fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
     except OSError:
@@ -41,11 +50,13 @@ def read_cpu_ns(pid: int, proc: str = "/proc"):
         return None
     finally:
         os.close(fd)
-    rest = data[data.rfind(b")") + 2:].split()
+    rp = data.rfind(b")")
+    rest = data[rp + 2:].split()
     try:
-        return (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
+        ns = (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
     except (IndexError, ValueError):
         return None
+    return safe_text(data[data.find(b"(") + 1:rp]), ns
 
 
 def children_of(pids, proc: str = "/proc") -> set:
@@ -102,15 +113,19 @@ class CpuSampler:
         return roots | self._kids
 
     def poll(self, roots, all_owners=None):
-        pids, vals = [], []
+        pids, comms, vals = [], [], []
         for pid in sorted(self.owners(roots, all_owners)):
-            v = read_cpu_ns(pid, self.proc)
+            got = read_cpu(pid, self.proc)
             self.reads += 1
-            if v is not None:
+            if got is not None:
                 pids.append(pid)
-                vals.append(v)
+                comms.append(got[0])
+                vals.append(got[1])
         if not pids:
             return None
         n = len(pids)
+        comm = np.empty(n, dtype=object)
+        comm[:] = comms
         return {"cpu": {"ts_ns": np.full(n, time.time_ns(), dtype=np.uint64),
-                        "pid": np.array(pids, dtype=np.uint64), "cpu_ns": np.array(vals, dtype=np.uint64)}}
+                        "pid": np.array(pids, dtype=np.uint64), "comm": comm,
+                        "cpu_ns": np.array(vals, dtype=np.uint64)}}

@@ -139,9 +139,10 @@ TABLES = {
     "gpu": {"ts_ns": "u", "gpu": "u", "util": "u", "synth": "u"},
     # compute processes seen on each GPU at ts_ns
     "gpu_proc": {"ts_ns": "u", "gpu": "u", "pid": "u"},
-    # CPU time (user + system, all threads, ns) of each GPU owner process at ts_ns: a running
-    # total (tracer/cpu.py), differenced across an idle interval by the analysis
-    "cpu": {"ts_ns": "u", "pid": "u", "cpu_ns": "u"},
+    # CPU time (user + system, all threads, ns) of a GPU's process or descendant at ts_ns, and
+    # its name then: a running total (tracer/cpu.py), read while the GPU idles, differenced
+    # across an idle interval by the analysis
+    "cpu": {"ts_ns": "u", "pid": "u", "comm": "s", "cpu_ns": "u"},
     # process lineage and job identity for every pid that appears in the batch; pod_uid and
     # container_id from its cgroup (wire/cgroup.py), "" when it is in no pod or container;
     # exit_ns (wall, 0: not exited or not known) and exit_status (the wait(2) status: signal

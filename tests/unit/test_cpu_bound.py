@@ -24,13 +24,13 @@ S = 1000 * MS
 TRAINER, WORKER, WORKER2, OTHER = 579, 600, 601, 4000
 
 
-def _cpu_rows(pid, shares, period=500 * MS):
+def _cpu_rows(pid, shares, period=500 * MS, comm=""):
     """Running CPU totals of ``pid`` sampled every ``period`` from T0, using ``shares[k]`` of
     a core in the k-th period."""
     total, rows = 0, []
     for k, sh in enumerate([0.0] + list(shares)):
         total += int(sh * period)
-        rows.append({"ts_ns": T0 + k * period, "pid": pid, "cpu_ns": total})
+        rows.append({"ts_ns": T0 + k * period, "pid": pid, "comm": comm, "cpu_ns": total})
     return rows
 
 
@@ -101,6 +101,16 @@ def test_live_verdicts_carry_it():
     assert [v.klass for v in got] == ["cpu_bound"]
 
 
+def test_the_name_is_the_one_sampled():
+    """A worker forked just before it renamed itself has its parent's name in the proc table;
+    the CPU samples carry the name it had while it computed."""
+    cpu = table("cpu", _cpu_rows(7, [1.0] * 4, comm="pt_data_worker"))
+    got = cpu_bound(cpu, [7], T0 + 500 * MS, T0 + 1500 * MS, comm_of=lambda p: "trainer")[1]
+    assert got["comm"] == "pt_data_worker" and got["busy"][0]["comm"] == "pt_data_worker"
+    cpu = table("cpu", _cpu_rows(7, [1.0] * 4))                 # an older tracer: no name sampled
+    assert cpu_bound(cpu, [7], T0 + 500 * MS, T0 + 1500 * MS, comm_of=lambda p: "trainer")[1]["comm"] == "trainer"
+
+
 def test_cpu_bound_rule_edges():
     cpu = table("cpu", _cpu_rows(7, [1.0] * 4))             # samples 0-2 s, a full core
     assert cpu_bound(cpu, [7], T0 + 500 * MS, T0 + 1500 * MS)[1]["share"] == 1.0
@@ -139,6 +149,7 @@ def test_sampler_reads_a_busy_child_and_finds_it_from_its_parent():
     a = dict(zip(first["pid"].tolist(), first["cpu_ns"].tolist()))
     b = dict(zip(second["pid"].tolist(), second["cpu_ns"].tolist()))
     assert set(a) == set(b) == {parent.pid, child}, (a, b)
+    assert all(c.startswith("python") for c in second["comm"].tolist()), second["comm"]     # their names
     assert b[child] - a[child] >= 250 * MS, (a, b)       # ~600 ms of spinning (less under load)
     assert b[parent.pid] - a[parent.pid] <= 50 * MS, (a, b)
     assert np.all(second["ts_ns"] > first["ts_ns"][0])
