@@ -84,7 +84,7 @@ def children_of(pids, proc: str = "/proc") -> set:
 
 
 class CpuSampler:
-    """``poll(roots, all_owners)`` -> ``{"cpu": {ts_ns, pid, cpu_ns}}`` or None: ``roots``
+    """``poll(roots, all_owners)`` -> ``{"cpu": {ts_ns, pid, comm, cpu_ns}}`` or None: ``roots``
     and their descendants (found through the kernel's children lists, re-read every
     ``children_s`` or when the roots change). Where those lists do not exist
     (CONFIG_PROC_CHILDREN off), ``all_owners()``, when given (the sched family's owner set:
