@@ -15,7 +15,7 @@ computes nothing is read), and their descendants from the kernel's
 
 Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, one small read per process per
 period (about 10 us); 72 processes (8 GPUs, 8 workers each) at the 250 ms default measured
-0.5% of a core on a loaded 2-core machine. The period bounds what can be judged: an interval
+0.62-0.67% of a core on this 2-core machine. The period bounds what can be judged: an interval
 needs two samples inside it, half its length apart.
 """
 
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .decode import safe_text
+from .procinfo import stat_fields
 
 TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
@@ -40,23 +40,14 @@ def read_cpu_ns(pid: int, proc: str = "/proc"):
 def read_cpu(pid: int, proc: str = "/proc"):
     """(comm, user + system ns) of process ``pid`` (all its threads), or None if it is gone:
     the name it has now (a DataLoader worker renames itself after the fork)."""
-    try:
-        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
-    except OSError:
+    st = stat_fields(pid, proc)
+    if st is None:
         return None
+    comm, rest = st
     try:
-        data = os.read(fd, 1024)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    rp = data.rfind(b")")
-    rest = data[rp + 2:].split()
-    try:
-        ns = (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
+        return comm, (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
     except (IndexError, ValueError):
         return None
-    return safe_text(data[data.find(b"(") + 1:rp]), ns
 
 
 def children_of(pids, proc: str = "/proc") -> set:
@@ -97,7 +88,6 @@ class CpuSampler:
         self._kids_of: frozenset = frozenset()
         self._kids_at = -1e18
         self.have_children = None      # whether the kernel has the children lists (once known)
-        self.reads = 0
 
     def owners(self, roots, all_owners=None) -> set:
         roots = {int(p) for p in roots if int(p) > 0}
@@ -116,7 +106,6 @@ class CpuSampler:
         pids, comms, vals = [], [], []
         for pid in sorted(self.owners(roots, all_owners)):
             got = read_cpu(pid, self.proc)
-            self.reads += 1
             if got is not None:
                 pids.append(pid)
                 comms.append(got[0])

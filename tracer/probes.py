@@ -143,6 +143,26 @@ def percpu_array_sums(table, n: int) -> np.ndarray:
     return out
 
 
+def _methods(cfg: ProbeConfig, family: str, tracefs: str) -> list:
+    """The family's (name, loader) methods, best first; only the one --attach names (or the
+    last) when it names one."""
+    methods = BY_NAME[family].methods(cfg, tracefs)
+    if cfg.attach != "auto":
+        methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
+    return methods
+
+
+def _why(name: str, e: Exception) -> str:
+    """Why method ``name`` did not load: the last line of its error."""
+    msg = str(e).strip().splitlines()
+    return f"{name}: {msg[-1] if msg else type(e).__name__}"
+
+
+def _not(reasons: list) -> str:
+    """`` (not kprobe: ...; not fentry: ...)`` after the method that loaded."""
+    return f" (not {'; not '.join(reasons)})" if reasons else ""
+
+
 def load(cfg: ProbeConfig, log=lambda msg: None):
     """Load every requested family. Returns (loaded probes, {family: reason not loaded})."""
     tracefs = kernel.tracefs_root()
@@ -153,23 +173,20 @@ def load(cfg: ProbeConfig, log=lambda msg: None):
     loaded, failed = [], {}
     for fam in cfg.families:
         try:
-            methods = BY_NAME[fam].methods(cfg, tracefs)
+            methods = _methods(cfg, fam, tracefs)
         except Exception as e:     # a family's own capability checks failing loses that family only
             failed[fam] = f"{type(e).__name__}: {e}"
             log(f"{fam}: not loaded ({failed[fam]})")
             continue
-        if cfg.attach != "auto":
-            methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
         reasons = []
         for name, fn in methods:
             try:
                 b, detail = fn()
                 loaded.append(LoadedProbe(fam, name, b, detail))
-                log(f"{fam}: {detail}" + (f" (not {'; not '.join(reasons)})" if reasons else ""))
+                log(f"{fam}: {detail}{_not(reasons)}")
                 break
             except Exception as e:
-                msg = str(e).strip().splitlines()
-                reasons.append(f"{name}: {msg[-1] if msg else type(e).__name__}")
+                reasons.append(_why(name, e))
         else:
             failed[fam] = "; ".join(reasons) or "no probe source for this kernel"
             log(f"{fam}: not loaded ({failed[fam]})")
@@ -187,22 +204,18 @@ def dump(cfg: ProbeConfig, family: str) -> str:
         headers = str(e)
     reasons = []
     try:
-        methods = BY_NAME[family].methods(cfg, kernel.tracefs_root())
+        methods = _methods(cfg, family, kernel.tracefs_root())
     except Exception as e:         # the family's own capability checks, as in load()
         methods, reasons = [], [f"{type(e).__name__}: {e}"]
-    if cfg.attach != "auto":
-        methods = [m for m in methods if m[0] == cfg.attach] or methods[-1:]
     for name, fn in methods:
         try:
             with bpfload.dumping():
                 loaded = fn()
         except bpfload.DumpOnly as d:
-            head = f"// {family}: method {name}" + (f" (not {'; not '.join(reasons)})" if reasons else "")
-            return (f"{head}\n// headers: {headers}\n// cflags: {' '.join(d.cflags)}\n"
-                    f"{d.text or source_text(family)}")
+            return (f"// {family}: method {name}{_not(reasons)}\n// headers: {headers}\n"
+                    f"// cflags: {' '.join(d.cflags)}\n{d.text or source_text(family)}")
         except Exception as e:
-            msg = str(e).strip().splitlines()
-            reasons.append(f"{name}: {msg[-1] if msg else type(e).__name__}")
+            reasons.append(_why(name, e))
         else:         # a method that loads without load_bpf: nothing to show but what it got
             loaded[0].cleanup()
             reasons.append(f"{name}: loads without a program of its own")

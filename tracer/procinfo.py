@@ -34,16 +34,29 @@ def boot_time_ns(proc: str = "/proc") -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-def read_stat(pid: int, proc: str = "/proc"):
-    """(ppid, comm, start_ticks) from /proc/<pid>/stat, or None if gone."""
+def stat_fields(pid: int, proc: str = "/proc"):
+    """(comm, the fields after it) of /proc/<pid>/stat, or None if gone: ``rest[0]`` is
+    field 3 (state), ``rest[k]`` field k + 3 (proc(5))."""
     try:
-        with open(os.path.join(proc, str(pid), "stat"), "rb") as f:
-            data = f.read()
+        fd = os.open(os.path.join(proc, str(pid), "stat"), os.O_RDONLY)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     lp, rp = data.find(b"("), data.rfind(b")")
-    comm = safe_text(data[lp + 1: rp])
-    rest = data[rp + 2:].split()
+    return safe_text(data[lp + 1: rp]), data[rp + 2:].split()
+
+
+def read_stat(pid: int, proc: str = "/proc"):
+    """(ppid, comm, start_ticks) from /proc/<pid>/stat, or None if gone."""
+    st = stat_fields(pid, proc)
+    if st is None:
+        return None
+    comm, rest = st
     return int(rest[1]), comm, int(rest[19])
 
 
