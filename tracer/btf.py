@@ -20,6 +20,7 @@ _TRAILER = {1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
             15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12)}
 _STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
 _FUNC, _FUNC_PROTO = 12, 13
+_PTR, _ENUM, _ENUM64 = 2, 6, 19
 
 
 class BtfError(RuntimeError):
@@ -55,6 +56,11 @@ class Btf:
             self.types, self.by_name = list(base.types), dict(base.by_name)
         self.funcs: dict = {}          # function name -> FUNC_PROTO type id
         self.protos: dict = {}         # FUNC_PROTO type id -> [parameter name offsets]
+        # enumerators (name -> value) and raw tracepoints' prototypes (btf_trace_<tp> typedefs),
+        # kept as raw bytes and read on demand: the agent keeps this object for its lifetime
+        self._enums: list = [] if base is None else list(base._enums)
+        self._tp_typedefs: dict = {} if base is None else dict(base._tp_typedefs)
+        self._proto_raw: dict = {} if base is None else dict(base._proto_raw)
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         unpack = struct.unpack_from
         while pos < end:
@@ -72,8 +78,14 @@ class Btf:
                     m_name, m_type, m_off = unpack("<III", data, pos + 12 * i)
                     bit_off = m_off & 0xFFFFFF if kflag else m_off
                     members.append((m_name, m_type, bit_off))
-            elif funcs and kind == _FUNC_PROTO:
-                self.protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
+            elif kind == _FUNC_PROTO:
+                self._proto_raw[tid] = data[pos: pos + 8 * vlen]
+                if funcs:
+                    self.protos[tid] = [unpack("<I", data, pos + 8 * i)[0] for i in range(vlen)]
+            elif kind in (_ENUM, _ENUM64) and vlen:
+                self._enums.append((kind, data[pos: pos + per * vlen]))
+            elif kind == _TYPEDEF and name_off and self._strs.startswith(b"btf_trace_", name_off):
+                self._tp_typedefs[self._str(name_off)[len("btf_trace_"):]] = size_or_type
             elif funcs and kind == _FUNC and name_off:
                 self.funcs[self._str(name_off)] = size_or_type
             self.types.append((kind, name_off, size_or_type, members))
@@ -120,6 +132,38 @@ class Btf:
 
     def has(self, struct_name: str) -> bool:
         return struct_name in self.by_name
+
+    def enum_value(self, name: str) -> int:
+        """The value of enumerator ``name`` (``__REQ_FUA``), whichever enum holds it."""
+        want = name.encode()
+        for kind, raw in self._enums:
+            step = 8 if kind == _ENUM else 12
+            for i in range(0, len(raw), step):
+                n = struct.unpack_from("<I", raw, i)[0]
+                if self._strs.startswith(want + b"\0", n):
+                    if kind == _ENUM:
+                        return struct.unpack_from("<i", raw, i + 4)[0]
+                    lo, hi = struct.unpack_from("<II", raw, i + 4)
+                    return lo | hi << 32
+        raise BtfError(f"kernel BTF has no enumerator {name}")
+
+    def tp_arg(self, tp: str, struct_name: str) -> int:
+        """Index in a raw tracepoint's ``ctx->args`` of its first ``struct struct_name *``
+        argument: block_rq_issue passed (q, rq) before 5.11 and (rq) since. From the
+        ``btf_trace_<tp>`` typedef the kernel declares for each tracepoint, whose prototype
+        starts with the probe's own ``void *`` data."""
+        tid = self._tp_typedefs.get(tp)
+        ptr = self.types[tid] if tid else None
+        raw = self._proto_raw.get(ptr[2]) if ptr and ptr[0] == _PTR else None
+        if raw is None:
+            raise BtfError(f"kernel BTF has no prototype for tracepoint {tp}")
+        for i in range(1, len(raw) // 8):
+            t = self.types[self._resolve(struct.unpack_from("<I", raw, 8 * i + 4)[0])]
+            if t and t[0] == _PTR:
+                target = self.types[self._resolve(t[2])]
+                if target and target[0] == _STRUCT and self._str(target[1]) == struct_name:
+                    return i - 1
+        raise BtfError(f"tracepoint {tp} has no struct {struct_name} * argument")
 
 
 #: The fields the probes walk, as -D macro -> (struct, member path).

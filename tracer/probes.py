@@ -22,7 +22,7 @@ from .bpfload import base_cflags, source_text
 from .families import BY_NAME, DEFAULT_FAMILIES
 from .ring import RingReader
 
-ATTACH_CHOICES = ("auto", "fentry", "kprobe", "uprobe", "tracepoint")
+ATTACH_CHOICES = ("auto", "fentry", "kprobe", "uprobe", "raw_tracepoint", "tracepoint")
 #: how often a family's user-space finishing (vfs: tails of storms whose thread went quiet)
 #: runs: a map walk each time, so not on every 10-50 ms drain; a tail waits at most this long
 SWEEP_S = 0.1
