@@ -3,8 +3,8 @@
  *
  * Two variants, the first where the running kernel's BTF allows it (SS_BLK_RAW):
  *
- * raw tracepoints block_rq_issue, block_rq_complete, block_getrq, keyed by the request
- * itself (struct request *). Device, sector, size and op are read from the request at
+ * raw tracepoints block_rq_issue, block_rq_complete, block_getrq, block_rq_requeue, keyed
+ * by the request itself (struct request *). A requeued request keeps its first issue time. Device, sector, size and op are read from the request at
  * offsets from BTF (OFF_RQ_*), as the block tracepoints compute them. Requests in flight
  * together at one sector (concurrent cache flushes, which carry no data and name sector 0;
  * an O_DIRECT and a buffered read of one block) are each reported. The submitter is noted
@@ -24,7 +24,7 @@
  */
 #include "common.bpf.h"
 
-struct blk_start { u64 ts; u64 sector; u32 dev; u32 pid; u32 tid; u32 bytes; u8 op; char comm[SS_COMM_LEN]; };
+struct blk_start { u64 ts; u64 sector; u32 dev; u32 pid; u32 tid; u32 bytes; u8 op; u8 requeued; char comm[SS_COMM_LEN]; };
 struct blk_who { u32 pid; u32 tid; char comm[SS_COMM_LEN]; };
 
 /* The start of a request issued now: its submitter from the note ``w`` (deleted by the
@@ -139,9 +139,11 @@ RAW_TRACEPOINT_PROBE(block_rq_issue)
 	struct blk_start *old = blk_start.lookup(&rq);
 	if (old) {
 		/* issued again without a completion between: requeued (the wait began at its
-		 * first issue), or a completion this program never saw (then counted) */
-		if (old->sector == sector && old->dev == dev)
+		 * first issue), or a completion this program never saw (counted; timed anew) */
+		if (old->requeued) {
+			old->requeued = 0;
 			return 0;
+		}
 		ss_count(SS_C_INFLIGHT_COLLISION);
 	}
 	struct blk_start s = {};
@@ -155,6 +157,15 @@ RAW_TRACEPOINT_PROBE(block_rq_issue)
 	s.bytes = bytes;
 	s.op = blk_op(opf);
 	blk_start.update(&rq, &s);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(block_rq_requeue)
+{
+	u64 rq = ctx->args[SS_BLK_REQUEUE_ARG];
+	struct blk_start *s = blk_start.lookup(&rq);
+	if (s)
+		s->requeued = 1;
 	return 0;
 }
 

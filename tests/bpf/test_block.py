@@ -47,7 +47,7 @@ def slow_loop(slow_loop_fs):
     return slow_loop_fs[0]
 
 
-RAW_LINE = "block: raw tracepoints block_rq_issue block_rq_complete block_getrq (keyed by request)"
+RAW_LINE = "block: raw tracepoints block_rq_issue block_rq_complete block_getrq block_rq_requeue (keyed by request)"
 TP_LINE = "block: tracepoints block/block_rq_issue block/block_rq_complete block/block_getrq"
 VARIANTS = [pytest.param("auto", RAW_LINE, id="raw"), pytest.param("tracepoint", TP_LINE, id="tracepoint")]
 

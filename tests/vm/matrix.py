@@ -52,11 +52,11 @@ HOST = {
     "RDMA verbs completion waits (soft-RoCE)": "no RDMA here",
     "RDMA port counters (soft-RoCE)": "no RDMA here",
     "TCP retransmits (netem loss)": "**tracepoint** (netns loss)",
-    "block IO: request latency by device, pid, sector": "**tracepoint** (loop device on FUSE)",
+    "block IO: request latency by device, pid, sector": "**raw tracepoint**, **tracepoint** (loop device on FUSE)",
     "sched: process lifecycle, off-CPU time of owner threads": "**raw tracepoint** (FUSE)",
     "sched: page faults of owner threads (mapped files)": "**raw tracepoint** (FUSE)",
-    "fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)":
-        "VFS: fentry EPERM -> tracepoint (no kprobes), as the bpf tier runs",
+    "fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS), raw -> tracepoint (block)":
+        "VFS: fentry EPERM -> tracepoint (no kprobes), as the bpf tier runs; block: tracepoint by --attach",
 }
 ROW_ORDER = tuple(HOST)
 

@@ -13,6 +13,8 @@ NAME = "block"
 RECORD_TYPES = (T_BLOCK,)
 #: issue and complete time a request; getrq names its submitter (bpf/block.bpf.c)
 TRACEPOINTS = ("block/block_rq_issue", "block/block_rq_complete", "block/block_getrq")
+#: the raw variant also sees requeues: a requeued request keeps its first issue time
+RAW_TRACEPOINTS = (*TRACEPOINTS, "block/block_rq_requeue")
 
 
 #: the request's fields the raw variant reads, and the dev_t of its disk (bpf/block.bpf.c)
@@ -35,6 +37,7 @@ def raw_cflags() -> list:
         f"-DSS_BLK_ISSUE_ARG={b.tp_arg('block_rq_issue', 'request')}",
         f"-DSS_BLK_COMPLETE_ARG={b.tp_arg('block_rq_complete', 'request')}",
         f"-DSS_BLK_GETRQ_ARG={b.tp_arg('block_getrq', 'bio')}",
+        f"-DSS_BLK_REQUEUE_ARG={b.tp_arg('block_rq_requeue', 'request')}",
         # the op is the low bits of cmd_flags; its flags start where the op ends
         f"-DSS_REQ_OP_BITS={b.enum_value('__REQ_FAILFAST_DEV')}",
         f"-DSS_REQ_PREFLUSH={b.enum_value('__REQ_PREFLUSH')}", f"-DSS_REQ_FUA={b.enum_value('__REQ_FUA')}",
@@ -49,14 +52,14 @@ def methods(cfg, tracefs):
         return load_bpf(NAME, base_cflags(cfg)), "tracepoints " + " ".join(TRACEPOINTS)
 
     def raw_tracepoint():
-        missing = [tp for tp in TRACEPOINTS if not tp_exists(tracefs, tp)]
+        missing = [tp for tp in RAW_TRACEPOINTS if not tp_exists(tracefs, tp)]
         if missing:
             raise ProbeError(f"tracepoint {missing[0]} not found")
         try:
             flags = raw_cflags()
         except btf.BtfError as e:
             raise ProbeError(str(e)) from e
-        names = " ".join(tp.split("/")[1] for tp in TRACEPOINTS)
+        names = " ".join(tp.split("/")[1] for tp in RAW_TRACEPOINTS)
         return load_bpf(NAME, base_cflags(cfg) + flags), f"raw tracepoints {names} (keyed by request)"
     return [("raw_tracepoint", raw_tracepoint), ("tracepoint", tracepoint)]
 

@@ -9,8 +9,9 @@ tests), and the tests read what it reports:
 * ``nfs_rdma``: ``stallscope trace --families nfs,rdma --gpu`` (each family's best method:
   kprobes where the kernel allows them) on the NVML simulator, recording to a file
   (``stallscope report`` reads it; RDMA port counters travel only in recordings)
-* ``tp``: ``stallscope trace --families vfs,block --attach tracepoint`` (the VFS
-  syscall-tracepoint method; block has only tracepoints. sched, which has only raw
+* ``tp``: ``stallscope trace --families vfs,block --attach raw_tracepoint`` (VFS has no
+  raw tracepoint method, so it gets its last, the syscall tracepoints; block its
+  request-keyed raw tracepoints, the method auto picks. sched, which has only raw
   tracepoints too, gets its own tracer in test_probes_sched.py)
 
 Each runs the real CLI (``python3 -m stallscope trace --json``) from the repository
@@ -306,7 +307,7 @@ def start_probe_tracers(tmp: Path, mounts: dict, rxe: RxePair) -> ProbeTracers:
         nfs_rdma=TracerProcess("nfs_rdma", ["--families", "nfs,rdma", "--output", str(rec),
                                             *gpu_args, *common], env=env),
         recording=rec, sim_state=state, gpu=not reason, gpu_reason=reason, rxe=rxe, mounts=mounts,
-        tp=TracerProcess("tp", ["--families", "vfs,block", "--attach", "tracepoint", "--no-gpu",
+        tp=TracerProcess("tp", ["--families", "vfs,block", "--attach", "raw_tracepoint", "--no-gpu",
                                 "--output", str(tmp / "tp.ssrec"), *common]),
         tp_recording=tmp / "tp.ssrec")
 

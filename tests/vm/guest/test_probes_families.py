@@ -1,15 +1,17 @@
 """Families that load on this kernel without a stall check here, and the fallback between methods.
 
-* block has only tracepoints: the shared ``tp`` tracer (``--families vfs,block --attach
-  tracepoint``) reports each request of a slow device: null_blk with timer completions
+* block's raw tracepoints, keyed by request: the shared ``tp`` tracer (``--families vfs,block
+  --attach raw_tracepoint``) reports each request of a slow device: null_blk with timer completions
   ``NULLB_DELAY_MS`` after the request is queued, read with ``dd iflag=direct`` (one 4 KiB
   request per read), so each of the ``READS`` requests is one event with dd's pid, the
   device's name, its sector and at least the delay. The pid is the submitter's, taken at
-  block_getrq: 5.10 issues these requests from a kblockd kworker, 6.1 and 6.12 from dd;
+  block_getrq (noted by bio): 5.10 issues these requests from a kblockd kworker, 6.1 and 6.12
+  from dd;
 * a family whose best method cannot load degrades to the next one and says why: with fentry
   and kprobes made unavailable (the capability checks patched, in-process), `auto` gives VFS
-  its syscall tracepoints and NFS its RPC-only tracepoint method, each log line naming the
-  methods it could not use and the reason;
+  its syscall tracepoints and NFS its RPC-only tracepoint method, and with BTF's request
+  layout made unavailable block its (device, sector)-keyed tracepoints, each log line naming
+  the methods it could not use and the reason;
 * the probe events a killed BCC process leaves in tracefs (kretprobes with maxactive go through
   ``kprobe_events``) are removed when the tracer starts.
 """
@@ -31,12 +33,12 @@ READS = 23                  # a count that cannot come from unrelated activity
 NULLB_DELAY_MS = 100
 
 
-@pytest.mark.matrix("block IO: request latency by device, pid, sector", "tracepoint")
+@pytest.mark.matrix("block IO: request latency by device, pid, sector", "raw tracepoint")
 def test_block_requests_of_a_slow_device_by_pid_device_sector(probe_tracers, null_blk, result_gaps):
     t = probe_tracers.tp
     t.wait_ready()
     line = _family_line(t.stderr, "block")
-    assert "tracepoints block/block_rq_issue block/block_rq_complete block/block_getrq" in line, line
+    assert "raw tracepoints block_rq_issue block_rq_complete block_getrq block_rq_requeue (keyed by request)" in line, line
     dd = subprocess.Popen(["dd", f"if={null_blk}", "of=/dev/null", "bs=4096", f"count={READS}", "iflag=direct"],
                           stderr=subprocess.PIPE, text=True)
     _, err = dd.communicate(timeout=120)
@@ -64,21 +66,30 @@ def test_block_requests_of_a_slow_device_by_pid_device_sector(probe_tracers, nul
         assert b["sector"] > a["sector"] and b["ts_ns"] >= a["ts_ns"] + a["dur_ns"] - 1_000_000, (a, b)
 
 
-@pytest.mark.matrix("fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS)", "forced")
+@pytest.mark.matrix("fallback: fentry -> kprobe -> tracepoint (VFS), kprobe -> tracepoint (NFS), raw -> tracepoint (block)", "forced")
 def test_forced_fallback_to_the_next_method(nfs_mounts, monkeypatch, matrix_note):
-    from stallscope.tracer import kernel, probes
+    from stallscope.tracer import btf, kernel, probes
+    from stallscope.tracer.families import block as fam_block
     from stallscope.tracer.families import nfs as fam_nfs
     from stallscope.tracer.families import vfs as fam_vfs
+
+    def no_request_layout():
+        raise btf.BtfError("request layout made unavailable by the test")
 
     kernel.ensure_headers()
     monkeypatch.setattr(fam_vfs, "fentry_works", lambda: (False, "fentry made unavailable by the test"))
     monkeypatch.setattr(kernel, "has_kprobes", lambda tracefs: False)
+    monkeypatch.setattr(fam_block, "raw_cflags", no_request_layout)
     log = []
-    loaded, failed = probes.load(probes.ProbeConfig(min_latency_ns=50_000_000, families=("vfs", "nfs")), log.append)
+    loaded, failed = probes.load(probes.ProbeConfig(min_latency_ns=50_000_000, families=("vfs", "nfs", "block")),
+                                 log.append)
     try:
         text = "\n".join(log)
         by_family = {p.family: p for p in loaded}
-        assert set(by_family) | set(failed) == {"vfs", "nfs"}, text
+        assert set(by_family) | set(failed) == {"vfs", "nfs", "block"}, text
+        assert by_family["block"].method == "tracepoint", f"{failed}\n{text}"
+        assert "block: tracepoints block/block_rq_issue block/block_rq_complete block/block_getrq " \
+               "(not raw_tracepoint: request layout made unavailable by the test)" in text, text
         assert "vfs" in by_family, f"vfs did not fall back to its syscall tracepoints: {failed}\n{text}"
         assert by_family["vfs"].method == "tracepoint", text
         assert re.search(r"vfs: syscall tracepoints read write .*\(not fentry: fentry made unavailable by the test; "
