@@ -30,7 +30,7 @@ from stallscope.wire.schema import STALL_TABLES, TABLES, GrowingTable, complete,
 from . import blame, crossnode
 from .attribution import GpuHolders, owner_cgroup, pod_fields
 from .http_episodes import episodes
-from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups, cpu_bound, lifecycle
+from .verdict import GROUP_FIELDS, Chain, Verdict, build_chain, chain_of_groups, cpu_bound, lifecycle, net_wait
 
 #: analysis parameters and their defaults (``analyze(batches, min_explained=0.7)``)
 DEFAULTS = {
@@ -732,7 +732,8 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
         if chain is None and gi >= 0:
             klass, process = lifecycle(base.proc, own.roots[gi], own.members[gi], s, e, int(idle.res[i]),
                                        bool(idle.open[i])) or \
-                cpu_bound(nd.table("cpu"), own.members[gi], s, e, comm_of) or (None, None)
+                cpu_bound(nd.table("cpu"), own.members[gi], s, e, comm_of) or \
+                net_wait(nd.table("wait"), nd.table("cpu"), own.members[gi], s, e, comm_of) or (None, None)
         return Verdict(
             node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),
             idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),

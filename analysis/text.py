@@ -229,6 +229,16 @@ def lifecycle_text(v: Verdict) -> str:
                 f"({float(p.get('share', 0)):.0%} of a core){others}"
                 + (f" (+{more - 3} more)" if more > 3 else "")
                 + ": the GPU waited on CPU work, nothing traced was blocked")
+    if v.klass == "net_wait":
+        waiting = p.get("waiting") or [p]
+        more = int(p.get("count", 1)) - 1
+        others = "".join(f", {w.get('comm', '?')} pid {w.get('pid', '?')} from {w.get('peer', '?')}"
+                         for w in waiting[1:4])
+        return (f"on the network: {who} was waiting to receive from {p.get('peer', '?')} ({p.get('call', '?')}) "
+                f"in {float(p.get('share', 0)):.0%} of its samples{others}"
+                + (f" (+{more - 3} more)" if more > 3 else "")
+                + ": the GPU waited on a TCP peer (a streamed dataset, an object store, a rendezvous "
+                  "store); nothing traced was blocked")
     if v.klass == "process_exit":
         return f"exit: {who} exited {at} into it ({signal_name(int(p.get('exit_status', -1)))})"
     if v.klass == "process_start":
@@ -244,8 +254,10 @@ def _edges_note(vs) -> str:
     """`` (2 at a GPU process's start-up, exit or workers' start-up)`` after the unexplained count."""
     n = sum(1 for v in vs if v.verdict == "unexplained" and v.klass in LIFECYCLE)
     c = sum(1 for v in vs if v.verdict == "unexplained" and v.klass == "cpu_bound")
+    w = sum(1 for v in vs if v.verdict == "unexplained" and v.klass == "net_wait")
     parts = ([f"{n} at a GPU process's start-up, exit or workers' start-up"] if n else []) + \
-        ([f"{c} while a GPU process or its workers computed on the CPU"] if c else [])
+        ([f"{c} while a GPU process or its workers computed on the CPU"] if c else []) + \
+        ([f"{w} while a GPU process or its workers waited on a TCP peer"] if w else [])
     return f" ({'; '.join(parts)})" if parts else ""
 
 

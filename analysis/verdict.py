@@ -353,7 +353,10 @@ def lifecycle(proc: dict, roots, members, start_ns: int, end_ns: int, res_ns: in
 #: to blame, is not counted here)
 CPU_BOUND_SHARE = 0.5
 #: classes of an unexplained interval that its GPU's own processes account for
-UNEXPLAINED_CLASSES = (*LIFECYCLE, "cpu_bound")
+UNEXPLAINED_CLASSES = (*LIFECYCLE, "cpu_bound", "net_wait")
+#: for ``net_wait``: the least share of a process's samples inside the interval that found it
+#: waiting on a TCP receive
+NET_WAIT_SHARE = 0.5
 
 
 def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
@@ -403,6 +406,50 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
         return c or (comm_of(p) if comm_of else "?")
     rows = [{"pid": p, "comm": name(p, r), "cpu_ns": used, "share": round(sh, 3)} for sh, p, used, r in busy]
     return "cpu_bound", {**rows[0], "busy": rows[:8], "count": len(rows)}
+
+
+def net_wait(wait: dict, cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
+             share: float = NET_WAIT_SHARE):
+    """``("net_wait", process)`` for an interval nothing traced explains, when a process of
+    the GPU was found asleep receiving on a TCP socket in at least ``share`` of its samples
+    inside it (at least two), else None: a DataLoader worker streaming samples over HTTP or
+    from an object store, a trainer waiting on a rendezvous store or a parameter server.
+    Nothing is blocked in a probe's sense (a socket wait is voluntary), so only the
+    sampler's ``wait`` rows (tracer/cpu.py) see it; the ``cpu`` table's rows of the same
+    passes count the samples. ``process``: the member waiting in the most samples: pid,
+    comm, ``peer`` (``ip:port``, the commonest), ``call`` and ``share``; ``waiting``: every
+    such member (up to 8), and ``count``."""
+    if wait is None or cpu is None or not len(wait.get("pid", ())) or end_ns <= start_ns:
+        return None
+    mem = np.asarray(list(members), dtype=np.int64)
+    cts, cpid = np.asarray(cpu["ts_ns"], dtype=np.int64), np.asarray(cpu["pid"], dtype=np.int64)
+    c_in = (cts >= start_ns) & (cts <= end_ns) & np.isin(cpid, mem)
+    wts, wpid = np.asarray(wait["ts_ns"], dtype=np.int64), np.asarray(wait["pid"], dtype=np.int64)
+    w_in = np.flatnonzero((wts >= start_ns) & (wts <= end_ns) & np.isin(wpid, mem))
+    if not len(w_in):
+        return None
+    samples = dict(zip(*np.unique(cpid[c_in], return_counts=True)))
+    found = []
+    for p in np.unique(wpid[w_in]).tolist():
+        rows = w_in[wpid[w_in] == p]
+        n = int(samples.get(p, 0))
+        if n < 2 or len(rows) < share * n:
+            continue
+        peers, counts = np.unique(np.asarray(wait["peer"], dtype=object)[rows].astype(str), return_counts=True)
+        peer = str(peers[np.argmax(counts)])
+        last = int(rows[-1])
+        found.append((len(rows) / n, len(rows), int(p), peer, str(wait["call"][last])))
+    if not found:
+        return None
+    found.sort(key=lambda f: (-f[0], -f[1], f[2]))
+
+    def name(p: int) -> str:      # its name as sampled (a worker renames itself)
+        at = np.flatnonzero(c_in & (cpid == p))
+        c = str(cpu["comm"][int(at[-1])]) if "comm" in cpu and len(at) else ""
+        return c or (comm_of(p) if comm_of else "?")
+    rows_out = [{"pid": p, "comm": name(p), "peer": peer, "call": call, "share": round(sh, 3), "samples": k}
+                for sh, k, p, peer, call in found]
+    return "net_wait", {**rows_out[0], "waiting": rows_out[:8], "count": len(rows_out)}
 
 
 # --------------------------------------------------------------------------- groups

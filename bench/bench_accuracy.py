@@ -4,14 +4,16 @@ A trainer (sim/scenarios.py) registered on the NVML simulator's GPU alternates b
 phases with idle windows of 0.3-3 s, each caused by one thing (a short-lived worker's
 stalled read, a thread's read, write+fsync, a storm of small reads, page faults on a
 memory-mapped file, a file copy, a slow stat, CPU contention, the trainer or its
-persistent worker computing on the CPU, or nothing at all), half of them with an unrelated
+persistent worker computing on the CPU, a worker streaming from a slow HTTP server, or
+nothing at all), half of them with an unrelated
 process doing the same stall at the same time. The real tracer
 (`stallscope trace --output`, default settings) records it; `stallscope report --json`
 judges it; each window's verdict is scored against the workload's ground truth:
 
   top-1        the verdict names the right culprit: the process (or its worker) and the
                file (CPU contention: a runq stall of the process; computing: "unexplained"
-               classed cpu_bound naming the process that computed; nothing: "unexplained",
+               classed cpu_bound naming the process that computed; a worker streaming from a
+               slow HTTP server: "unexplained" classed net_wait naming it; nothing: "unexplained",
                unclassed)
   false blame  any verdict whose culprit is the distractor's process or file
   unexplained  an explainable window judged "unexplained" (or no idle interval found)
@@ -76,6 +78,12 @@ def score(windows: list, verdicts: list) -> dict:
                 (c is None and best.get("class") == "cpu_bound"
                  and (best.get("process") or {}).get("pid") in w["pids"][-1:])
                 or (c is not None and c.get("pid") in w["pids"] and c.get("op") == "runq"))
+            if not ok and best is not None and c is None:
+                out["unexplained_when_explainable"] += 1
+        elif cause == "stream":
+            # nothing blocked: "unexplained", classed net_wait, naming the worker that waited
+            ok = best is not None and c is None and best.get("class") == "net_wait" \
+                and (best.get("process") or {}).get("pid") in w["pids"][-1:]
             if not ok and best is not None and c is None:
                 out["unexplained_when_explainable"] += 1
         elif c is None:

@@ -16,6 +16,10 @@ idle phase of a chosen length caused by one thing, as a training process meets i
                 metrics): nothing is blocked; "unexplained", classed cpu_bound with its pid
   worker_compute  a persistent dataloader worker (forked once, at the start) decodes on the
                 CPU while the training process waits for it on a pipe: cpu_bound, the worker
+  stream        a persistent dataloader worker fetches the next sample over HTTP from a slow
+                dataset server (a separate process on loopback, as an object store or a
+                streaming dataset's server is) while the training process waits for it on a
+                pipe: nothing blocked; "unexplained", classed net_wait naming the worker
   nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
@@ -40,9 +44,9 @@ import threading
 import time
 
 CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy", "metadata", "cpu",
-          "compute", "worker_compute", "nothing")
+          "compute", "worker_compute", "stream", "nothing")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
-UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "nothing": None}
+UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait", "nothing": None}
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
 MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
 BUSY_S = (0.5, 0.9)        # busy phase before each idle window
@@ -226,7 +230,9 @@ def trainer_main(argv=None) -> None:
     din = os.fdopen(a.distractor_in, "w") if a.distractor_in >= 0 else None
     dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
     me = os.getpid()
-    worker = _Worker() if any(w["cause"] == "worker_compute" for w in plan) else None
+    worker = _Worker(_spin) if any(w["cause"] == "worker_compute" for w in plan) else None
+    server = _DatasetServer() if any(w["cause"] == "stream" for w in plan) else None
+    fetcher = _Worker(server.fetch) if server is not None else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
         for w in plan:
@@ -271,6 +277,10 @@ def trainer_main(argv=None) -> None:
                 assert worker is not None      # forked at the start for such a plan
                 worker.compute(d / 1000)
                 pids.append(worker.pid)
+            elif cause == "stream":
+                assert fetcher is not None
+                fetcher.compute(d / 1000)
+                pids.append(fetcher.pid)
             else:
                 stall(cause, path, d, a.scratch)
             end = time.time_ns()
@@ -284,16 +294,20 @@ def trainer_main(argv=None) -> None:
             log.flush()
         with gpu.busy():
             _spin(0.8)
-    if worker is not None:
-        worker.close()
+    for wk in (worker, fetcher):
+        if wk is not None:
+            wk.close()
+    if server is not None:
+        server.close()
     gpu.unregister()
 
 
 class _Worker:
     """A persistent dataloader worker (forked once, as with persistent_workers=True): on each
-    request it computes for the seconds asked, then answers; the trainer waits on the pipe."""
+    request it runs ``task`` (computes, fetches) for the seconds asked, then answers; the
+    trainer waits on the pipe."""
 
-    def __init__(self):
+    def __init__(self, task):
         req_r, self._req = os.pipe()
         self._done, done_w = os.pipe()
         self.pid = os.fork()
@@ -304,7 +318,7 @@ class _Worker:
                 os.close(self._done)
                 with os.fdopen(req_r, "r") as req, os.fdopen(done_w, "w") as done:
                     for line in req:
-                        _spin(float(line))
+                        task(float(line))
                         done.write("done\n")
                         done.flush()
             finally:
@@ -321,6 +335,69 @@ class _Worker:
         os.close(self._req)
         os.close(self._done)
         os.waitpid(self.pid, 0)
+
+
+class _DatasetServer:
+    """A slow HTTP dataset server on loopback, in a process of its own (forked twice, so it is
+    no descendant of the trainer, as a remote server is not): ``GET /sample?ms=N`` answers a
+    64 KiB sample after N ms. :meth:`fetch` is the client side, as a streaming dataset's
+    worker does it (http.client with a timeout: Python waits in poll() on the socket)."""
+
+    def __init__(self):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                if os.fork() == 0:
+                    _set_comm("dataset_server")
+                    self._serve(w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            self.pid, self.port = (int(x) for x in f.readline().split())
+
+    @staticmethod
+    def _serve(w: int) -> None:
+        import http.server
+        import urllib.parse
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                time.sleep(float(q.get("ms", ["0"])[0]) / 1000)
+                body = b"\xa5" * 65536
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        os.write(w, f"{os.getpid()} {srv.server_address[1]}\n".encode())
+        os.close(w)
+        srv.serve_forever()
+
+    def fetch(self, seconds: float) -> None:
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            c.request("GET", f"/sample?ms={seconds * 1000:.0f}")
+            r = c.getresponse()
+            if r.status != 200 or len(r.read()) != 65536:
+                raise RuntimeError(f"dataset server answered {r.status}")
+        finally:
+            c.close()
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _spin_cpu(cpu_seconds: float) -> None:

@@ -62,7 +62,7 @@ class AgentConfig:
 
 
 #: tables of periodic samples: pending alone, they wait for the once-a-second batch
-SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "cpu", "rdma_counter"))
+SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "cpu", "wait", "rdma_counter"))
 
 #: the CPU time of a GPU's processes is sampled while the GPU is mostly idle (a sample under
 #: this utilization: analysis/blame.py's PARTIAL_THRESHOLD, the bar of an idle run) and this

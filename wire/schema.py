@@ -143,6 +143,9 @@ TABLES = {
     # its name then: a running total (tracer/cpu.py), read while the GPU idles, differenced
     # across an idle interval by the analysis
     "cpu": {"ts_ns": "u", "pid": "u", "comm": "s", "cpu_ns": "u"},
+    # at the same samples: a process whose main thread was asleep receiving on a TCP socket
+    # (call: the syscall, read/recvfrom/poll...; peer: "ip:port"), tracer/cpu.py
+    "wait": {"ts_ns": "u", "pid": "u", "call": "s", "peer": "s"},
     # process lineage and job identity for every pid that appears in the batch; pod_uid and
     # container_id from its cgroup (wire/cgroup.py), "" when it is in no pod or container;
     # exit_ns (wall, 0: not exited or not known) and exit_status (the wait(2) status: signal

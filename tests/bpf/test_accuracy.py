@@ -91,3 +91,20 @@ def test_cpu_work_is_classed_cpu_bound_naming_who_computed(cause):
     assert classed, [(d["ok"], d["verdict"], d["culprit"]) for d in res["details"]]
     assert all(d["verdict"]["process"]["pid"] in who for d in classed), classed
     check(res, cause)
+
+
+def test_a_worker_streaming_from_a_slow_server_is_classed_net_wait():
+    """Nothing blocked in a probe's sense: a persistent worker fetches each sample over HTTP
+    from a slow dataset server (another process, on loopback) while the trainer waits on its
+    pipe. "unexplained", classed net_wait, naming the worker and the server's address."""
+    res = run(0, 0, plan=plan_of("stream", distractor=False), log=lambda m: None, keep=True)
+    who = {w["pids"][-1] for w in res["truth"]}
+    waits = [(int(p), str(peer)) for b in load_batches(res["rec"]) if b.tables.get("wait")
+             for p, peer in zip(b.tables["wait"]["pid"], b.tables["wait"]["peer"])]
+    assert {p for p, _ in waits} == who, (who, waits)      # the sampler found the worker waiting
+    classed = [d for d in res["details"] if (d["verdict"] or {}).get("class") == "net_wait"]
+    assert len(classed) == len(res["truth"]), [(d["ok"], d["verdict"], d["culprit"]) for d in res["details"]]
+    for d in classed:
+        p = d["verdict"]["process"]
+        assert p["pid"] in who and p["peer"].startswith("127.0.0.1:") and p["call"] == "poll", p
+    check(res, "stream")

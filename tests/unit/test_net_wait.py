@@ -1,0 +1,177 @@
+"""GPU idle while its processes waited on a TCP peer (analysis/verdict.py net_wait, from the
+tracer's "wait" table: tracer/cpu.py): a DataLoader worker streaming samples over HTTP or from
+an object store, a trainer on a rendezvous store. A socket wait is voluntary, so no stall probe
+reports it; the CPU sampler finds the process asleep in a receive on a TCP socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from stallscope.analysis.analyze import LiveAnalyzer, analyze
+from stallscope.analysis.text import format_text, verdict_line
+from stallscope.analysis.verdict import net_wait
+from stallscope.export.prometheus import verdict_labels
+from stallscope.tracer.cpu import CpuSampler, TcpPeers, _peer, read_wait
+from tests.unit.test_blame import MS, T0, table
+from tests.unit.test_cpu_bound import TRAINER, WORKER, WORKER2, _cpu_rows, _world
+
+PEER = "10.0.0.5:443"
+
+
+def _waits(pid, ks, period=500 * MS, peer=PEER, call="poll"):
+    """``pid`` found waiting at the samples ``ks`` (sample k at T0 + k * period)."""
+    return [{"ts_ns": T0 + k * period, "pid": pid, "call": call, "peer": peer} for k in ks]
+
+
+def _net_world(waits):
+    b = _world()[0]                 # GPU idle 3-5 s; everyone mostly asleep; samples every 500 ms
+    b.tables["wait"] = table("wait", waits)
+    return [b]
+
+
+def test_a_worker_waiting_on_a_tcp_peer_is_named():
+    # samples 6-10 fall in the idle 3-5 s: the worker waited at all of them, the other not
+    vs = analyze(_net_world(_waits(WORKER, range(6, 11)) + _waits(WORKER2, [8], peer="10.0.0.9:80"))).verdicts
+    assert [v.verdict for v in vs] == ["unexplained"]
+    v = vs[0]
+    assert v.klass == "net_wait"
+    p = v.process
+    assert (p["pid"], p["comm"], p["peer"], p["call"], p["count"]) == (WORKER, "pt_data_worker", PEER, "poll", 1)
+    assert p["share"] >= 0.99 and p["samples"] == 5
+    line = verdict_line(v)
+    assert f"on the network: pt_data_worker pid {WORKER} was waiting to receive from {PEER} (poll)" in line, line
+    assert json.loads(json.dumps(v.to_json()))["class"] == "net_wait"
+    assert "net_wait" in verdict_labels(v)
+    assert "1 while a GPU process or its workers waited on a TCP peer" in format_text(analyze(
+        _net_world(_waits(WORKER, range(6, 11)))))
+    live = LiveAnalyzer()
+    got = live.add(_net_world(_waits(WORKER, range(6, 11)))) + live.flush()
+    assert [v.klass for v in got] == ["net_wait"]
+
+
+def test_waits_outside_the_interval_or_of_another_process_or_too_few_leave_it_plain():
+    assert analyze(_net_world(_waits(WORKER, range(0, 6)) + _waits(WORKER, range(11, 20)))).verdicts[0].klass is None
+    assert analyze(_net_world(_waits(4000, range(6, 11)))).verdicts[0].klass is None       # not the GPU's
+    assert analyze(_net_world(_waits(WORKER, [6, 8]))).verdicts[0].klass is None           # 2 of 5 samples
+    assert analyze(_net_world([])).verdicts[0].klass is None
+
+
+def test_a_computing_process_comes_first():
+    b = _world(workers=[1.0] * 20)[0]
+    b.tables["wait"] = table("wait", _waits(TRAINER, range(6, 11)))
+    assert analyze([b]).verdicts[0].klass == "cpu_bound"
+
+
+def test_net_wait_rule_edges():
+    cpu = table("cpu", _cpu_rows(7, [0.0] * 6))                      # samples at 0-3 s
+    w = table("wait", _waits(7, [1, 2, 3], peer="a:1") + _waits(7, [4], peer="b:2"))
+    got = net_wait(w, cpu, [7], T0 + 400 * MS, T0 + 2600 * MS)     # samples 1-5: waiting at 1-4
+    assert got[0] == "net_wait" and got[1]["peer"] == "a:1" and got[1]["samples"] == 4
+    assert net_wait(w, cpu, [8], T0 + 400 * MS, T0 + 2600 * MS) is None
+    assert net_wait(w, cpu, [7], T0 + 900 * MS, T0 + 1100 * MS) is None        # one sample inside
+    assert net_wait(None, cpu, [7], T0, T0 + 3000 * MS) is None
+
+
+def test_peer_addresses_as_proc_net_tcp_writes_them():
+    assert _peer("0100007F:1F90") == "127.0.0.1:8080"
+    assert _peer("00000000000000000000000001000000:01BB") == "[::1]:443"
+    assert _peer("0000000000000000FFFF00000500000A:0050") == "10.0.0.5:80"     # v4-mapped
+
+
+WAITER = """
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+if sys.argv[2] == "timeout":
+    c.settimeout(60)          # Python waits in poll() on the one socket, then recv()
+print("connected", flush=True)
+c.recv(10)
+"""
+
+
+def test_the_sampler_finds_processes_waiting_on_a_tcp_peer():
+    """Real processes on loopback: one in a blocking recv, one in a receive with a timeout
+    (poll on its socket), one reading a pipe; only the first two are waits, each with the
+    server's address."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    procs, conns = {}, []
+    try:
+        for mode in ("block", "timeout"):
+            procs[mode] = subprocess.Popen([sys.executable, "-c", WAITER, str(port), mode],
+                                           stdout=subprocess.PIPE, text=True)
+            conns.append(srv.accept()[0])
+            assert procs[mode].stdout.readline().strip() == "connected"
+        r, w = os.pipe()
+        procs["pipe"] = subprocess.Popen([sys.executable, "-c", "import os,sys; os.read(int(sys.argv[1]), 1)", str(r)],
+                                         pass_fds=(r,))
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got = {m: read_wait(p.pid) for m, p in procs.items()}
+            if got["block"] and got["timeout"]:
+                break
+            time.sleep(0.05)
+        assert got["block"] == ("recvfrom", f"127.0.0.1:{port}"), got
+        assert got["timeout"] == ("poll", f"127.0.0.1:{port}"), got
+        assert got["pipe"] is None
+        assert read_wait(os.getpid()) is None                       # running
+        assert read_wait(2 ** 22 + 1) is None                        # gone
+        table_ = CpuSampler().poll([p.pid for p in procs.values()])
+        assert sorted(table_["wait"]["pid"].tolist()) == sorted([procs["block"].pid, procs["timeout"].pid])
+        assert set(table_["wait"]["peer"].tolist()) == {f"127.0.0.1:{port}"}
+        peers = TcpPeers(refresh_s=60)
+        read_wait(procs["block"].pid, peers=peers)
+        read_wait(procs["timeout"].pid, peers=peers)
+        assert peers.reads == 1                                      # one netns, read once
+    finally:
+        for c in conns:
+            c.close()
+        os.write(w, b"x")
+        for p in procs.values():
+            p.kill()
+            p.wait()
+        srv.close()
+
+
+FAMILY = """
+import os, socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+pid = os.fork()
+if pid == 0:                       # the child: waits on its parent (a tracking service's shape)
+    c = socket.create_connection(srv.getsockname())
+    c.recv(10)
+    os._exit(0)
+conn, _ = srv.accept()
+print(pid, flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_wait_on_another_process_of_the_same_gpu_is_not_a_network_wait():
+    """A child waiting to receive from its own parent over loopback TCP (a logging or
+    tracking service the trainer started): not a wait on the network; the same child seen
+    alone (its parent not a member) is."""
+    parent = subprocess.Popen([sys.executable, "-c", FAMILY], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        import time
+        deadline = time.monotonic() + 10
+        while read_wait(child) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_wait(child) is not None                 # it is in a TCP receive
+        got = CpuSampler(children_s=0).poll([parent.pid])
+        assert sorted(got["cpu"]["pid"].tolist()) == sorted([parent.pid, child])
+        assert "wait" not in got, got["wait"]
+        alone = CpuSampler(children_s=0).poll([child])
+        assert alone["wait"]["pid"].tolist() == [child]
+    finally:
+        parent.kill()
+        parent.wait()
