@@ -114,6 +114,8 @@ def realistic_tables(n: int, seed: int) -> dict:
         "gpu_proc": {"ts_ns": _ts(n, rng), "gpu": _u(0, 8, n, rng), "pid": _u(4000, 4003, n, rng)},
         "cpu": {"ts_ns": _ts(n, rng), "pid": _u(4000, 4008, n, rng),
                 "comm": _s(["python", "pt_data_worker"], n, rng), "cpu_ns": _u(0, 1 << 45, n, rng)},
+        "wait": {"ts_ns": _ts(n, rng), "pid": _u(4000, 4008, n, rng), "call": _s(["poll", "recvfrom", "read"], n, rng),
+                 "peer": _s(["10.0.0.5:443", "[2001:db8::7]:9000", "127.0.0.1:8080"], n, rng)},
         "proc": {"pid": _u(4000, 4008, n, rng), "ppid": _u(1, 4000, n, rng),
                  "comm": _s(["python", "torchrun"], n, rng), "start_ns": _ts(n, rng),
                  "job": _s(["", "slurm-77"], n, rng), "rank": rng.integers(-1, 8, n).astype(np.int64),

@@ -4,11 +4,12 @@
  * Two variants, the first where the running kernel's BTF allows it (SS_BLK_RAW):
  *
  * raw tracepoints block_rq_issue, block_rq_complete, block_getrq, block_rq_requeue, keyed
- * by the request itself (struct request *). A requeued request keeps its first issue time. Device, sector, size and op are read from the request at
- * offsets from BTF (OFF_RQ_*), as the block tracepoints compute them. Requests in flight
- * together at one sector (concurrent cache flushes, which carry no data and name sector 0;
- * an O_DIRECT and a buffered read of one block) are each reported. The submitter is noted
- * at block_getrq keyed by its bio, found again at issue as the request's first bio.
+ * by the request itself (struct request *). A requeued request keeps its first issue
+ * time. Device, sector, size and op are read from the request at offsets from BTF
+ * (OFF_RQ_*), as the block tracepoints compute them. Requests in flight together at one
+ * sector (an O_DIRECT and a buffered read of one block; cache flushes, which carry no data
+ * and name sector 0, of a multi-queue device's queues) are each reported. The submitter is
+ * noted at block_getrq keyed by its bio, found again at issue as the request's first bio.
  *
  * tracepoints block:block_rq_issue and block:block_rq_complete, keyed by (dev, sector) as
  * they name requests; the submitter noted at block:block_getrq keyed by sector (on 5.12+
@@ -24,7 +25,10 @@
  */
 #include "common.bpf.h"
 
-struct blk_start { u64 ts; u64 sector; u32 dev; u32 pid; u32 tid; u32 bytes; u8 op; u8 requeued; char comm[SS_COMM_LEN]; };
+/* comm 8-byte aligned: BCC 0.18's clang (Debian 11) turned the copy of a comm at an odd
+ * offset into code 5.10's verifier refused ("unknown opcode 00") */
+struct blk_start { u64 ts; u64 sector; char comm[SS_COMM_LEN]; u32 dev; u32 pid; u32 tid; u32 bytes;
+		   u8 op; u8 requeued; };
 struct blk_who { u32 pid; u32 tid; char comm[SS_COMM_LEN]; };
 
 /* The start of a request issued now: its submitter from the note ``w`` (deleted by the

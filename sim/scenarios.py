@@ -231,7 +231,7 @@ def trainer_main(argv=None) -> None:
     dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
     me = os.getpid()
     worker = _Worker(_spin) if any(w["cause"] == "worker_compute" for w in plan) else None
-    server = _DatasetServer() if any(w["cause"] == "stream" for w in plan) else None
+    server = DatasetServer() if any(w["cause"] == "stream" for w in plan) else None
     fetcher = _Worker(server.fetch) if server is not None else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
@@ -337,7 +337,7 @@ class _Worker:
         os.waitpid(self.pid, 0)
 
 
-class _DatasetServer:
+class DatasetServer:
     """A slow HTTP dataset server on loopback, in a process of its own (forked twice, so it is
     no descendant of the trainer, as a remote server is not): ``GET /sample?ms=N`` answers a
     64 KiB sample after N ms. :meth:`fetch` is the client side, as a streaming dataset's

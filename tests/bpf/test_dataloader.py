@@ -100,3 +100,31 @@ def test_real_dataloader_starved_by_its_cpu_bound_worker_is_classed_cpu_bound(tm
         got.append((v["verdict"], v.get("class"), (v.get("process") or {}).get("pid"), (v.get("process") or {}).get("share")))
     print(got)
     assert all(g[:3] == ("unexplained", "cpu_bound", next(iter(worker))) for g in got), got
+
+
+def test_real_dataloader_streaming_from_a_slow_server_is_classed_net_wait(tmp_path):
+    """Nothing stalls in a probe's sense: one persistent worker fetches each item over HTTP
+    from a dataset server (another process, on loopback) that answers after 1.5 s, as a
+    streaming dataset reads an object store. Default families: each wait of the loop is
+    "unexplained", classed net_wait, naming the worker and the server's address."""
+    from stallscope.sim.scenarios import DatasetServer
+
+    server = DatasetServer()
+    try:
+        url = f"http://127.0.0.1:{server.port}/sample?ms=1500"
+        gt, vs = _run(tmp_path, 6, (), ",".join(DEFAULT_FAMILIES), "--epochs", "1", "--workers", "1",
+                      "--persistent", "--url", url)
+    finally:
+        server.close()
+    worker = {e["pid"] for e in gt if e["kind"] == "read"}
+    assert len(worker) == 1, worker
+    waits = [e for e in gt if e["kind"] == "wait"][1:]               # the first includes its start-up
+    assert len(waits) == 5 and all(w["end_ns"] - w["start_ns"] >= 1e9 for w in waits), waits
+    got = []
+    for w in waits:
+        v = _verdict_of(w, vs)
+        p = v.get("process") or {}
+        got.append((v["verdict"], v.get("class"), p.get("pid"), p.get("peer"), p.get("share")))
+    print(got)
+    assert all(g[:4] == ("unexplained", "net_wait", next(iter(worker)), f"127.0.0.1:{server.port}")
+               for g in got), got
