@@ -51,14 +51,15 @@ def read_cpu_ns(pid: int, proc: str = "/proc"):
 
 
 def read_cpu(pid: int, proc: str = "/proc"):
-    """(comm, user + system ns) of process ``pid`` (all its threads), or None if it is gone:
-    the name it has now (a DataLoader worker renames itself after the fork)."""
+    """(comm, user + system ns, state) of process ``pid`` (all its threads; the state letter
+    its main thread's), or None if it is gone: the name it has now (a DataLoader worker
+    renames itself after the fork)."""
     st = stat_fields(pid, proc)
     if st is None:
         return None
     comm, rest = st
     try:
-        return comm, (int(rest[11]) + int(rest[12])) * TICK_NS      # utime, stime (fields 14, 15)
+        return comm, (int(rest[11]) + int(rest[12])) * TICK_NS, rest[0]   # utime, stime (fields 14, 15)
     except (IndexError, ValueError):
         return None
 
@@ -271,7 +272,7 @@ class CpuSampler:
                 pids.append(pid)
                 comms.append(got[0])
                 vals.append(got[1])
-                w = self._wait(pid, members)
+                w = self._wait(pid, members) if got[2] == b"S" else None      # asleep, interruptibly
                 if w is not None:
                     waits.append((pid, *w))
         if not pids:
