@@ -23,9 +23,10 @@ A wait whose far end another of those processes holds (a loopback connection to 
 tracking service the trainer started) is not a wait on the network and is left out. Only
 main threads: a fetch in a helper thread of a process is not seen.
 
-Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, one small read per process per
-period (about 10 us); 72 processes (8 GPUs, 8 workers each) at the 250 ms default measured
-0.62-0.67% of a core on this 2-core machine. The period bounds what can be judged: an interval
+Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, two small reads per sleeping
+process per period (stat and syscall, about 10 us each); 72 processes (8 GPUs, 8 workers
+each, all asleep) at the 250 ms default measured 0.94-1.01% of a core on this 2-core machine
+(0.62-0.67% with the stat read alone). The period bounds what can be judged: an interval
 needs two samples inside it, half its length apart.
 """
 
