@@ -302,6 +302,19 @@ def trainer_main(argv=None) -> None:
     gpu.unregister()
 
 
+#: the trainer's ends of its workers' pipes: a process forked later (another worker, the
+#: dataset server) closes its copies, or a worker would never see its request pipe close
+_PARENT_FDS: set = set()
+
+
+def _close_inherited() -> None:
+    for fd in _PARENT_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class _Worker:
     """A persistent dataloader worker (forked once, as with persistent_workers=True): on each
     request it runs ``task`` (computes, fetches) for the seconds asked, then answers; the
@@ -314,6 +327,7 @@ class _Worker:
         if self.pid == 0:
             try:
                 _set_comm("pt_data_worker")
+                _close_inherited()
                 os.close(self._req)
                 os.close(self._done)
                 with os.fdopen(req_r, "r") as req, os.fdopen(done_w, "w") as done:
@@ -325,6 +339,7 @@ class _Worker:
                 os._exit(0)
         os.close(req_r)
         os.close(done_w)
+        _PARENT_FDS.update((self._req, self._done))
 
     def compute(self, seconds: float) -> None:
         os.write(self._req, f"{seconds}\n".encode())
@@ -332,6 +347,7 @@ class _Worker:
             raise RuntimeError("the worker did not answer")
 
     def close(self) -> None:
+        _PARENT_FDS.difference_update((self._req, self._done))
         os.close(self._req)
         os.close(self._done)
         os.waitpid(self.pid, 0)
@@ -349,6 +365,7 @@ class DatasetServer:
         if pid == 0:
             try:
                 os.close(r)
+                _close_inherited()
                 if os.fork() == 0:
                     _set_comm("dataset_server")
                     self._serve(w)
