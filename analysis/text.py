@@ -214,6 +214,11 @@ def format_endpoints(endpoints: list, limit: int = 20) -> list:
     return lines
 
 
+def _others(rows: list, count: int, each) -> str:
+    """The second to fourth of ``rows`` as ``each`` writes them, then ``(+N more)``."""
+    return "".join(each(r) for r in rows[1:4]) + (f" (+{count - 4} more)" if count > 4 else "")
+
+
 def lifecycle_text(v: Verdict) -> str:
     """An unexplained interval at the GPU's processes' edges (``verdict.lifecycle``):
     ``start-up: python3 pid 579 started 0.3 s into it, no GPU work before``."""
@@ -221,24 +226,18 @@ def lifecycle_text(v: Verdict) -> str:
     at = _dur(max(0, int(p.get("at_ns", 0)) - v.idle_start_ns))
     who = f"{p.get('comm', '?')} pid {p.get('pid', '?')}"
     if v.klass == "cpu_bound":
-        busy = p.get("busy") or [p]
-        more = int(p.get("count", 1)) - 1
-        others = "".join(f", {b.get('comm', '?')} pid {b.get('pid', '?')} {float(b.get('share', 0)):.0%}"
-                         for b in busy[1:4])
+        others = _others(p.get("busy") or [p], int(p.get("count", 1)),
+                         lambda b: f", {b.get('comm', '?')} pid {b.get('pid', '?')} {float(b.get('share', 0)):.0%}")
         return (f"on CPU: {who} used {_dur(int(p.get('cpu_ns', 0)))} of CPU in it "
                 f"({float(p.get('share', 0)):.0%} of a core){others}"
-                + (f" (+{more - 3} more)" if more > 3 else "")
-                + ": the GPU waited on CPU work, nothing traced was blocked")
+                ": the GPU waited on CPU work, nothing traced was blocked")
     if v.klass == "net_wait":
-        waiting = p.get("waiting") or [p]
-        more = int(p.get("count", 1)) - 1
-        others = "".join(f", {w.get('comm', '?')} pid {w.get('pid', '?')} from {w.get('peer', '?')}"
-                         for w in waiting[1:4])
+        others = _others(p.get("waiting") or [p], int(p.get("count", 1)),
+                         lambda w: f", {w.get('comm', '?')} pid {w.get('pid', '?')} from {w.get('peer', '?')}")
         return (f"on the network: {who} was waiting to receive from {p.get('peer', '?')} ({p.get('call', '?')}) "
                 f"in {float(p.get('share', 0)):.0%} of its samples{others}"
-                + (f" (+{more - 3} more)" if more > 3 else "")
-                + ": the GPU waited on a TCP peer (a streamed dataset, an object store, a rendezvous "
-                  "store); nothing traced was blocked")
+                ": the GPU waited on a TCP peer (a streamed dataset, an object store, a rendezvous "
+                "store); nothing traced was blocked")
     if v.klass == "process_exit":
         return f"exit: {who} exited {at} into it ({signal_name(int(p.get('exit_status', -1)))})"
     if v.klass == "process_start":
