@@ -31,6 +31,23 @@ struct blk_start { u64 ts; u64 sector; char comm[SS_COMM_LEN]; u32 dev; u32 pid;
 		   u8 op; u8 requeued; };
 struct blk_who { u32 pid; u32 tid; char comm[SS_COMM_LEN]; };
 
+/* request -> its submitter, noted at getrq: keyed by bio (raw) or sector (tracepoints). An
+ * LRU map, so notes never consumed (a request whose key changed before issue) age out. */
+BPF_TABLE("lru_hash", u64, struct blk_who, blk_who, 16384);
+
+/* Note the current task as the submitter of the request allocated for ``key``. */
+static __always_inline void blk_note(u64 key)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!ss_wanted(id))
+		return;
+	struct blk_who w = {};
+	w.pid = id >> 32;
+	w.tid = (u32)id;
+	bpf_get_current_comm(w.comm, sizeof(w.comm));
+	blk_who.update(&key, &w);
+}
+
 /* The start of a request issued now: its submitter from the note ``w`` (deleted by the
  * caller) when there is one, else the issuing task when it passes the filters. 0: skip. */
 static __always_inline int blk_fill(struct blk_start *s, struct blk_who *w)
@@ -82,7 +99,6 @@ static __always_inline void blk_done(struct blk_start *s, int error)
 /* the request's fields at BTF offsets; op, flag bits and the dev_t encoding as the
  * tracepoints' blk_fill_rwbs and disk_devt have them */
 BPF_HASH(blk_start, u64, struct blk_start, 16384);
-BPF_TABLE("lru_hash", u64, struct blk_who, blk_who, 16384);    /* bio -> its submitter */
 
 #define BLK_OP_MASK ((1U << SS_REQ_OP_BITS) - 1)
 
@@ -102,15 +118,7 @@ static __always_inline u8 blk_op(u32 opf)
 
 RAW_TRACEPOINT_PROBE(block_getrq)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	if (!ss_wanted(id))
-		return 0;
-	u64 bio = ctx->args[SS_BLK_GETRQ_ARG];
-	struct blk_who w = {};
-	w.pid = id >> 32;
-	w.tid = (u32)id;
-	bpf_get_current_comm(w.comm, sizeof(w.comm));
-	blk_who.update(&bio, &w);
+	blk_note(ctx->args[SS_BLK_GETRQ_ARG]);      /* the bio */
 	return 0;
 }
 
@@ -187,9 +195,6 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
 #else /* tracepoints */
 struct blk_key { u32 dev; u32 pad; u64 sector; };
 BPF_HASH(blk_start, struct blk_key, struct blk_start, 16384);
-/* sector -> its submitter. An LRU map, so the entries of requests whose sector changed
- * before issue age out. */
-BPF_TABLE("lru_hash", u64, struct blk_who, blk_who, 16384);
 
 static __always_inline u8 rwbs_op(const char *rwbs)
 {
@@ -208,15 +213,7 @@ static __always_inline u8 rwbs_op(const char *rwbs)
 
 TRACEPOINT_PROBE(block, block_getrq)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	if (!ss_wanted(id))
-		return 0;
-	u64 sector = args->sector;
-	struct blk_who w = {};
-	w.pid = id >> 32;
-	w.tid = (u32)id;
-	bpf_get_current_comm(w.comm, sizeof(w.comm));
-	blk_who.update(&sector, &w);
+	blk_note(args->sector);
 	return 0;
 }
 
