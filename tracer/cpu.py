@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from .procinfo import stat_fields
+from .procinfo import socket_inodes, stat_fields
 
 TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
@@ -130,23 +130,6 @@ class TcpPeers:
         _at, socks, ends = self._tables(pid, ino)
         got = socks.get(ino)
         return ends.get((got[1], got[0])) if got else None
-
-
-def _socket_fds(pid: int, proc: str = "/proc") -> set:
-    """Inodes of the sockets process ``pid`` holds open."""
-    out = set()
-    try:
-        fds = os.listdir(f"{proc}/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            link = os.readlink(f"{proc}/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
 
 
 def read_wait(pid: int, proc: str = "/proc", peers: "TcpPeers | None" = None, machine: str = ""):
@@ -259,7 +242,7 @@ class CpuSampler:
             if far not in self._family_end:
                 if len(self._family_end) > 4096:
                     self._family_end.clear()
-                self._family_end[far] = any(far in _socket_fds(m, self.proc) for m in members)
+                self._family_end[far] = any(far in socket_inodes(m, self.proc) for m in members)
             if self._family_end[far]:
                 return None
         return got[0], peer

@@ -407,6 +407,24 @@ class ProcCache:
                     del self.info[p.pid]
 
 
+def socket_inodes(pid: int, proc: str = "/proc") -> list:
+    """Inodes of the sockets process ``pid`` holds open (its fd table, in fd-listing order)."""
+    fd_dir = os.path.join(proc, str(pid), "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
+        try:
+            link = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.append(int(link[8:-1]))
+    return out
+
+
 class SocketOwners:
     """Socket inode -> owning pid, by scanning /proc/<pid>/fd on a miss (rate limited).
 
@@ -431,18 +449,8 @@ class SocketOwners:
         except OSError:
             return
         for p in pids:
-            fd_dir = os.path.join(self.proc, p, "fd")
-            try:
-                fds = os.listdir(fd_dir)
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    link = os.readlink(os.path.join(fd_dir, fd))
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    found.setdefault(int(link[8:-1]), int(p))
+            for ino in socket_inodes(int(p), self.proc):
+                found.setdefault(ino, int(p))
         self.map = {**self._previous, **found}
         self._previous = found
 
