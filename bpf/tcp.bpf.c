@@ -31,6 +31,15 @@
  * (tracer/net.py). (tcp_sock.retrans_stamp does not help: the kernel sets it
  * after the first retransmit, to that retransmit's own time.)
  * Retransmits are rare: every one is emitted, the threshold does not apply.
+ * The owner: noted in the kernel where a process makes the connection, so an
+ * episode of a socket that was closed (or whose process exited) before user
+ * space could look for it is still owned: the task that connect()s (the
+ * CLOSE -> SYN_SENT transition of sock:inet_sock_set_state runs in its
+ * context) or accept()s it (syscalls:sys_exit_accept4/accept: the returned
+ * fd's file -> socket -> sock), keyed by the sock's address, with its comm.
+ * Each record carries the owner in pid/comm when one was noted (a socket
+ * connected before the tracer started was not: user space then looks its
+ * inode up in /proc/<pid>/fd); the comm of the interrupted task otherwise.
  * Filters: --pid/--cgroup cannot apply in softirq context and are applied in
  * user space after the owner is known.
  */
@@ -91,6 +100,22 @@ static __always_inline u16 sk_family(const void *sk)
 /* sockets that retransmitted -> their last total_retrans seen */
 BPF_TABLE("lru_hash", u64, u32, rtx_seen, 65536);
 
+/* sock address -> the process that connected or accepted it */
+struct tcp_owner {
+	u32 tgid;
+	u32 pad;
+	char comm[16];
+};
+BPF_TABLE("lru_hash", u64, struct tcp_owner, tcp_owners, 65536);
+
+static __always_inline void note_owner(u64 sk)
+{
+	struct tcp_owner o = {};
+	o.tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(o.comm, sizeof(o.comm));
+	tcp_owners.update(&sk, &o);
+}
+
 static __always_inline u32 total_retrans(const void *sk)
 {
 	u32 t = 0;
@@ -115,7 +140,7 @@ static __always_inline struct ss_event *retrans_common(const void *sk, u8 op, u1
 	e->ret = 0;
 	e->ino = sock_ino(sk);
 	e->key = (u64)sk;
-	e->pid = 0;               /* resolved from the socket inode in user space */
+	e->pid = 0;               /* else resolved from the socket inode in user space */
 	e->tid = 0;
 	e->dev = 0;
 	e->fs_magic = 0;
@@ -129,7 +154,14 @@ static __always_inline struct ss_event *retrans_common(const void *sk, u8 op, u1
 	e->segs = 1;
 	e->aux = rto;
 	__builtin_memset(e->path, 0, sizeof(e->path));
-	bpf_get_current_comm(e->comm, sizeof(e->comm));   /* the interrupted task: informational */
+	u64 skp = (u64)sk;
+	struct tcp_owner *o = tcp_owners.lookup(&skp);
+	if (o) {
+		e->pid = o->tgid;
+		__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	} else {
+		bpf_get_current_comm(e->comm, sizeof(e->comm));   /* the interrupted task */
+	}
 	return e;
 }
 
@@ -185,12 +217,20 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-	if (args->protocol != 6 || args->newstate != 7)     /* IPPROTO_TCP, TCP_CLOSE */
+	if (args->protocol != 6)                            /* IPPROTO_TCP */
 		return 0;
 	u64 skp = (u64)args->skaddr;
-	u32 *last = rtx_seen.lookup(&skp);
-	if (!last)
+	if (args->newstate == 2) {                          /* TCP_SYN_SENT: in connect() */
+		note_owner(skp);
 		return 0;
+	}
+	if (args->newstate != 7)                            /* TCP_CLOSE */
+		return 0;
+	u32 *last = rtx_seen.lookup(&skp);
+	if (!last) {
+		tcp_owners.delete(&skp);
+		return 0;
+	}
 	u32 tot = total_retrans(args->skaddr);
 	{   /* always: user space forgets the socket on this record */
 		struct ss_event *e = retrans_common(args->skaddr, SS_OP_RETRANS_CLOSE, args->sport,
@@ -204,5 +244,38 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		}
 	}
 	rtx_seen.delete(&skp);
+	tcp_owners.delete(&skp);
 	return 0;
 }
+
+/* accept(): the new socket's sock, from the returned fd (file -> socket -> sock) */
+static __always_inline void note_accepted(long fd)
+{
+	if (fd < 0)
+		return;
+	void *file = ss_fd_to_file(fd), *sock = 0, *sk = 0;
+	if (!file)
+		return;
+	ss_read(sock, file + OFF_FILE_PRIVATE_DATA);
+	if (!sock)
+		return;
+	ss_read(sk, sock + OFF_SOCKET_SK);
+	u16 fam = sk_family(sk);
+	if (fam == 2 || fam == 10)                           /* AF_INET, AF_INET6 */
+		note_owner((u64)sk);
+}
+
+#ifdef SS_TCP_ACCEPT4
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+	note_accepted(args->ret);
+	return 0;
+}
+#endif
+#ifdef SS_TCP_ACCEPT
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+	note_accepted(args->ret);
+	return 0;
+}
+#endif

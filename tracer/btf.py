@@ -186,6 +186,8 @@ FIELDS = {
     "OFF_MOUNT_PARENT": ("mount", "mnt_parent"),
     "OFF_MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
     "OFF_VFSMOUNT_ROOT": ("vfsmount", "mnt_root"),
+    "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "OFF_SOCKET_SK": ("socket", "sk"),
     "OFF_SOCK_SOCKET": ("sock", "sk_socket"),
     "OFF_SK_FAMILY": ("sock_common", "skc_family"),     # sock starts with its sock_common
     "OFF_SOCKALLOC_SOCKET": ("socket_alloc", "socket"),

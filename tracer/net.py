@@ -155,6 +155,8 @@ class EpisodeBuilder:
                 # the episode began before the socket had an inode (an accepted socket before
                 # accept() returned, or its first records raced the graft): learned now
                 ep["ino"] = ino
+            if not ep["pid"] and "owner_pid" in r and int(r["owner_pid"][i]):
+                self._own(ep, r, i)
             if not ep["pid"] and ep["ino"]:
                 ep["asked"] = self.owners.scans
                 ep["pid"] = self.owners.owner(ep["ino"])
@@ -176,11 +178,23 @@ class EpisodeBuilder:
         srtt_ns = int(r["srtt_us"][i]) * 1000 if "srtt_us" in r else 0
         lead = _lead(r, i, rto_ns, srtt_ns, self.hz)
         ep = self.open[key] = {"first": ts, "start": ts - lead, "last": ts, "n": 0, "rto_ns": rto_ns,
-                               "srtt_ns": srtt_ns, "ino": ino, "asked": self.owners.scans,
-                               "pid": self.owners.owner(ino),
+                               "srtt_ns": srtt_ns, "ino": ino, "asked": self.owners.scans, "pid": 0,
+                               "comm": "",
                                "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
-        ep["keep"] = self._keep(ep["pid"])
+        if "owner_pid" in r and int(r["owner_pid"][i]):
+            self._own(ep, r, i)
+        else:
+            ep["pid"] = self.owners.owner(ino)
+            ep["keep"] = self._keep(ep["pid"])
         return ep
+
+    def _own(self, ep, r, i):
+        """The owner the kernel noted at connect() or accept() (bpf/tcp.bpf.c): known even
+        when the socket left every fd table (closed, its process exited) before /proc could
+        be searched for it."""
+        ep["pid"] = int(r["owner_pid"][i])
+        ep["comm"] = str(r["owner_comm"][i])
+        ep["keep"] = self._keep(ep["pid"])
 
     def _keep(self, pid) -> bool:
         """Whether an episode of ``pid`` is this tracer's (decided while its owner lives)."""
@@ -229,7 +243,7 @@ class EpisodeBuilder:
             cols["dur_ns"].append(ep["last"] + ep["srtt_ns"] - ep["start"])
             cols["pid"].append(ep["pid"])
             cols["tid"].append(0)
-            cols["comm"].append(proc_comm(ep["pid"]) if ep["pid"] else "")
+            cols["comm"].append((proc_comm(ep["pid"]) or ep.get("comm", "")) if ep["pid"] else "")
             cols["op"].append("retransmit")
             cols["saddr"].append(saddr)
             cols["sport"].append(sport)

@@ -137,3 +137,82 @@ def test_loss_episode_covers_the_applications_wait():
         # the first transmission is the application's send; the ack comes with the reply
         assert -20 <= start_err <= 20, (start_err, e, w)
         assert -20 <= end_err <= 20, (end_err, e, w)
+
+
+GONE_PORT = 47017
+# Inside the namespace: a listener; an acceptor and a client, each a process of its own,
+# connect; on "go" each writes 8 KiB (the client also reads the acceptor's), closes its
+# socket and exits at once. The kernel keeps
+# retransmitting the orphaned sockets' data after both processes are gone.
+_GONE = r"""
+import json, os, socket, sys
+port = int(sys.argv[1])
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", port)); ls.listen(4)
+go_r, go_w = os.pipe()
+def child(name, make):
+    pid = os.fork()
+    if pid:
+        return pid
+    with open("/proc/self/comm", "w") as f:
+        f.write(name)
+    s = make()
+    print(json.dumps({"who": name, "pid": os.getpid(), "local": s.getsockname()[1],
+                      "remote": s.getpeername()[1]}), flush=True)
+    os.read(go_r, 1)
+    s.sendall(b"d" * 8192)
+    got = 0
+    while name == "ss-client" and got < 8192:   # unread data at close would reset the socket
+        got += len(s.recv(65536))
+    s.close()
+    os._exit(0)
+acc = child("ss-acceptor", lambda: ls.accept()[0])
+cli = child("ss-client", lambda: socket.create_connection(("127.0.0.1", port)))
+sys.stdin.readline()
+os.write(go_w, b"gg")
+for p in (acc, cli):
+    os.waitpid(p, 0)
+print(json.dumps({"exited": True}), flush=True)
+"""
+
+
+def test_owner_of_a_socket_whose_process_has_exited():
+    """A process writes, closes its socket and exits; the kernel retransmits the orphaned
+    socket's data afterwards, when no fd table holds it any more. The episode still names the
+    process that connected (the client) or accepted (the acceptor) it, and its comm: both
+    noted in the kernel when the connection was made, not looked up in /proc afterwards."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    with LossyNetns(port=GONE_PORT, drop_percent=0) as ns:
+        with Trace("--families", "tcp", families="tcp") as t:
+            p = subprocess.Popen(ns.exec_argv([sys.executable, "-c", _GONE, str(GONE_PORT)]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                who = {}
+                for _ in range(2):
+                    r = json.loads(p.stdout.readline())
+                    who[r["who"]] = r
+                ns.set_drop(100)        # data and ACKs to the listener's port are lost
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                assert json.loads(p.stdout.readline())["exited"]
+                time.sleep(1.5)         # retransmits of both orphans, their processes gone
+                ns.set_drop(0)
+                time.sleep(2.0)         # delivered; the episodes close after a 1 s gap
+            finally:
+                p.kill()
+                p.wait()
+        t.stop(timeout_s=60)
+    assert t.rc == 0, t.stderr
+    cli, acc = who["ss-client"], who["ss-acceptor"]
+    net = [e for e in t.events if e["type"] == "net"]
+    to_server = [e for e in net if e["sport"] == cli["local"] and e["dport"] == GONE_PORT]
+    to_client = [e for e in net if e["sport"] == GONE_PORT and e["dport"] == cli["local"]]
+    assert to_server and to_client, (who, net)
+    for e in to_server:
+        assert (e["pid"], e["comm"]) == (cli["pid"], "ss-client"), e
+    for e in to_client:
+        assert (e["pid"], e["comm"]) == (acc["pid"], "ss-acceptor"), e

@@ -215,3 +215,28 @@ def test_an_episode_begun_before_its_socket_had_an_inode_learns_it_from_a_later_
     net = build([(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
                  (1201 * MS, "retransmit", 2, 200, RETRANS_ARMED, 300, 0xA0, 5000, 77)])[1]
     assert list(net["pid"]) == [4242] and list(net["retransmits"]) == [2]
+
+
+def test_the_owner_the_kernel_noted_wins_and_keeps_its_comm_after_the_process_is_gone():
+    """An orphaned socket (its fd closed, inode 0) retransmitting after its process exited:
+    the owner noted at connect()/accept() names the episode; /proc is not asked."""
+    owners = Owners({})
+    eb = EpisodeBuilder(owners, hz=HZ)
+    r = rtx([(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300, 0xA0, 5000, 0),
+             (1600 * MS, "retransmit", 2, 400, RTO_FIRED, 300, 0xA0, 5000, 0)])
+    r["owner_pid"] = np.array([5150, 5150], dtype=np.uint64)
+    r["owner_comm"] = np.array(["pt_data_worker"] * 2, dtype=object)
+    eb.add(r)
+    net = eb.flush(10**15, force=True, proc_comm=lambda pid: "")     # the process is gone
+    assert list(net["pid"]) == [5150] and list(net["comm"]) == ["pt_data_worker"]
+    assert list(net["retransmits"]) == [2] and owners.scans == 0
+
+
+def test_without_a_noted_owner_the_socket_inode_is_looked_up():
+    eb = EpisodeBuilder(Owners({77: 4242}), hz=HZ)
+    r = rtx([(1200 * MS, "retransmit", 1, 200, RTO_FIRED, 300)])
+    r["owner_pid"] = np.array([0], dtype=np.uint64)
+    r["owner_comm"] = np.array(["ksoftirqd/0"], dtype=object)      # the interrupted task
+    eb.add(r)
+    net = eb.flush(10**15, force=True, proc_comm=lambda pid: {4242: "python"}.get(pid, ""))
+    assert list(net["pid"]) == [4242] and list(net["comm"]) == ["python"]

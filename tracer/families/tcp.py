@@ -27,6 +27,10 @@ def methods(cfg, tracefs):
                                               ("tcp/tcp_retransmit_skb", "family", "-DSS_TCP_SKB_FAMILY"),
                                               ("tcp/tcp_retransmit_synack", "family", "-DSS_TCP_SYNACK_FAMILY"))
                  if tp_has_field(tracefs, tp, field)]
+        # the owner of an accepted socket (connect()s are noted from inet_sock_set_state)
+        extra += [flag for tp, flag in (("syscalls/sys_exit_accept4", "-DSS_TCP_ACCEPT4"),
+                                        ("syscalls/sys_exit_accept", "-DSS_TCP_ACCEPT"))
+                  if tp_exists(tracefs, tp)]
         return load_bpf(NAME, base_cflags(cfg) + extra), "tracepoints " + " ".join(TRACEPOINTS)
     return [("tracepoint", tracepoint)]
 
@@ -43,4 +47,6 @@ def decode(rtype, r, base, method) -> dict:
         "total": r["dev"].astype(np.uint64),
         "ca_state": (r["tid"] & 0xFF).astype(np.uint64), "pending": (r["tid"] >> 8).astype(np.uint64),
         "srtt_us": r["fs_magic"].astype(np.uint64), "packets_out": r["cgroup_id"].astype(np.uint64),
+        # the process that connected or accepted the socket (0: not noted), and its comm
+        "owner_pid": base["pid"], "owner_comm": base["comm"],
     }}
