@@ -77,7 +77,10 @@ def describe(e: dict) -> str:
         return f"exited ({signal_name(int(e.get('exit_status', -1)))}) pid {e.get('pid', 0)} {e.get('comm', '')}".rstrip()
     if kind in ("io", "nfs"):
         n = int(e.get("count", 1) or 1)
+        nf = int(e.get("files", 1) or 0)
         what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
+        if kind == "io" and nf > 1:
+            what = f"{n} {op}s of {nf} files such as {e.get('path') or '?'}"
         fs = e.get("server") or e.get("fs")
         if fs:
             what += f" ({fs})"
@@ -116,6 +119,10 @@ def describe_chain(ch: Chain) -> str:
     t = ch.targets[0]
     where = f" ({t.server or t.fs})" if (t.server or t.fs) and ch.kind in ("io", "nfs") else ""
     more = f" (+{len(ch.targets) - 1} more)" if len(ch.targets) > 1 else ""
+    files = sum(x.files for x in ch.targets) if ch.kind == "io" else 0
+    if files > len(ch.targets):         # storms over many small files: one of them is named
+        ops = f"{next(iter(ch.ops))}s" if len(ch.ops) == 1 else f"ops ({'+'.join(ch.ops)})"
+        return f"{ch.count} {ops} of {files} files such as {t.name}{where} {blocked}"
     if len(ch.ops) == 1 and ch.count > 1:
         op = next(iter(ch.ops))
         return f"{ch.count} {op}s of {t.name}{more}{where} {blocked}"
@@ -346,7 +353,9 @@ def event_line(e: dict) -> str:
     else:
         what, nbytes = e["path"], str(e["bytes"])
         if e.get("count", 1) > 1:          # a storm: many ops below the threshold
-            what = f"{what} ({e['count']} ops, {e['blocked_ns'] / 1e6:.1f} ms blocked)"
+            nf = int(e.get("files", 1))
+            files = f" on {nf} files" if nf > 1 else ""
+            what = f"{what} ({e['count']} ops{files}, {e['blocked_ns'] / 1e6:.1f} ms blocked)"
         if e["type"] == "nfs" and e.get("server"):
             what = f"{e['server']}:{what}"
     return (f"{t:<12} {e['comm'][:16]:<16} {e['pid']:>7} {e['tid']:>7} {e['op'][:12]:<12} "

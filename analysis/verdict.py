@@ -66,10 +66,13 @@ class Target:
     ops: dict = field(default_factory=dict)   # op -> summed count
     count: int = 0
     blocked_ns: int = 0
+    # io: the files its rows' ops went to (a storm across many small files of one
+    # filesystem names one of them: ``name``), else 1 per row
+    files: int = 0
 
     def to_json(self) -> dict:
         return {"name": self.name, "fs": self.fs, "server": self.server, "ops": dict(self.ops),
-                "count": self.count, "blocked_ns": self.blocked_ns}
+                "count": self.count, "blocked_ns": self.blocked_ns, "files": self.files}
 
 
 @dataclass
@@ -189,6 +192,7 @@ def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
         t.ops[op] = t.ops.get(op, 0) + c
         t.count += c
         t.blocked_ns += b
+        t.files += int(e.get("files", 1))
     klass = max(by_class, key=lambda k: (by_class[k], -CLASSES.index(k)))
     ts = sorted(targets.values(), key=lambda t: -t.blocked_ns)
     ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, links,

@@ -59,7 +59,8 @@ def score(windows: list, verdicts: list) -> dict:
     other_files = {os.path.basename(w["other_path"]) for w in windows if w.get("other_path")}
     for v in verdicts:
         c = v.get("culprit")
-        if c and (c.get("pid") in other_pids or os.path.basename(c.get("path") or "") in other_files):
+        if c and (c.get("pid") in other_pids or os.path.basename(c.get("path") or "") in other_files
+                  or os.path.basename(os.path.dirname(c.get("path") or "")) in other_files):
             out["false_blames"] += 1
     for w in windows:
         best, best_ov = None, 0
@@ -94,6 +95,9 @@ def score(windows: list, verdicts: list) -> dict:
                 out["unexplained_when_explainable"] += 1
         elif cause == "cpu":
             ok = c.get("pid") in w["pids"] and c.get("op") == "runq"
+        elif cause == "small_files":     # any of the folder's files, or the folder
+            p = c.get("path") or ""
+            ok = c.get("pid") in w["pids"] and (p == w["path"] or os.path.dirname(p) == w["path"])
         else:
             ok = c.get("pid") in w["pids"] and \
                 os.path.basename(c.get("path") or "") == os.path.basename(w["path"])

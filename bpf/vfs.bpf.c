@@ -97,11 +97,13 @@ struct ss_inflight {
 	u8 agg_live;
 	u64 ts;           /* enter time; 0: no call in flight */
 	u64 fd_or_file;   /* fd (tracepoints) or struct file * (function probes) */
-	u64 agg_file;     /* storm identity: struct file *, ring fd or aio ctx */
-	u64 agg_first;    /* the part's first start, last end, summed latency, bytes */
+	u64 agg_file;     /* storm identity: the file's super_block, ring fd or aio ctx */
+	u64 agg_first;    /* the part's first start, last end, summed latency */
 	u64 agg_end;
 	u64 agg_sum;
-	u64 agg_bytes;
+	u32 agg_bytes;    /* bytes of the part (saturating) */
+	u16 agg_files;    /* files of the part: 1 + switches between files */
+	u16 agg_last;     /* hash of the last op's inode address */
 };                        /* 64 bytes: one cache line */
 /* indexed by tid % SS_INFLIGHT_SLOTS: an array lookup inlines to a few
  * instructions, a hash update/delete pair costs several times more */
@@ -110,8 +112,9 @@ BPF_ARRAY(inflight, struct ss_inflight, SS_INFLIGHT_SLOTS);
 /* A storm that has emitted a part: its record, accumulating the next part
  * (e.aux ops so far), and when the tracer may flush it (bpf_ktime_get_ns). */
 struct ss_storm {
-	struct ss_event e;
+	struct ss_event e;        /* e.segs: files the part in progress moved to */
 	u64 deadline;
+	u64 last_file;            /* inode address of the storm's last op */
 };
 BPF_HASH(storms, u32, struct ss_storm, SS_STORMS);
 BPF_PERCPU_ARRAY(storm_scratch, struct ss_storm, 1);
@@ -211,13 +214,15 @@ static __always_inline void storm_flush(u32 tid)
 	ss_submit(e);
 }
 
-/* Add a counted op (floor <= dur < threshold) to its thread's storm. A live
+/* Add a counted op (floor <= dur < threshold; ident: its filesystem, file: its
+ * inode's address, to count files) to its thread's storm. A live
  * storm accumulates in its template and emits its parts from there. Returns 1
  * when the slot's part reached the threshold: the caller builds that record
  * (the storm's first part; the only path walk of the storm). */
 static __always_inline int storm_add(struct ss_inflight *f, u32 tid, u32 op, u64 ident,
-				     u64 ts, u64 now, u64 dur, u64 bytes)
+				     u64 file, u64 ts, u64 now, u64 dur, u64 bytes)
 {
+	u16 fh = (u16)(file >> 6) ^ (u16)(file >> 22);
 	if (f->agg_file != ident || f->agg_op != op || ts - f->agg_end > SS_MIN_NS) {
 		if (f->agg_live)
 			storm_flush(tid);         /* the previous storm ended: its tail */
@@ -238,6 +243,9 @@ static __always_inline int storm_add(struct ss_inflight *f, u32 tid, u32 op, u64
 			s->e.key += dur;
 			s->e.ret += bytes;
 			s->e.dur_ns = now - s->e.ts_ns;
+			if (file != s->last_file && s->e.segs < 0xffff)
+				s->e.segs++;     /* files this part moved to */
+			s->last_file = file;
 			s->deadline = now + SS_STORM_HOLD_NS;
 			if (s->e.key >= SS_MIN_NS || s->e.aux >= SS_STORM_MAX_OPS) {
 				struct ss_event *e = ss_reserve();
@@ -248,17 +256,36 @@ static __always_inline int storm_add(struct ss_inflight *f, u32 tid, u32 op, u64
 				s->e.aux = 0;
 				s->e.key = 0;
 				s->e.ret = 0;
+				s->e.segs = 0;
 			}
 			return 0;
 		}
 		f->agg_live = 0;               /* the sweep took it: start a new part here */
 	}
-	if (!f->agg_count)
+	if (!f->agg_count) {
 		f->agg_first = ts;
+		f->agg_files = 1;
+	} else if (fh != f->agg_last && f->agg_files < 0xffff) {
+		f->agg_files++;
+	}
+	f->agg_last = fh;
 	f->agg_count++;
 	f->agg_sum += dur;
-	f->agg_bytes += bytes;
+	f->agg_bytes = f->agg_bytes + bytes < 0xffffffffULL ? f->agg_bytes + bytes : 0xffffffffU;
 	return f->agg_sum >= SS_MIN_NS || f->agg_count >= SS_STORM_MAX_OPS;
+}
+
+/* A storm's identity for an op on a file: the file's filesystem (super_block);
+ * *inode: the file's inode (which file: a closed file's struct file is reused at
+ * once by the next open, so its address does not tell files apart) */
+static __always_inline u64 fs_ident(void *file, u64 *inode)
+{
+	void *sb = 0;
+	*inode = 0;
+	ss_read(*inode, file + OFF_FILE_INODE);
+	if (*inode)
+		ss_read(sb, (void *)*inode + OFF_INODE_SB);
+	return sb ? (u64)sb : (u64)file;
 }
 
 /* Everything past the fast path: an op at or above the threshold (one record)
@@ -266,8 +293,18 @@ static __always_inline int storm_add(struct ss_inflight *f, u32 tid, u32 op, u64
 static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h, u64 ts,
 				    u64 now, u64 dur, long ret, int below, const int kind)
 {
-	if (below && (kind == K_OPEN || kind == K_STAT))
-		return 0;                 /* no file to chain a storm on */
+	if (below && (kind == K_OPEN || kind == K_STAT)) {
+		/* no storm of its own (alternating with reads, it would end theirs), but a
+		 * storm on the opened file's filesystem goes on after it: open, read, close
+		 * of many small files */
+		if (kind == K_OPEN && ret >= 0 && f->agg_file) {
+			void *of = ss_fd_to_file(ret);
+			u64 oi;
+			if (of && fs_ident(of, &oi) == f->agg_file)
+				f->agg_end = now;
+		}
+		return 0;
+	}
 	void *file = 0;
 	u64 ustr = 0;
 	if (kind == K_FILE) {
@@ -306,13 +343,18 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	u64 first = ts, span = dur, sum = 0, bytes = ret;
 	u32 nops = 0;
 	u8 flags = 0;
-	u64 ident = kind == K_WAIT ? h : (u64)file;
+	/* a storm is one thread's ops on one filesystem: many small files (an image
+	 * folder) add up as one file's many small reads do */
+	u64 which = 0;
+	u64 ident = file ? fs_ident(file, &which) : h;
+	u16 nfiles = 1;
 	if (!below) {
-		/* reported alone, but a storm on this file goes on after it */
-		if (f->agg_file == ident && f->agg_op == op)
+		/* reported alone, but a storm on this filesystem goes on after it (a slow
+		 * open between small reads included) */
+		if (f->agg_file == ident)
 			f->agg_end = now;
 	} else {
-		if (!storm_add(f, tid, op, ident, ts, now, dur, ret > 0 ? ret : 0))
+		if (!storm_add(f, tid, op, ident, which, ts, now, dur, ret > 0 ? ret : 0))
 			return 0;
 		flags = SS_F_AGGREGATE;
 		first = f->agg_first;
@@ -320,6 +362,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 		sum = f->agg_sum;
 		bytes = f->agg_bytes;
 		nops = f->agg_count;
+		nfiles = f->agg_files;
 	}
 	/* built in per-CPU scratch: a storm's first part is kept as its template */
 	int zero = 0;
@@ -336,6 +379,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	s->e.ret = bytes;
 	s->e.key = sum;
 	s->e.aux = nops;
+	s->e.segs = nfiles;
 	struct ss_event *e = ss_reserve();
 	if (e) {
 		copy_event(e, &s->e);
@@ -348,6 +392,8 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 		s->e.aux = 0;
 		s->e.key = 0;
 		s->e.ret = 0;
+		s->e.segs = 0;
+		s->last_file = which;
 		s->deadline = now + SS_STORM_HOLD_NS;
 		if (storms.update(&tid, s) == 0)
 			f->agg_live = 1;

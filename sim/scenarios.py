@@ -8,6 +8,8 @@ idle phase of a chosen length caused by one thing, as a training process meets i
   thread_read   a thread of the training process reads a stalled shard
   write_fsync   a checkpoint written then fsynced, both stalled (a chain)
   storm         many small reads of one shard, each below the tracer's threshold
+  small_files   a short-lived dataloader worker opens and reads many small files of one
+                folder (an image-folder dataset), each read below the threshold
   mmap          page faults on a memory-mapped, stalled dataset file
   copy          a checkpoint copied with shutil.copyfile (copy_file_range / sendfile)
   metadata      stat() of a file on a filesystem whose metadata is slow
@@ -43,8 +45,8 @@ import sys
 import threading
 import time
 
-CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "mmap", "copy", "metadata", "cpu",
-          "compute", "worker_compute", "stream", "nothing")
+CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "small_files", "mmap", "copy", "metadata",
+          "cpu", "compute", "worker_compute", "stream", "nothing")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
 UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait", "nothing": None}
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
@@ -67,7 +69,13 @@ def make_plan(n: int, seed: int = 1, causes=CAUSES, min_ms: int = 300, max_ms: i
 
 
 def file_name(w: dict, other: bool = False) -> str:
-    return f"w{w['idx']:03d}-{w['cause']}{'-other' if other else ''}.bin"
+    """A window's file (for small_files: its folder)."""
+    return f"w{w['idx']:03d}-{w['cause']}{'-other' if other else ''}" + ("" if w["cause"] == "small_files" else ".bin")
+
+
+def small_files(n: int) -> list:
+    """The names of a small_files window's ``n`` files inside its folder."""
+    return [f"img{k:05d}.jpg" for k in range(n)]
 
 
 def prepare(fs, plan: list) -> None:
@@ -89,6 +97,10 @@ def prepare(fs, plan: list) -> None:
                 n = max(2, int(d / (STORM_OP_MS + 0.5)))
                 fs.make_file(name, n * 4096)
                 fs.set_delay(STORM_OP_MS, path=name)
+            elif c == "small_files":
+                for f in small_files(max(2, int(d / (STORM_OP_MS + 0.5)))):
+                    fs.make_file(f"{name}/{f}", 4096)
+                    fs.set_delay(STORM_OP_MS, path=f"{name}/{f}")
             elif c == "mmap":
                 fs.make_file(name, MMAP_PAGES << 20)
                 fs.set_delay(d / MMAP_PAGES, path=name)
@@ -118,6 +130,12 @@ def _storm(path: str) -> None:
             os.pread(fd, 4096, off)
     finally:
         os.close(fd)
+
+
+def _small_files(folder: str) -> None:
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb", buffering=0) as f:
+            f.read(4096)
 
 
 def _mmap(path: str) -> None:
@@ -152,6 +170,8 @@ def stall(cause: str, path: str, dur_ms: float, scratch: str) -> None:
         _write_fsync(path)
     elif cause == "storm":
         _storm(path)
+    elif cause == "small_files":
+        _small_files(path)
     elif cause == "mmap":
         _mmap(path)
     elif cause == "copy":
@@ -247,12 +267,12 @@ def trainer_main(argv=None) -> None:
                 din.flush()
             start = time.time_ns()
             pids = [me]
-            if cause == "worker_read":
+            if cause in ("worker_read", "small_files"):
                 pid = os.fork()
                 if pid == 0:                       # the short-lived worker
                     try:
                         _set_comm("pt_data_worker")
-                        _read(path)
+                        stall(cause, path, d, a.scratch)
                     finally:
                         os._exit(0)
                 pids.append(pid)

@@ -106,9 +106,11 @@ COMMON = {"ts_ns": "u", "dur_ns": "u", "pid": "u", "tid": "u", "comm": "s"}
 TABLES = {
     # VFS read/write/fsync...: path and filesystem of the file
     # (count > 1: an aggregate of back-to-back ops each below the threshold; blocked_ns is
-    # their summed latency, ts_ns/dur_ns span the first start to the last end)
+    # their summed latency, ts_ns/dur_ns span the first start to the last end; a storm is one
+    # thread's ops on one filesystem: files = the files its ops moved to, summing over its
+    # parts to its files, path one of them)
     "io": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "dev": "u", "ino": "u",
-           "cgroup": "u", "method": "s", "count": "u", "blocked_ns": "u"},
+           "cgroup": "u", "method": "s", "count": "u", "blocked_ns": "u", "files": "u"},
     # NFS client ops and RPCs: same as io plus the server and RPC retransmits
     "nfs": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "server": "s",
             "xid": "u", "rpc_retrans": "u", "method": "s"},
@@ -159,7 +161,8 @@ TABLES = {
 #: from an older tracer, a table built by hand): the value is a function of the table
 OPTIONAL = {
     "io": {"count": lambda t: np.ones(table_len(t), dtype=np.uint64),
-           "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64)},
+           "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64),
+           "files": lambda t: np.ones(table_len(t), dtype=np.uint64)},
     "proc": {"pod_uid": lambda t: np.full(table_len(t), "", dtype=object),
              "container_id": lambda t: np.full(table_len(t), "", dtype=object),
              "exit_ns": lambda t: np.zeros(table_len(t), dtype=np.uint64),

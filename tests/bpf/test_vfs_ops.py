@@ -59,6 +59,7 @@ def test_storm_of_short_reads_is_reported_as_aggregates():
     blocked = sum(e["blocked_ns"] for e in evs)
     assert abs(blocked - measured) <= 0.2 * measured, (blocked, measured)
     assert sum(e["bytes"] for e in evs) == 23 * 4096
+    assert sum(e["files"] for e in evs) == 1          # one file, in every part
     # the records cover the storm, first start to last end; the aggregate parts follow one
     # another without overlap (a read reported alone may fall inside a part's span: it keeps
     # the chain going but is not counted in it)
@@ -77,6 +78,45 @@ def test_storm_of_short_reads_is_reported_as_aggregates():
     timed = [o.dur_ns for o in r_fast.ops if o.dur_ns >= 10e6 / 16]
     assert sum(e["count"] for e in fast_evs) <= len(timed), (fast_evs, timed)
     assert sum(e["blocked_ns"] for e in fast_evs) <= sum(timed) + 1e6, (fast_evs, timed)
+
+
+_SMALL_FILES = r"""
+import os, sys
+for name in sorted(os.listdir(sys.argv[1])):
+    with open(os.path.join(sys.argv[1], name), "rb", buffering=0) as f:
+        f.read(4096)
+"""
+
+
+@pytest.mark.parametrize("slow_ops", [("read",), ("read", "open"), ("read", "open", "getattr")])
+def test_storm_over_many_small_files_of_one_folder(slow_ops):
+    """An image-folder dataset: a process opens, reads and closes 23 small files, each read
+    ~7 ms (below the 10 ms threshold); the open between two reads fast, stalled ~7 ms
+    (below the threshold too), or ~14 ms (lookup and open: a stall reported on its own).
+    No read is a stall, no file has two:
+    the reads are one storm on the filesystem, reported as aggregate parts that count every
+    read once and every file once, each naming a file of the folder."""
+    import subprocess
+    with SlowFS(delay_ms=7, slow_prefix="slow", ops=slow_ops) as fs:
+        for k in range(23):
+            fs.make_file(f"imgs/slow-{k:02d}.jpg", 4096)
+        folder = fs.path("imgs")
+        with Trace("--min-latency-ms", "10") as t:
+            p = subprocess.run([sys.executable, "-c", _SMALL_FILES, folder], check=True)
+        t.stop()
+    assert t.rc == 0 and p.returncode == 0, t.stderr
+    mine = [e for e in t.events if e["type"] == "io" and e["path"].startswith(folder + "/")]
+    pids = {e["pid"] for e in mine}
+    assert len(pids) == 1, pids
+    pid = pids.pop()
+    reads = [e for e in _io(t.events, pid) if e["op"] == "read"]
+    assert sum(e["count"] for e in reads) == 23, [(e["count"], e["files"], e["path"]) for e in reads]
+    assert sum(e["files"] for e in reads) == 23, [(e["count"], e["files"], e["path"]) for e in reads]
+    assert len(reads) < 23 and max(e["count"] for e in reads) >= 2
+    assert all(os.path.dirname(e["path"]) == folder and e["fs"] == "fuse" for e in reads)
+    if "getattr" in slow_ops:      # each open (lookup + open: ~14 ms) is a stall of its own
+        opens = [e for e in _io(t.events, pid) if e["op"] == "openat"]
+        assert len(opens) >= 20, [(e["op"], e["dur_ns"]) for e in opens]
 
 
 def test_storm_tail_of_a_quiet_thread_is_flushed(tmp_path):

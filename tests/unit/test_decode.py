@@ -109,8 +109,9 @@ def test_vfs_aggregate_records_decode_to_count_and_blocked():
     assert list(io["count"]) == [4, 1] and list(io["blocked_ns"]) == [28_000_000, 12_000_000]
     assert list(io["op"]) == ["pread", "io_uring_enter"] and list(io["path"]) == ["/d/shard", ""]
     assert list(io["fs"]) == ["", ""]
-    # struct ss_storm = struct ss_event + u64 deadline (the sweep reads the map with this)
-    assert vfs.STORM_DTYPE.itemsize == RECORD_DTYPE.itemsize + 8
+    # struct ss_storm = struct ss_event + u64 deadline + u64 last_file (the sweep reads the
+    # map with this)
+    assert vfs.STORM_DTYPE.itemsize == RECORD_DTYPE.itemsize + 16
 
 
 def _fake_syscall_tps(root, names, ret_offset=16):

@@ -65,7 +65,7 @@ EXIT_FN = {**{s: "ss_exit_fd" for s in (*BASE_SYSCALLS, "fsync", "fdatasync", "s
            "io_uring_enter": "ss_exit_wait", "io_getevents": "ss_exit_wait",
            "io_pgetevents": "ss_exit_wait"}
 #: struct ss_storm in bpf/vfs.bpf.c: a storm's record and when it may be flushed
-STORM_DTYPE = np.dtype([("e", RECORD_DTYPE), ("deadline", "<u8")])
+STORM_DTYPE = np.dtype([("e", RECORD_DTYPE), ("deadline", "<u8"), ("last_file", "<u8")])
 _RET_AT_16 = re.compile(r"field:long ret;\s*offset:16;\s*size:8;")
 
 
@@ -207,4 +207,8 @@ def decode(rtype, r, base, method) -> dict:
                    "ino": r["ino"].astype(np.uint64), "cgroup": r["cgroup_id"].astype(np.uint64),
                    "method": method,
                    "count": np.where(agg, r["aux"], 1).astype(np.uint64),
+                   # files the ops moved to (a storm's first part: 1 + its switches between
+                   # files; a later part: its switches, 0 if it stayed on the last file), so
+                   # a storm's parts sum to its files; its path is one of them
+                   "files": np.where(agg, r["segs"], 1).astype(np.uint64),
                    "blocked_ns": np.where(agg, r["key"], r["dur_ns"]).astype(np.uint64)}}
