@@ -119,7 +119,7 @@ def describe_chain(ch: Chain) -> str:
     t = ch.targets[0]
     where = f" ({t.server or t.fs})" if (t.server or t.fs) and ch.kind in ("io", "nfs") else ""
     more = f" (+{len(ch.targets) - 1} more)" if len(ch.targets) > 1 else ""
-    files = sum(x.files for x in ch.targets) if ch.kind == "io" else 0
+    files = max(ch.op_files.values(), default=0) if ch.kind == "io" else 0
     if files > len(ch.targets):         # storms over many small files: one of them is named
         ops = f"{next(iter(ch.ops))}s" if len(ch.ops) == 1 else f"ops ({'+'.join(ch.ops)})"
         return f"{ch.count} {ops} of {files} files such as {t.name}{where} {blocked}"

@@ -66,13 +66,10 @@ class Target:
     ops: dict = field(default_factory=dict)   # op -> summed count
     count: int = 0
     blocked_ns: int = 0
-    # io: the files its rows' ops went to (a storm across many small files of one
-    # filesystem names one of them: ``name``), else 1 per row
-    files: int = 0
 
     def to_json(self) -> dict:
         return {"name": self.name, "fs": self.fs, "server": self.server, "ops": dict(self.ops),
-                "count": self.count, "blocked_ns": self.blocked_ns, "files": self.files}
+                "count": self.count, "blocked_ns": self.blocked_ns}
 
 
 @dataclass
@@ -95,6 +92,9 @@ class Chain:
     other_comm: str = ""
     answers: dict = field(default_factory=dict)   # http: status -> attempts answered so (0: none)
     reasons: dict = field(default_factory=dict)   # http: status -> reason phrase
+    # io: op -> the files its rows went to (a storm over many small files of one filesystem
+    # is one target, named after one of them; its rows' ``files`` say how many)
+    op_files: dict = field(default_factory=dict)
 
     @property
     def files(self) -> list:
@@ -105,6 +105,7 @@ class Chain:
              "ops": dict(self.ops), "count": self.count, "links": self.links,
              "blocked_ns": self.blocked_ns, "covered_ns": self.covered_ns,
              "start_ns": self.start_ns, "end_ns": self.end_ns, "files": self.files,
+             "op_files": dict(self.op_files),
              "targets": [t.to_json() for t in self.targets]}
         if self.kind == "sched" and "runq" in self.ops:
             d.update(other_pid=self.other_pid, other_comm=self.other_comm)
@@ -176,6 +177,7 @@ def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
     ops = {}
     by_class = collections.Counter()
     targets = {}
+    op_files: dict = {}
     count = blocked = 0
     end = 0
     for e, c, b, e_end in groups:
@@ -192,11 +194,11 @@ def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
         t.ops[op] = t.ops.get(op, 0) + c
         t.count += c
         t.blocked_ns += b
-        t.files += int(e.get("files", 1))
+        op_files[op] = op_files.get(op, 0) + int(e.get("files", 1))
     klass = max(by_class, key=lambda k: (by_class[k], -CLASSES.index(k)))
     ts = sorted(targets.values(), key=lambda t: -t.blocked_ns)
     ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, links,
-               blocked, int(covered_ns), int(first["ts_ns"]), end, ts)
+               blocked, int(covered_ns), int(first["ts_ns"]), end, ts, op_files=op_files)
     runq = [t for t in ts if "runq" in t.ops] if kind == "sched" else []
     if runq:                # who held the CPU longest
         ch.other_comm, _, pid = runq[0].name.rpartition(" pid ")

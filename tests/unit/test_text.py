@@ -48,7 +48,7 @@ def test_a_chain_of_storms_over_many_small_files_names_the_count_and_one_of_them
               "path": f"/data/imgs/{k}.jpg", "count": 8, "files": 8 if k == 0 else 7 + (k % 2),
               "blocked_ns": 60_000_000, "ts_ns": k * 100_000_000, "dur_ns": 90_000_000} for k in range(3)]
     ch = build_chain(rows_, covered_ns=270_000_000)
-    assert sum(t.files for t in ch.targets) == 23
+    assert ch.op_files == {"read": 23}
     assert describe_chain(ch) == "24 reads of 23 files such as /data/imgs/0.jpg (nfs) 0.2 s"
     one = build_chain([{**r, "path": "/data/shard.bin", "files": 1 if k == 0 else 0}
                        for k, r in enumerate(rows_)], covered_ns=270_000_000)
