@@ -37,10 +37,13 @@
  * Storms (SS_F_AGGREGATE): ops under the threshold that add up. An op counts
  * when it lasts at least SS_STORM_FLOOR_NS (threshold/16: 625 us at 10 ms, far
  * above page-cache hits) on a file it would be reported for. Counted ops of
- * one thread chain while they have the same op and file (struct file, or ring
- * fd / aio context for waits) and each starts at most one threshold after the
- * previous one ended (an op above the threshold on that file is reported alone
- * and keeps the chain going). A storm is reported in parts: a part is emitted
+ * one thread chain while they have the same op and filesystem (the file's
+ * super_block, or ring fd / aio context for waits: many small files of one
+ * folder are one storm) and each starts at most one threshold after the
+ * previous one ended (an op above the threshold on that filesystem, an open
+ * included, is reported alone and keeps the chain going; so does a counted
+ * open). `segs` counts the files a part moved to (by inode address), so a
+ * storm's parts sum to its files. A storm is reported in parts: a part is emitted
  * when its summed latency reaches the threshold (ts_ns = first start, dur_ns =
  * last end - first start, aux = ops, key = summed latency, ret = bytes); the
  * part in progress after that (the tail, < one threshold) is emitted when the
