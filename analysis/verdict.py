@@ -27,7 +27,8 @@ OP_CLASS = {
     **{("io", op): "dataset_read" for op in (
         "read", "pread", "readv", "page_fault", "sendfile", "splice", "copy_file_range",
         "io_uring_enter", "io_getevents")},
-    **{("io", op): "checkpoint_write" for op in ("write", "pwrite", "writev", "fsync", "fdatasync")},
+    # a slow close() is a flush of what was written (NFS writeback, FUSE FLUSH: an upload)
+    **{("io", op): "checkpoint_write" for op in ("write", "pwrite", "writev", "fsync", "fdatasync", "close")},
     **{("io", op): "metadata" for op in ("openat", "stat", "getdents")},
     ("nfs", "nfs_read"): "dataset_read",
     **{("nfs", op): "checkpoint_write" for op in ("nfs_write", "nfs_commit", "nfs_fsync")},

@@ -16,6 +16,7 @@
  * tracepoints, each compiled only where tracefs has it (SS_TP_<syscall>, set by
  * vfs.py; a missing one loses that op only):
  *   fsync, fdatasync (see there why not vfs_fsync_range).
+ *   close: regular files only (NFS writeback, FUSE FLUSH; the file taken at entry).
  *   sendfile64 (file = in_fd), splice (fd_in), copy_file_range (fd_in):
  *       regular files and block devices only. Their time includes waiting on
  *       the output side (a full pipe or socket), reported on the input file.
@@ -83,6 +84,7 @@
 #define K_OPEN 3   /* user pointer to the filename; ret is the new fd */
 #define K_STAT 4   /* user pointer to the filename, or a dirfd (SS_OPF_FD) */
 #define K_WAIT 5   /* io_uring fd / aio context: no file */
+#define K_CLOSE 6  /* struct file * taken at close()'s entry (the fd is gone at its exit) */
 
 #define SS_S_IFMT 0170000
 #define SS_S_IFSOCK 0140000
@@ -296,6 +298,13 @@ static __always_inline u64 fs_ident(void *file, u64 *inode)
 static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h, u64 ts,
 				    u64 now, u64 dur, long ret, int below, const int kind)
 {
+	if (below && kind == K_CLOSE) {
+		/* as an open: a storm on its filesystem goes on after it */
+		u64 ci;
+		if (f->agg_file && fs_ident((void *)h, &ci) == f->agg_file)
+			f->agg_end = now;
+		return 0;
+	}
 	if (below && (kind == K_OPEN || kind == K_STAT)) {
 		/* no storm of its own (alternating with reads, it would end theirs), but a
 		 * storm on the opened file's filesystem goes on after it: open, read, close
@@ -310,7 +319,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	}
 	void *file = 0;
 	u64 ustr = 0;
-	if (kind == K_FILE) {
+	if (kind == K_FILE || kind == K_CLOSE) {
 		file = (void *)h;
 	} else if (kind == K_FD || kind == K_DIR) {
 		file = ss_fd_to_file(h);
@@ -329,7 +338,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 		else
 			ustr = h;
 	}
-	if ((kind == K_FILE || kind == K_FD || kind == K_DIR) && !file)
+	if ((kind == K_FILE || kind == K_FD || kind == K_DIR || kind == K_CLOSE) && !file)
 		return 0;
 	/* decided before reserving so a full ring never counts a pipe or socket
 	 * op as a lost stall */
@@ -499,6 +508,7 @@ int ss_exit_dir(struct ss_sys_exit *args) { return vfs_exit(args->ret, K_DIR); }
 int ss_exit_open(struct ss_sys_exit *args) { return vfs_exit(args->ret, K_OPEN); }
 int ss_exit_stat(struct ss_sys_exit *args) { return vfs_exit(args->ret, K_STAT); }
 int ss_exit_wait(struct ss_sys_exit *args) { return vfs_exit(args->ret, K_WAIT); }
+int ss_exit_close(struct ss_sys_exit *args) { return vfs_exit(args->ret, K_CLOSE); }
 
 #define SS_AT_EMPTY_PATH 0x1000
 
@@ -522,6 +532,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { return vfs_enter(SS_OP_FSYNC, args
 #endif
 #ifdef SS_TP_fdatasync
 TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { return vfs_enter(SS_OP_FDATASYNC, args->fd); }
+#endif
+/* close(): where NFS writes back a file's dirty pages (close-to-open consistency) and
+ * FUSE sends FLUSH (gcsfuse, s3fs and blobfuse upload the file then): a checkpoint
+ * written to the page cache spends its time here. The file is taken at entry (its
+ * fd is gone at exit; the struct file lives on until the deferred fput, which runs
+ * after the exit tracepoint, on the way back to user space). Costs every close()
+ * an fd -> file walk. */
+#ifdef SS_TP_close
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	if (!ss_wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	void *file = ss_fd_to_file(args->fd);
+	return file ? vfs_enter(SS_OP_CLOSE, (u64)file) : 0;
+}
 #endif
 #ifdef SS_TP_sendfile64
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return vfs_enter(SS_OP_SENDFILE, args->in_fd); }

@@ -7,6 +7,8 @@ idle phase of a chosen length caused by one thing, as a training process meets i
                 (PyTorch re-forks its workers every epoch)
   thread_read   a thread of the training process reads a stalled shard
   write_fsync   a checkpoint written then fsynced, both stalled (a chain)
+  upload        a checkpoint written at full speed to a mount that uploads it on close()
+                (FUSE FLUSH, as gcsfuse or s3fs do; NFS writes back on close the same way)
   storm         many small reads of one shard, each below the tracer's threshold
   small_files   a short-lived dataloader worker opens and reads many small files of one
                 folder (an image-folder dataset), each read below the threshold
@@ -45,8 +47,8 @@ import sys
 import threading
 import time
 
-CAUSES = ("worker_read", "thread_read", "write_fsync", "storm", "small_files", "mmap", "copy", "metadata",
-          "cpu", "compute", "worker_compute", "stream", "nothing")
+CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "mmap", "copy",
+          "metadata", "cpu", "compute", "worker_compute", "stream", "nothing")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
 UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait", "nothing": None}
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
@@ -93,6 +95,9 @@ def prepare(fs, plan: list) -> None:
             elif c == "write_fsync":
                 fs.make_file(name, 0)
                 fs.set_delay(d / 2, path=name)
+            elif c == "upload":
+                fs.make_file(name, 0)
+                fs.set_delay(d, path=name, op="flush")
             elif c == "storm":
                 n = max(2, int(d / (STORM_OP_MS + 0.5)))
                 fs.make_file(name, n * 4096)
@@ -132,6 +137,11 @@ def _storm(path: str) -> None:
         os.close(fd)
 
 
+def _write_close(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\x5a" * (64 << 10))
+
+
 def _small_files(folder: str) -> None:
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), "rb", buffering=0) as f:
@@ -168,6 +178,8 @@ def stall(cause: str, path: str, dur_ms: float, scratch: str) -> None:
         os.stat(path)
     elif cause == "write_fsync":
         _write_fsync(path)
+    elif cause == "upload":
+        _write_close(path)
     elif cause == "storm":
         _storm(path)
     elif cause == "small_files":

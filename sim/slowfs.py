@@ -4,8 +4,9 @@ Storage stalls are what stallscope must blame, and a real slow NFS server is not
 tests, so this passthrough filesystem (backed by a real directory) sleeps ``delay_ms`` in the
 FUSE daemon before serving the operations named in ``ops`` (default read, write and fsync) on
 "slow" files: those whose basename starts with ``slow_prefix``, or that have their own delay set
-with ``set_delay(ms, path=...)``. Other files, and every other operation (flush, release, ...),
-are served at once.
+with ``set_delay(ms, path=...)``. Other files, and every other operation (release, ...),
+are served at once. "flush" (a close() of the file) stalls only where asked for by name: in
+``ops`` for prefix-matched files, or ``set_delay(ms, path=..., op="flush")``.
 
 Metadata ops can stall too: ``ops=("getattr", "open", "readdir")`` (or any mix). libfuse's
 high-level API, which this daemon uses, answers the kernel's LOOKUP with ``getattr``, so
@@ -58,7 +59,7 @@ import time
 from stallscope.sim import Unavailable as FixtureUnavailable
 from stallscope.sim import child_command, require_root, require_tool
 
-DELAYABLE_OPS = ("read", "write", "fsync", "getattr", "lookup", "open", "opendir", "readdir")
+DELAYABLE_OPS = ("read", "write", "fsync", "getattr", "lookup", "open", "opendir", "readdir", "flush")
 DEFAULT_OPS = ("read", "write", "fsync")
 
 
@@ -113,8 +114,10 @@ class SlowFS:
                 left -= f.write(chunk[:min(left, len(chunk))])
         return self.path(name)
 
-    def set_delay(self, ms, path=None):
-        """Change the stall live: for prefix-matched files, or for one file if ``path`` is given.
+    def set_delay(self, ms, path=None, op=None):
+        """Change the stall live: for prefix-matched files, or for one file if ``path`` is given
+        (for its op ``op`` only, if given: ``op="flush"`` stalls the close() of a file written
+        at full speed, as a FUSE filesystem that uploads on close does).
 
         ``path`` is relative to the filesystem root (or an absolute path under the mount);
         ``ms=None`` with a path removes that file's own setting. The daemon re-reads the control
@@ -127,6 +130,8 @@ class SlowFS:
             self._delay_ms = float(ms)
         else:
             key = self._fs_relative(path)
+            if op is not None:
+                key = f"{op}:{key}"
             if ms is None:
                 self._per_path.pop(key, None)
             else:
@@ -304,9 +309,12 @@ class _Control:
             self.per_path = {p: ms / 1000.0 for p, ms in c["per_path"].items()}
             self._key = key
 
-    def delay_for(self, path):
-        """Seconds to stall a request on ``path`` (FUSE-root-relative, leading '/')."""
-        if path in self.per_path:
+    def delay_for(self, path, op=None):
+        """Seconds to stall a request on ``path`` (FUSE-root-relative, leading '/'); ``op``:
+        the request's, for a delay set for that op of that path alone."""
+        if op is not None and f"{op}:{path}" in self.per_path:
+            return self.per_path[f"{op}:{path}"]
+        if path in self.per_path and op != "flush":     # a file's delay: not its close()
             return self.per_path[path]
         if self.prefix and os.path.basename(path).startswith(self.prefix):
             return self.delay_s
@@ -325,7 +333,7 @@ def _make_operations(mfusepy, backing, control):
         def _stall(self, op, path):
             control.refresh()
             if op in control.ops or (op == "getattr" and "lookup" in control.ops):
-                delay = control.delay_for(path)
+                delay = control.delay_for(path, op)
                 if delay > 0:
                     time.sleep(delay)  # releases the GIL: other FUSE threads keep serving
 
@@ -395,6 +403,7 @@ def _make_operations(mfusepy, backing, control):
             return 0
 
         def flush(self, path, fi):
+            self._stall("flush", path)      # close(): where cloud-storage mounts upload
             return 0
 
         def release(self, path, fi):

@@ -58,8 +58,8 @@ def _check(res, cause):
         assert names <= seen, (names, mine)        # the distractor's stall was traced, not blamed
 
 
-@pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "storm", "small_files", "mmap", "copy",
-                                   "metadata"])
+@pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files",
+                                   "mmap", "copy", "metadata"])
 def test_culprit_is_the_trainers_stall_not_the_distractors(cause):
     check(run(0, 0, plan=plan_of(cause), log=lambda m: None, keep=True), cause)
 

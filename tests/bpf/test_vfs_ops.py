@@ -5,6 +5,7 @@ getdents, io_uring, AIO), each against a FUSE filesystem that stalls on purpose.
 import os
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -315,3 +316,30 @@ def test_kprobe_variant_compiles_and_verifies():
     finally:
         b.cleanup()
     assert "openat" in have and os.path.isdir(kernel.tracefs_root())
+
+
+def test_close_that_flushes_is_reported():
+    """A checkpoint written at full speed to a mount that uploads on close (FUSE FLUSH, as
+    gcsfuse or s3fs do; NFS writes back on close the same way): the time is in close(),
+    reported with the file; closing a pipe or a fast file is not."""
+    with SlowFS(delay_ms=0, slow_prefix="\0none", ops=("flush",)) as fs:
+        ckpt = fs.make_file("ckpt/step-900.pt", 0)
+        fs.set_delay(150, path="ckpt/step-900.pt", op="flush")
+        fast = fs.make_file("fast.bin", 0)
+        with Trace("--min-latency-ms", "10", "--pid", str(os.getpid())) as t:
+            for path in (ckpt, fast):
+                t0 = time.monotonic()
+                with open(path, "wb") as f:
+                    f.write(b"w" * (1 << 20))
+                took = time.monotonic() - t0
+            r, w = os.pipe()
+            os.close(r)
+            os.close(w)
+        t.stop()
+    assert t.rc == 0, t.stderr
+    mine = [e for e in t.events if e["type"] == "io" and e["pid"] == os.getpid()]
+    closes = [e for e in mine if e["op"] == "close"]
+    assert [e["path"] for e in closes] == [ckpt], [(e["op"], e["path"], e["dur_ns"]) for e in mine]
+    assert 140e6 <= closes[0]["dur_ns"] <= 400e6 and closes[0]["fs"] == "fuse", closes
+    assert took < 0.1      # the fast file's write and close
+    assert not [e for e in mine if e["op"] == "write"]     # the writes were fast

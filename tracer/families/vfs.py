@@ -55,15 +55,15 @@ BASE_SYSCALLS = ("read", "write", "pread64", "pwrite64", "readv", "writev")
 #: syscalls traced by tracepoint with every attach method (-DSS_TP_<name> where present).
 #: fsync and fdatasync too: vfs_fsync_range is inlined into sys_fdatasync on 5.10 and 6.1
 #: (datasync constant), so function probes never saw an fdatasync there.
-EXTRA_SYSCALLS = ("fsync", "fdatasync", "sendfile64", "splice", "copy_file_range", "openat", "openat2", "statx",
-                  "newfstatat", "getdents64", "io_uring_enter", "io_getevents", "io_pgetevents")
+EXTRA_SYSCALLS = ("fsync", "fdatasync", "close", "sendfile64", "splice", "copy_file_range", "openat", "openat2",
+                  "statx", "newfstatat", "getdents64", "io_uring_enter", "io_getevents", "io_pgetevents")
 #: the shared exit program of each syscall (by what its fd or argument is)
 EXIT_FN = {**{s: "ss_exit_fd" for s in (*BASE_SYSCALLS, "fsync", "fdatasync", "sendfile64", "splice",
                                           "copy_file_range")},
            "openat": "ss_exit_open", "openat2": "ss_exit_open", "statx": "ss_exit_stat",
            "newfstatat": "ss_exit_stat", "getdents64": "ss_exit_dir",
            "io_uring_enter": "ss_exit_wait", "io_getevents": "ss_exit_wait",
-           "io_pgetevents": "ss_exit_wait"}
+           "io_pgetevents": "ss_exit_wait", "close": "ss_exit_close"}
 #: struct ss_storm in bpf/vfs.bpf.c: a storm's record and when it may be flushed
 STORM_DTYPE = np.dtype([("e", RECORD_DTYPE), ("deadline", "<u8"), ("last_file", "<u8")])
 _RET_AT_16 = re.compile(r"field:long ret;\s*offset:16;\s*size:8;")
