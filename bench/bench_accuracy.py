@@ -81,7 +81,7 @@ def score(windows: list, verdicts: list) -> dict:
                 or (c is not None and c.get("pid") in w["pids"] and c.get("op") == "runq"))
             if not ok and best is not None and c is None:
                 out["unexplained_when_explainable"] += 1
-        elif cause == "stream":
+        elif cause in ("stream", "thread_stream"):
             # nothing blocked: "unexplained", classed net_wait, naming the worker that waited
             ok = best is not None and c is None and best.get("class") == "net_wait" \
                 and (best.get("process") or {}).get("pid") in w["pids"][-1:]

@@ -24,6 +24,9 @@ idle phase of a chosen length caused by one thing, as a training process meets i
                 dataset server (a separate process on loopback, as an object store or a
                 streaming dataset's server is) while the training process waits for it on a
                 pipe: nothing blocked; "unexplained", classed net_wait naming the worker
+  thread_stream the training process fetches the next shard from that server in a thread
+                pool (boto3's transfers, a streaming dataset's downloaders) and waits on the
+                future: net_wait naming the training process (its helper thread waited)
   nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
@@ -48,9 +51,10 @@ import threading
 import time
 
 CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "mmap", "copy",
-          "metadata", "cpu", "compute", "worker_compute", "stream", "nothing")
+          "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "nothing")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
-UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait", "nothing": None}
+UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait",
+            "thread_stream": "net_wait", "nothing": None}
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
 MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
 BUSY_S = (0.5, 0.9)        # busy phase before each idle window
@@ -263,7 +267,11 @@ def trainer_main(argv=None) -> None:
     dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
     me = os.getpid()
     worker = _Worker(_spin) if any(w["cause"] == "worker_compute" for w in plan) else None
-    server = DatasetServer() if any(w["cause"] == "stream" for w in plan) else None
+    server = DatasetServer() if any(w["cause"] in ("stream", "thread_stream") for w in plan) else None
+    pool = None
+    if any(w["cause"] == "thread_stream" for w in plan):
+        import concurrent.futures
+        pool = concurrent.futures.ThreadPoolExecutor(2, initializer=_set_comm, initargs=("shard-fetch",))
     fetcher = _Worker(server.fetch) if server is not None else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
@@ -313,6 +321,9 @@ def trainer_main(argv=None) -> None:
                 assert fetcher is not None
                 fetcher.compute(d / 1000)
                 pids.append(fetcher.pid)
+            elif cause == "thread_stream":
+                assert pool is not None and server is not None
+                pool.submit(server.fetch, d / 1000).result()
             else:
                 stall(cause, path, d, a.scratch)
             end = time.time_ns()
@@ -329,6 +340,8 @@ def trainer_main(argv=None) -> None:
     for wk in (worker, fetcher):
         if wk is not None:
             wk.close()
+    if pool is not None:
+        pool.shutdown()
     if server is not None:
         server.close()
     gpu.unregister()

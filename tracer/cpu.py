@@ -21,7 +21,8 @@ from an object store, a trainer waiting on a rendezvous store. Nothing blocked i
 sense, so without these rows such an interval is bare "unexplained" (``verdict.net_wait``).
 A wait whose far end another of those processes holds (a loopback connection to a logging or
 tracking service the trainer started) is not a wait on the network and is left out. Only
-main threads: a fetch in a helper thread of a process is not seen.
+main threads, and a helper thread while the main thread waits on it (a futex) or sleeps: a
+thread pool fetching over the network (``CpuSampler._wait``).
 
 Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, two small reads per sleeping
 process per period (stat and syscall, about 10 us each); 72 processes (8 GPUs, 8 workers
@@ -69,6 +70,13 @@ def read_cpu(pid: int, proc: str = "/proc"):
 _RECV = {"x86_64": {0: "read", 19: "readv", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg"},
          "aarch64": {63: "read", 65: "readv", 207: "recvfrom", 212: "recvmsg", 243: "recvmmsg"}}
 _POLL = {"x86_64": {7: "poll", 271: "ppoll"}, "aarch64": {73: "ppoll"}}
+#: waits on another thread of the process (a lock, a condition, a queue: futex) or on time (a
+#: sleep loop that polls for a result): where a helper thread may be the one on the network
+_INNER = {"x86_64": {202, 35, 230}, "aarch64": {98, 101, 115}}
+#: threads of one process read per scan (a PyTorch trainer has an OpenMP pool per core)
+MAX_THREADS = 256
+#: a process whose thread scans keep finding nothing is scanned 2**k times less often, k <= this
+MAX_BACKOFF = 4
 
 
 def _peer(hex_addr: str) -> str:
@@ -143,23 +151,36 @@ def read_wait(pid: int, proc: str = "/proc", peers: "TcpPeers | None" = None, ma
     return (got[0], peer) if peer else None
 
 
-def _wait_socket(pid: int, proc: str = "/proc", machine: str = ""):
-    """(call, socket inode) when process ``pid``'s main thread is asleep in a receive (or a
-    poll of one fd) on a socket, else None."""
-    machine = machine or platform.machine()
+def _syscall(pid: int, proc: str = "/proc", tid: int = 0):
+    """The fields of ``/proc/<pid>/syscall`` (of thread ``tid`` if given): [nr, args...,
+    sp, pc], or None (gone, running, not in a syscall)."""
+    path = f"{proc}/{pid}/task/{tid}/syscall" if tid else f"{proc}/{pid}/syscall"
     try:
-        with open(f"{proc}/{pid}/syscall", "rb") as f:
+        with open(path, "rb") as f:
             x = f.read().split()
-        nr = int(x[0])
+        int(x[0])
+        return x
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0, x=None):
+    """(call, socket inode) when process ``pid``'s main thread (or thread ``tid``; ``x``: its
+    syscall fields if already read) is asleep in a receive (or a poll of one fd) on a socket,
+    else None."""
+    machine = machine or platform.machine()
+    x = x if x is not None else _syscall(pid, proc, tid)
+    if x is None:
+        return None
+    nr = int(x[0])
     call = _RECV.get(machine, {}).get(nr)
     try:
         if call:
             fd = int(x[1], 16)
         elif _POLL.get(machine, {}).get(nr) and int(x[2], 16) == 1:
             call = _POLL[machine][nr]
-            with open(f"{proc}/{pid}/mem", "rb", buffering=0) as m:      # struct pollfd: int fd first
+            mem = f"{proc}/{pid}/task/{tid}/mem" if tid else f"{proc}/{pid}/mem"
+            with open(mem, "rb", buffering=0) as m:      # struct pollfd: int fd first
                 m.seek(int(x[1], 16))
                 fd = struct.unpack("=i", m.read(4))[0]
         else:
@@ -204,9 +225,14 @@ class CpuSampler:
     (CONFIG_PROC_CHILDREN off), ``all_owners()``, when given (the sched family's owner set:
     every GPU's processes and descendants), stands in for the descendants."""
 
-    def __init__(self, proc: str = "/proc", children_s: float = 2.0):
+    def __init__(self, proc: str = "/proc", children_s: float = 2.0, thread_scan_s: float = 0.25):
         self.proc = proc
         self.children_s = children_s
+        self.thread_scan_s = thread_scan_s
+        self.machine = platform.machine()
+        self._net_tid: dict = {}        # pid -> its thread last found waiting on the network
+        self._scanned: dict = {}        # pid -> (when a scan of its threads last found none, scans in a row)
+        self.thread_reads = 0
         self._kids: set = set()
         self._kids_of: frozenset = frozenset()
         self._kids_at = -1e18
@@ -230,8 +256,60 @@ class CpuSampler:
     def _wait(self, pid: int, members: set):
         """(call, peer) of ``pid``'s wait on a TCP peer, unless that peer is another process
         of the same GPU (a loopback connection whose far end a member holds: a logging or
-        tracking service the trainer started, waiting on the trainer), else None."""
-        got = _wait_socket(pid, self.proc)
+        tracking service the trainer started, waiting on the trainer), else None.
+
+        The main thread's wait, or, while the main thread waits on another thread of its own
+        (a futex: a queue, a future, an event) or sleeps (a loop polling for a result), a
+        helper thread's: a thread pool fetching samples or shards (boto3's transfers, a
+        streaming dataset's downloaders) while the main thread waits for it. Threads are
+        read up to MAX_THREADS of them; after a scan that found none, not again for
+        ``thread_scan_s`` (one sample period: a helper thread starts its receive a moment
+        after the main thread starts waiting), doubling with each such scan in a row up to 16
+        times that (a trainer waiting on its pin-memory thread, never on the network, costs a
+        scan every 4 s); the thread last found waiting is read first on every pass. Only a blocking receive or a
+        poll of that one socket counts: a thread polling many sockets or an epoll (NCCL's
+        proxy, Gloo's loop, an asyncio loop) waits there whether or not anyone waits on it."""
+        x = _syscall(pid, self.proc)
+        got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, x=x), members)
+        if got is not None or x is None or int(x[0]) not in _INNER.get(self.machine, ()):
+            return got
+        tid = self._net_tid.get(pid)      # kept after a miss: a pool's thread fetches again
+        if tid is not None:
+            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=tid), members)
+            self.thread_reads += 1
+            if got is not None:
+                return self._in_thread(pid, tid, got)
+        now = time.monotonic()
+        at, misses = self._scanned.get(pid, (-1e18, 0))
+        if now - at < self.thread_scan_s * (1 << min(misses, MAX_BACKOFF)):
+            return None                   # scans found nothing a moment ago
+        try:
+            tids = [int(t) for t in os.listdir(f"{self.proc}/{pid}/task")[:MAX_THREADS + 1]]
+        except (OSError, ValueError):
+            return None
+        for t in tids:
+            if t == pid or t == tid:
+                continue
+            self.thread_reads += 1
+            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=t), members)
+            if got is not None:
+                self._net_tid[pid] = t
+                self._scanned.pop(pid, None)
+                return self._in_thread(pid, t, got)
+        self._scanned[pid] = (now, misses + 1)
+        return None
+
+    def _in_thread(self, pid: int, tid: int, got: tuple) -> tuple:
+        try:
+            with open(f"{self.proc}/{pid}/task/{tid}/comm", "rb") as f:
+                name = f.read().strip().decode(errors="replace")
+        except OSError:
+            name = str(tid)
+        return f"{got[0]} in thread {name}", got[1]
+
+    def _peer_of(self, pid: int, got, members: set):
+        """(call, peer) for a (call, socket inode) wait of ``pid``, or None when the socket is
+        no established TCP connection or its far end is a member's."""
         if got is None:
             return None
         peer = self.peers.peer(pid, got[1])
@@ -250,6 +328,9 @@ class CpuSampler:
     def poll(self, roots, all_owners=None):
         pids, comms, vals, waits = [], [], [], []
         members = self.owners(roots, all_owners)
+        for d in (self._net_tid, self._scanned):
+            for gone in [p for p in d if p not in members]:
+                del d[gone]
         for pid in sorted(members):
             got = read_cpu(pid, self.proc)
             if got is not None:

@@ -93,11 +93,14 @@ def test_cpu_work_is_classed_cpu_bound_naming_who_computed(cause):
     check(res, cause)
 
 
-def test_a_worker_streaming_from_a_slow_server_is_classed_net_wait():
+@pytest.mark.parametrize("cause,call", [("stream", "poll"), ("thread_stream", "poll in thread shard-fetch")])
+def test_streaming_from_a_slow_server_is_classed_net_wait(cause, call):
     """Nothing blocked in a probe's sense: a persistent worker fetches each sample over HTTP
     from a slow dataset server (another process, on loopback) while the trainer waits on its
-    pipe. "unexplained", classed net_wait, naming the worker and the server's address."""
-    res = run(0, 0, plan=plan_of("stream", distractor=False), log=lambda m: None, keep=True)
+    pipe, or the trainer's own thread pool fetches while it waits on the future.
+    "unexplained", classed net_wait, naming the worker (the trainer) and the server's
+    address."""
+    res = run(0, 0, plan=plan_of(cause, distractor=False), log=lambda m: None, keep=True)
     who = {w["pids"][-1] for w in res["truth"]}
     waits = [(int(p), str(peer)) for b in load_batches(res["rec"]) if b.tables.get("wait")
              for p, peer in zip(b.tables["wait"]["pid"], b.tables["wait"]["peer"])]
@@ -106,5 +109,5 @@ def test_a_worker_streaming_from_a_slow_server_is_classed_net_wait():
     assert len(classed) == len(res["truth"]), [(d["ok"], d["verdict"], d["culprit"]) for d in res["details"]]
     for d in classed:
         p = d["verdict"]["process"]
-        assert p["pid"] in who and p["peer"].startswith("127.0.0.1:") and p["call"] == "poll", p
-    check(res, "stream")
+        assert p["pid"] in who and p["peer"].startswith("127.0.0.1:") and p["call"] == call, p
+    check(res, cause)

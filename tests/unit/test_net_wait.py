@@ -175,3 +175,71 @@ def test_a_wait_on_another_process_of_the_same_gpu_is_not_a_network_wait():
     finally:
         parent.kill()
         parent.wait()
+
+
+THREADED = """
+import ctypes, concurrent.futures, os, socket, sys, threading, time
+port, mode = int(sys.argv[1]), sys.argv[2]
+def fetch():
+    ctypes.CDLL("libc.so.6").prctl(15, b"shard-fetch", 0, 0, 0)     # the thread's comm
+    c = socket.create_connection(("127.0.0.1", port))
+    c.settimeout(60)
+    print("connected", flush=True)
+    return c.recv(10)
+if mode == "future":               # the main thread waits on the future: a futex
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        ex.submit(fetch).result()
+elif mode == "sleep":              # the main thread polls for the result in a sleep loop
+    threading.Thread(target=fetch, daemon=True).start()
+    while True:
+        time.sleep(0.05)
+else:                              # the main thread reads a pipe: it waits on no thread
+    threading.Thread(target=fetch, daemon=True).start()
+    os.read(int(sys.argv[3]), 1)
+"""
+
+
+def test_a_helper_thread_waiting_on_a_tcp_peer_for_the_main_thread_is_found():
+    """A thread pool fetching over the network while the main thread waits on it (a futex)
+    or sleeps in a loop: the helper thread's receive is the process's wait, named with the
+    thread. A helper thread in a receive while the main thread reads a pipe (it waits on
+    something else: another process) is not; the thread last found is read again each pass,
+    the others at most every ``thread_scan_s``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    r, w = os.pipe()
+    procs, conns = {}, []
+    try:
+        for mode in ("future", "sleep", "pipe"):
+            procs[mode] = subprocess.Popen([sys.executable, "-c", THREADED, str(port), mode, str(r)],
+                                           stdout=subprocess.PIPE, text=True, pass_fds=(r,))
+            conns.append(srv.accept()[0])
+            assert procs[mode].stdout.readline().strip() == "connected"
+        import time
+        sampler = CpuSampler(thread_scan_s=0.0)
+        pids = {p.pid: m for m, p in procs.items()}
+        deadline = time.monotonic() + 10
+        found: dict = {}
+        while time.monotonic() < deadline and set(found) != {"future", "sleep"}:
+            got = sampler.poll(list(pids))
+            for pid, call, peer in zip(*(got.get("wait", {}).get(c, []) for c in ("pid", "call", "peer"))):
+                found[pids[int(pid)]] = (call, peer)
+            time.sleep(0.05)
+        assert found == {m: ("poll in thread shard-fetch", f"127.0.0.1:{port}") for m in ("future", "sleep")}, found
+        slow = CpuSampler(thread_scan_s=60.0)
+        slow.poll([procs["future"].pid])
+        first = slow.thread_reads
+        assert first >= 1
+        again = slow.poll([procs["future"].pid])
+        assert again["wait"]["call"].tolist() == ["poll in thread shard-fetch"]
+        assert slow.thread_reads == first + 1            # only the thread found last time
+    finally:
+        for c in conns:
+            c.close()
+        os.write(w, b"x")
+        for p in procs.values():
+            p.kill()
+            p.wait()
+        srv.close()
