@@ -1,7 +1,9 @@
 /* readloop: N reads of `size` bytes from a file, as fast as possible; prints ns per call.
  * Used by the benchmarks as the traced workload (a C loop, so the probe cost
  * is not hidden behind interpreter overhead). With READLOOP_FILES=N it opens FILE.0 ..
- * FILE.<N-1> and cycles through them, one pread each (no two records in a row alike). */
+ * FILE.<N-1> and cycles through them, one pread each (no two records in a row alike).
+ * With READLOOP_CLOSE=1 each call is a close() of a dup() of the file instead (the
+ * close() cost benchmark; ns per dup+close pair). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,8 +47,16 @@ int main(int argc, char **argv)
 			return 1;
 	}
 	struct timespec a, b;
+	int closing = getenv("READLOOP_CLOSE") != NULL;
 	clock_gettime(CLOCK_MONOTONIC, &a);
-	for (long i = 0; i < n; i++) {
+	for (long i = 0; closing && i < n; i++) {
+		int d = dup(fds[0]);
+		if (d < 0 || close(d) < 0) {
+			perror("dup/close");
+			return 1;
+		}
+	}
+	for (long i = 0; !closing && i < n; i++) {
 		if (pread(fds[i % nfiles], buf, size, 0) < 0) {
 			perror("pread");
 			return 1;

@@ -5,6 +5,7 @@ reports it; the CPU sampler finds the process asleep in a receive on a TCP socke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -92,22 +93,40 @@ c.recv(10)
 """
 
 
-def test_the_sampler_finds_processes_waiting_on_a_tcp_peer():
-    """Real processes on loopback: one in a blocking recv, one in a receive with a timeout
-    (poll on its socket), one reading a pipe; only the first two are waits, each with the
-    server's address."""
+@contextlib.contextmanager
+def _clients(script: str, modes):
+    """A TCP server on loopback and one ``script`` process per mode (``argv``: port, mode, the
+    read end of a pipe), each connected to it; yields (port, {mode: Popen}, pipe read fd).
+    Processes added to the dict are killed too."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     port = srv.getsockname()[1]
-    procs, conns = {}, []
+    r, w = os.pipe()
+    procs: dict = {}
+    conns = []
     try:
-        for mode in ("block", "timeout"):
-            procs[mode] = subprocess.Popen([sys.executable, "-c", WAITER, str(port), mode],
-                                           stdout=subprocess.PIPE, text=True)
+        for mode in modes:
+            procs[mode] = subprocess.Popen([sys.executable, "-c", script, str(port), mode, str(r)],
+                                           stdout=subprocess.PIPE, text=True, pass_fds=(r,))
             conns.append(srv.accept()[0])
             assert procs[mode].stdout.readline().strip() == "connected"
-        r, w = os.pipe()
+        yield port, procs, r
+    finally:
+        for c in conns:
+            c.close()
+        os.write(w, b"x")
+        for p in procs.values():
+            p.kill()
+            p.wait()
+        srv.close()
+
+
+def test_the_sampler_finds_processes_waiting_on_a_tcp_peer():
+    """Real processes on loopback: one in a blocking recv, one in a receive with a timeout
+    (poll on its socket), one reading a pipe; only the first two are waits, each with the
+    server's address."""
+    with _clients(WAITER, ("block", "timeout")) as (port, procs, r):
         procs["pipe"] = subprocess.Popen([sys.executable, "-c", "import os,sys; os.read(int(sys.argv[1]), 1)", str(r)],
                                          pass_fds=(r,))
         import time
@@ -129,14 +148,6 @@ def test_the_sampler_finds_processes_waiting_on_a_tcp_peer():
         read_wait(procs["block"].pid, peers=peers)
         read_wait(procs["timeout"].pid, peers=peers)
         assert peers.reads == 1                                      # one netns, read once
-    finally:
-        for c in conns:
-            c.close()
-        os.write(w, b"x")
-        for p in procs.values():
-            p.kill()
-            p.wait()
-        srv.close()
 
 
 FAMILY = """
@@ -205,18 +216,7 @@ def test_a_helper_thread_waiting_on_a_tcp_peer_for_the_main_thread_is_found():
     thread. A helper thread in a receive while the main thread reads a pipe (it waits on
     something else: another process) is not; the thread last found is read again each pass,
     the others at most every ``thread_scan_s``."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    port = srv.getsockname()[1]
-    r, w = os.pipe()
-    procs, conns = {}, []
-    try:
-        for mode in ("future", "sleep", "pipe"):
-            procs[mode] = subprocess.Popen([sys.executable, "-c", THREADED, str(port), mode, str(r)],
-                                           stdout=subprocess.PIPE, text=True, pass_fds=(r,))
-            conns.append(srv.accept()[0])
-            assert procs[mode].stdout.readline().strip() == "connected"
+    with _clients(THREADED, ("future", "sleep", "pipe")) as (port, procs, _r):
         import time
         sampler = CpuSampler(thread_scan_s=0.0)
         pids = {p.pid: m for m, p in procs.items()}
@@ -235,11 +235,3 @@ def test_a_helper_thread_waiting_on_a_tcp_peer_for_the_main_thread_is_found():
         again = slow.poll([procs["future"].pid])
         assert again["wait"]["call"].tolist() == ["poll in thread shard-fetch"]
         assert slow.thread_reads == first + 1            # only the thread found last time
-    finally:
-        for c in conns:
-            c.close()
-        os.write(w, b"x")
-        for p in procs.values():
-            p.kill()
-            p.wait()
-        srv.close()
