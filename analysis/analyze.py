@@ -348,12 +348,13 @@ class _Stalls:
             order = np.argsort(code, kind="stable")
             starts = np.flatnonzero(np.r_[True, code[order][1:] != code[order][:-1]])
             firsts = pos[order][starts]         # each group's first position (stable sort)
-            nf = col("files") if "files" in t else np.ones(len(rows), dtype=np.int64)
+            nf = col("more_files") if "more_files" in t else np.zeros(len(rows), dtype=np.int64)
             sums = [np.add.reduceat(x[order], starts) for x in (cnt, blk, nf)]
             ends = np.maximum.reduceat(end[order], starts)
             for k, p0 in enumerate(firsts.tolist()):
                 r = int(idx[p0]) - f
-                e = {"type": kind, **{c: _py(t[c][r]) for c in fields if c in t}, "files": int(sums[2][k])}
+                e = {"type": kind, **{c: _py(t[c][r]) for c in fields if c in t},
+                     "more_files": int(sums[2][k])}
                 groups.append((p0, e, int(sums[0][k]), int(sums[1][k]), int(ends[k])))
         # two groups alike in value (equal text under two codes) sum alike in chain_of_groups
         groups.sort(key=lambda g: g[0])

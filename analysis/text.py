@@ -77,7 +77,7 @@ def describe(e: dict) -> str:
         return f"exited ({signal_name(int(e.get('exit_status', -1)))}) pid {e.get('pid', 0)} {e.get('comm', '')}".rstrip()
     if kind in ("io", "nfs"):
         n = int(e.get("count", 1) or 1)
-        nf = int(e.get("files", 1) or 0)
+        nf = 1 + int(e.get("more_files", 0) or 0)
         what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
         if kind == "io" and nf > 1:
             what = f"{n} {op}s of {nf} files such as {e.get('path') or '?'}"
@@ -353,7 +353,7 @@ def event_line(e: dict) -> str:
     else:
         what, nbytes = e["path"], str(e["bytes"])
         if e.get("count", 1) > 1:          # a storm: many ops below the threshold
-            nf = int(e.get("files", 1))
+            nf = 1 + int(e.get("more_files", 0) or 0)
             files = f" on {nf} files" if nf > 1 else ""
             what = f"{what} ({e['count']} ops{files}, {e['blocked_ns'] / 1e6:.1f} ms blocked)"
         if e["type"] == "nfs" and e.get("server"):

@@ -93,8 +93,8 @@ class Chain:
     other_comm: str = ""
     answers: dict = field(default_factory=dict)   # http: status -> attempts answered so (0: none)
     reasons: dict = field(default_factory=dict)   # http: status -> reason phrase
-    # io: op -> the files its rows went to (a storm over many small files of one filesystem
-    # is one target, named after one of them; its rows' ``files`` say how many)
+    # io: op -> the files its rows went to: their distinct paths plus their ``more_files``
+    # (a storm over many small files of one filesystem is one target, named after one)
     op_files: dict = field(default_factory=dict)
 
     @property
@@ -178,7 +178,8 @@ def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
     ops = {}
     by_class = collections.Counter()
     targets = {}
-    op_files: dict = {}
+    op_more: dict = {}
+    op_names: dict = {}
     count = blocked = 0
     end = 0
     for e, c, b, e_end in groups:
@@ -195,11 +196,13 @@ def chain_of_groups(first: dict, groups, links: int, covered_ns: int) -> Chain:
         t.ops[op] = t.ops.get(op, 0) + c
         t.count += c
         t.blocked_ns += b
-        op_files[op] = op_files.get(op, 0) + int(e.get("files", 1))
+        op_more[op] = op_more.get(op, 0) + int(e.get("more_files", 0) or 0)
+        op_names.setdefault(op, set()).add(name)
     klass = max(by_class, key=lambda k: (by_class[k], -CLASSES.index(k)))
     ts = sorted(targets.values(), key=lambda t: -t.blocked_ns)
     ch = Chain(kind, int(first["pid"]), first.get("comm", ""), klass, ops, count, links,
-               blocked, int(covered_ns), int(first["ts_ns"]), end, ts, op_files=op_files)
+               blocked, int(covered_ns), int(first["ts_ns"]), end, ts,
+               op_files={op: len(op_names[op]) + op_more.get(op, 0) for op in op_names})
     runq = [t for t in ts if "runq" in t.ops] if kind == "sched" else []
     if runq:                # who held the CPU longest
         ch.other_comm, _, pid = runq[0].name.rpartition(" pid ")

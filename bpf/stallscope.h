@@ -124,7 +124,7 @@ struct ss_event {
 	__u16 sport;
 	__u16 dport;
 	__u16 family;
-	__u16 segs;        /* TCP: segments in the retransmitted skb (pcount); VFS storm: files */
+	__u16 segs;        /* TCP: segments in the retransmitted skb (pcount); VFS storm: other files */
 	__u32 aux;         /* type-specific: rpc retransmits, block bytes, error */
 	__u8 saddr[16];
 	__u8 daddr[16];

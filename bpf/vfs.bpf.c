@@ -43,8 +43,9 @@
  * folder are one storm) and each starts at most one threshold after the
  * previous one ended (an op above the threshold on that filesystem, an open
  * included, is reported alone and keeps the chain going; so does a counted
- * open). `segs` counts the files a part moved to (by inode address), so a
- * storm's parts sum to its files. A storm is reported in parts: a part is emitted
+ * open). `segs` counts the files a part's ops went to besides the one its path
+ * names (by inode address: 0 for one file; a later part, its moves to another
+ * file), so a storm's parts sum to its files less one. A storm is reported in parts: a part is emitted
  * when its summed latency reaches the threshold (ts_ns = first start, dur_ns =
  * last end - first start, aux = ops, key = summed latency, ret = bytes); the
  * part in progress after that (the tail, < one threshold) is emitted when the
@@ -117,7 +118,7 @@ BPF_ARRAY(inflight, struct ss_inflight, SS_INFLIGHT_SLOTS);
 /* A storm that has emitted a part: its record, accumulating the next part
  * (e.aux ops so far), and when the tracer may flush it (bpf_ktime_get_ns). */
 struct ss_storm {
-	struct ss_event e;        /* e.segs: files the part in progress moved to */
+	struct ss_event e;        /* e.segs: the part's moves to another file */
 	u64 deadline;
 	u64 last_file;            /* inode address of the storm's last op */
 };
@@ -249,7 +250,7 @@ static __always_inline int storm_add(struct ss_inflight *f, u32 tid, u32 op, u64
 			s->e.ret += bytes;
 			s->e.dur_ns = now - s->e.ts_ns;
 			if (file != s->last_file && s->e.segs < 0xffff)
-				s->e.segs++;     /* files this part moved to */
+				s->e.segs++;     /* moved to another file */
 			s->last_file = file;
 			s->deadline = now + SS_STORM_HOLD_NS;
 			if (s->e.key >= SS_MIN_NS || s->e.aux >= SS_STORM_MAX_OPS) {
@@ -391,7 +392,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	s->e.ret = bytes;
 	s->e.key = sum;
 	s->e.aux = nops;
-	s->e.segs = nfiles;
+	s->e.segs = nfiles - 1;   /* files besides the one whose path the record names */
 	struct ss_event *e = ss_reserve();
 	if (e) {
 		copy_event(e, &s->e);

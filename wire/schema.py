@@ -107,10 +107,10 @@ TABLES = {
     # VFS read/write/fsync...: path and filesystem of the file
     # (count > 1: an aggregate of back-to-back ops each below the threshold; blocked_ns is
     # their summed latency, ts_ns/dur_ns span the first start to the last end; a storm is one
-    # thread's ops on one filesystem: files = the files its ops moved to, summing over its
-    # parts to its files, path one of them)
+    # thread's ops on one filesystem: more_files = the files its ops went to besides path, 0
+    # for one file, so a storm's files are its distinct paths plus its rows' more_files)
     "io": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "dev": "u", "ino": "u",
-           "cgroup": "u", "method": "s", "count": "u", "blocked_ns": "u", "files": "u"},
+           "cgroup": "u", "method": "s", "count": "u", "blocked_ns": "u", "more_files": "u"},
     # NFS client ops and RPCs: same as io plus the server and RPC retransmits
     "nfs": {**COMMON, "op": "s", "bytes": "i", "path": "s", "fs": "s", "server": "s",
             "xid": "u", "rpc_retrans": "u", "method": "s"},
@@ -162,7 +162,7 @@ TABLES = {
 OPTIONAL = {
     "io": {"count": lambda t: np.ones(table_len(t), dtype=np.uint64),
            "blocked_ns": lambda t: np.asarray(t["dur_ns"], dtype=np.uint64),
-           "files": lambda t: np.ones(table_len(t), dtype=np.uint64)},
+           "more_files": lambda t: np.zeros(table_len(t), dtype=np.uint64)},
     "proc": {"pod_uid": lambda t: np.full(table_len(t), "", dtype=object),
              "container_id": lambda t: np.full(table_len(t), "", dtype=object),
              "exit_ns": lambda t: np.zeros(table_len(t), dtype=np.uint64),

@@ -63,7 +63,7 @@ def test_storm_of_short_reads_is_reported_as_aggregates():
     blocked = sum(e["blocked_ns"] for e in evs)
     assert abs(blocked - measured) <= 0.2 * measured, (blocked, measured)
     assert sum(e["bytes"] for e in evs) == 23 * 4096
-    assert sum(e["files"] for e in evs) == 1          # one file, in every part
+    assert sum(e["more_files"] for e in evs) == 0     # one file, in every part
     # the records cover the storm, first start to last end; the aggregate parts follow one
     # another without overlap (a read reported alone may fall inside a part's span: it keeps
     # the chain going but is not counted in it)
@@ -114,9 +114,14 @@ def test_storm_over_many_small_files_of_one_folder(slow_ops):
     assert len(pids) == 1, pids
     pid = pids.pop()
     reads = [e for e in _io(t.events, pid) if e["op"] == "read"]
-    assert sum(e["count"] for e in reads) == 23, [(e["count"], e["files"], e["path"]) for e in reads]
-    assert sum(e["files"] for e in reads) == 23, [(e["count"], e["files"], e["path"]) for e in reads]
-    assert len(reads) < 23 and max(e["count"] for e in reads) >= 2
+    got = [(e["count"], e["more_files"], os.path.basename(e["path"])) for e in reads]
+    # every read reported is one file's: the files (distinct paths plus the files besides
+    # them) are the reads. On a loaded machine a read that a long gap cut off from both
+    # neighbours stands alone below the threshold and is in the histograms only (2 at most)
+    n = sum(e["count"] for e in reads)
+    assert 21 <= n <= 23, got
+    assert len({e["path"] for e in reads}) + sum(e["more_files"] for e in reads) == n, got
+    assert len(reads) < n and max(e["count"] for e in reads) >= 2
     assert all(os.path.dirname(e["path"]) == folder and e["fs"] == "fuse" for e in reads)
     if "getattr" in slow_ops:      # each open (lookup + open: ~14 ms) is a stall of its own
         opens = [e for e in _io(t.events, pid) if e["op"] == "openat"]

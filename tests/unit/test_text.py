@@ -32,12 +32,12 @@ def test_sched_rows_say_where_or_who():
 
 
 def test_storm_rows_name_their_count():
-    (e,) = rows("io", _table("io", path="/data/shard-7.bin", count=120, blocked_ns=840_000_000))
+    (e,) = rows("io", _table("io", path="/data/shard-7.bin", count=120, more_files=0, blocked_ns=840_000_000))
     assert "/data/shard-7.bin (120 ops, 840.0 ms blocked)" in event_line(e)
 
 
 def test_storm_rows_over_many_files_say_so():
-    (e,) = rows("io", _table("io", path="/data/imgs/n01/a.jpg", count=40, files=40, blocked_ns=280_000_000))
+    (e,) = rows("io", _table("io", path="/data/imgs/n01/a.jpg", count=40, more_files=39, blocked_ns=280_000_000))
     assert "/data/imgs/n01/a.jpg (40 ops on 40 files, 280.0 ms blocked)" in event_line(e)
 
 
@@ -45,11 +45,13 @@ def test_a_chain_of_storms_over_many_small_files_names_the_count_and_one_of_them
     from stallscope.analysis.text import describe_chain
     from stallscope.analysis.verdict import build_chain
     rows_ = [{"type": "io", "pid": 7, "comm": "pt_data_worker", "op": "read", "fs": "nfs", "server": "",
-              "path": f"/data/imgs/{k}.jpg", "count": 8, "files": 8 if k == 0 else 7 + (k % 2),
+              "path": "/data/imgs/0.jpg", "count": 8, "more_files": 7 if k == 0 else 7 + (k % 2),
               "blocked_ns": 60_000_000, "ts_ns": k * 100_000_000, "dur_ns": 90_000_000} for k in range(3)]
     ch = build_chain(rows_, covered_ns=270_000_000)
     assert ch.op_files == {"read": 23}
     assert describe_chain(ch) == "24 reads of 23 files such as /data/imgs/0.jpg (nfs) 0.2 s"
-    one = build_chain([{**r, "path": "/data/shard.bin", "files": 1 if k == 0 else 0}
-                       for k, r in enumerate(rows_)], covered_ns=270_000_000)
-    assert describe_chain(one) == "24 reads of /data/shard.bin (nfs) 0.2 s"
+    one = build_chain([{**r, "path": "/data/shard.bin", "more_files": 0} for r in rows_]
+                      + [{**rows_[0], "path": "/data/shard.bin", "more_files": 0, "count": 1, "ts_ns": 400_000_000}],
+                      covered_ns=270_000_000)
+    assert one.op_files == {"read": 1}          # storms and a lone read of one file
+    assert describe_chain(one) == "25 reads of /data/shard.bin (nfs) 0.2 s"

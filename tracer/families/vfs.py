@@ -207,8 +207,8 @@ def decode(rtype, r, base, method) -> dict:
                    "ino": r["ino"].astype(np.uint64), "cgroup": r["cgroup_id"].astype(np.uint64),
                    "method": method,
                    "count": np.where(agg, r["aux"], 1).astype(np.uint64),
-                   # files the ops moved to (a storm's first part: 1 + its switches between
-                   # files; a later part: its switches, 0 if it stayed on the last file), so
-                   # a storm's parts sum to its files; its path is one of them
-                   "files": np.where(agg, r["segs"], 1).astype(np.uint64),
+                   # files a storm's ops went to besides the one its path names (a storm
+                   # over many small files of one filesystem; 0: one file), so its parts sum
+                   # to its files less one
+                   "more_files": np.where(agg, r["segs"], 0).astype(np.uint64),
                    "blocked_ns": np.where(agg, r["key"], r["dur_ns"]).astype(np.uint64)}}
