@@ -645,20 +645,27 @@ def block_cost(n=40_000, reps=7) -> dict:
             "runs_wall_ns": {k: [round(x * 1e9) for x in v] for k, v in wall.items()}, "runs_bpf": runs}
 
 
-def cpu_sampler(seconds=5.0, roots=8, workers=8) -> dict:
+def cpu_sampler(seconds=5.0, roots=8, workers=8, trainer_threads=32) -> dict:
     """The agent's CPU-time sampler (tracer/cpu.py) as it runs beside 8 GPUs' trainers with 8
     DataLoader workers each (72 real sleeping processes; their descendants found through the
     kernel's children lists, as without the sched family), polled every 250 ms: its CPU per
-    second. Baseline, same run: the sampler's loop with no GPU process (nothing to read)."""
+    second. Each trainer has ``trainer_threads`` more threads asleep (an OpenMP pool, CUDA's and
+    pin-memory threads) and its main thread waits on one of them (a futex), so every pass may
+    read its threads for a network wait (the dearest case for that; the workers sleep, one
+    thread each). Baseline, same run: the sampler's loop with no GPU process (nothing to read)."""
     from stallscope.tracer.cpu import CpuSampler
-    code = ("import os,sys,time\n"
+    code = ("import os,sys,threading,time\n"
             "for _ in range(int(sys.argv[1])):\n"
             "    if os.fork() == 0:\n"
             "        time.sleep(3600)\n"
             "        os._exit(0)\n"
+            "ev = threading.Event()\n"
+            "for _ in range(int(sys.argv[2])):\n"
+            "    threading.Thread(target=ev.wait, daemon=True).start()\n"
             "print('ready', flush=True)\n"
-            "time.sleep(3600)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(workers)], stdout=subprocess.PIPE, text=True)
+            "ev.wait(3600)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(workers), str(trainer_threads)],
+                              stdout=subprocess.PIPE, text=True)
              for _ in range(roots)]
     try:
         for p in procs:
@@ -675,7 +682,8 @@ def cpu_sampler(seconds=5.0, roots=8, workers=8) -> dict:
                 polls += 1
                 time.sleep(0.25)
             return {"cpu_s_per_s": (time.process_time() - c0) / (time.monotonic() - t0),
-                    "rows_per_poll": rows / max(polls, 1), "polls": polls}
+                    "rows_per_poll": rows / max(polls, 1), "polls": polls,
+                    "thread_reads_per_s": getattr(s, "thread_reads", 0) / (time.monotonic() - t0)}
         full, base = loop(pids), loop([])
     finally:
         for p in procs:
@@ -683,8 +691,10 @@ def cpu_sampler(seconds=5.0, roots=8, workers=8) -> dict:
             p.kill()
             p.wait()
     return {"bench": "cpu_sampler", "owners": roots * (workers + 1), "period_ms": 250,
+            "trainer_threads": trainer_threads, "seconds": seconds,
             "percent_of_one_core": round(100 * full["cpu_s_per_s"], 3),
             "rows_per_poll": full["rows_per_poll"],
+            "thread_reads_per_s": round(full["thread_reads_per_s"], 1),
             "baseline_no_gpu_process_percent": round(100 * base["cpu_s_per_s"], 3),
             "added_percent_of_one_core": round(100 * (full["cpu_s_per_s"] - base["cpu_s_per_s"]), 3)}
 

@@ -53,15 +53,16 @@ def read_cpu_ns(pid: int, proc: str = "/proc"):
 
 
 def read_cpu(pid: int, proc: str = "/proc"):
-    """(comm, user + system ns, state) of process ``pid`` (all its threads; the state letter
-    its main thread's), or None if it is gone: the name it has now (a DataLoader worker
+    """(comm, user + system ns, state, threads) of process ``pid`` (all its threads; the state
+    letter its main thread's), or None if it is gone: the name it has now (a DataLoader worker
     renames itself after the fork)."""
     st = stat_fields(pid, proc)
     if st is None:
         return None
     comm, rest = st
     try:
-        return comm, (int(rest[11]) + int(rest[12])) * TICK_NS, rest[0]   # utime, stime (fields 14, 15)
+        # utime, stime (fields 14, 15), num_threads (20)
+        return comm, (int(rest[11]) + int(rest[12])) * TICK_NS, rest[0], int(rest[17])
     except (IndexError, ValueError):
         return None
 
@@ -253,7 +254,7 @@ class CpuSampler:
             self._kids, self._kids_of, self._kids_at = children_of(roots, self.proc), frozenset(roots), now
         return roots | self._kids
 
-    def _wait(self, pid: int, members: set):
+    def _wait(self, pid: int, members: set, threads: int = 2):
         """(call, peer) of ``pid``'s wait on a TCP peer, unless that peer is another process
         of the same GPU (a loopback connection whose far end a member holds: a logging or
         tracking service the trainer started, waiting on the trainer), else None.
@@ -268,10 +269,11 @@ class CpuSampler:
         times that (a trainer waiting on its pin-memory thread, never on the network, costs a
         scan every 4 s); the thread last found waiting is read first on every pass. Only a blocking receive or a
         poll of that one socket counts: a thread polling many sockets or an epoll (NCCL's
-        proxy, Gloo's loop, an asyncio loop) waits there whether or not anyone waits on it."""
+        proxy, Gloo's loop, an asyncio loop) waits there whether or not anyone waits on it.
+        ``threads``: the process's (from its stat): one alone has no helper to read."""
         x = _syscall(pid, self.proc)
         got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, x=x), members)
-        if got is not None or x is None or int(x[0]) not in _INNER.get(self.machine, ()):
+        if got is not None or threads < 2 or x is None or int(x[0]) not in _INNER.get(self.machine, ()):
             return got
         tid = self._net_tid.get(pid)      # kept after a miss: a pool's thread fetches again
         if tid is not None:
@@ -337,7 +339,7 @@ class CpuSampler:
                 pids.append(pid)
                 comms.append(got[0])
                 vals.append(got[1])
-                w = self._wait(pid, members) if got[2] == b"S" else None      # asleep, interruptibly
+                w = self._wait(pid, members, got[3]) if got[2] == b"S" else None      # asleep, interruptibly
                 if w is not None:
                     waits.append((pid, *w))
         if not pids:
