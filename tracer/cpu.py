@@ -96,11 +96,15 @@ class TcpPeers:
     """Established TCP sockets of a process's network namespace, from ``<pid>/net/tcp`` and
     ``tcp6``: inode -> peer address, and the socket at the other end of a connection inside
     the namespace (loopback). A namespace's tables are read again on a miss, at most once per
-    ``refresh_s``."""
+    ``refresh_s``; an inode that a fresh read did not list (a UNIX socket, one still
+    connecting) does not cause another read for ``negative_s`` (a process asleep on a UNIX
+    socket would otherwise have a busy node's tables parsed every second)."""
 
-    def __init__(self, proc: str = "/proc", refresh_s: float = 1.0):
+    def __init__(self, proc: str = "/proc", refresh_s: float = 1.0, negative_s: float = 10.0):
         self.proc = proc
         self.refresh_s = refresh_s
+        self.negative_s = negative_s
+        self._missed: dict = {}         # socket inode -> when a fresh read did not list it
         # netns inode -> (read at, {inode: (local, remote)}, {(local, remote): inode}) (hex)
         self._by_ns: dict = {}
         self.reads = 0
@@ -111,7 +115,9 @@ class TcpPeers:
         except OSError:
             ns = 0
         got = self._by_ns.get(ns, (-1e18, {}, {}))
-        if ino not in got[1] and time.monotonic() - got[0] >= self.refresh_s:
+        now = time.monotonic()
+        if ino not in got[1] and now - got[0] >= self.refresh_s \
+                and now - self._missed.get(ino, -1e18) >= self.negative_s:
             socks, ends = {}, {}
             for name in ("tcp", "tcp6"):
                 try:
@@ -125,7 +131,11 @@ class TcpPeers:
                 except (OSError, ValueError):
                     continue
             self.reads += 1
-            got = self._by_ns[ns] = (time.monotonic(), socks, ends)
+            got = self._by_ns[ns] = (now, socks, ends)
+            if ino not in socks:
+                if len(self._missed) > 4096:
+                    self._missed.clear()
+                self._missed[ino] = now
         return got
 
     def peer(self, pid: int, ino: int):

@@ -235,3 +235,24 @@ def test_a_helper_thread_waiting_on_a_tcp_peer_for_the_main_thread_is_found():
         again = slow.poll([procs["future"].pid])
         assert again["wait"]["call"].tolist() == ["poll in thread shard-fetch"]
         assert slow.thread_reads == first + 1            # only the thread found last time
+
+
+def test_an_inode_the_tables_do_not_list_is_not_looked_for_again_at_once(tmp_path):
+    """A process asleep on a UNIX socket: its inode is in no TCP table. One fresh read says
+    so; the next passes do not parse the namespace's tables again for ``negative_s``, while
+    an inode not yet looked for still does."""
+    pid = 4242
+    (tmp_path / str(pid) / "net").mkdir(parents=True)
+    (tmp_path / str(pid) / "ns").mkdir()
+    os.symlink("/proc/self/ns/net", tmp_path / str(pid) / "ns" / "net")
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    row = "   0: 0100007F:1F90 0500000A:01BB 01 00000000:00000000 00:00000000 00000000     0        0 777 1\n"
+    (tmp_path / str(pid) / "net" / "tcp").write_text(head + row)
+    (tmp_path / str(pid) / "net" / "tcp6").write_text(head)
+    peers = TcpPeers(proc=str(tmp_path), refresh_s=0.0, negative_s=60.0)
+    assert peers.peer(pid, 777) == "10.0.0.5:443" and peers.reads == 1
+    assert peers.peer(pid, 999) is None and peers.reads == 2        # a miss: read again once
+    for _ in range(5):
+        assert peers.peer(pid, 999) is None
+    assert peers.reads == 2                                         # not again for negative_s
+    assert peers.peer(pid, 998) is None and peers.reads == 3        # another inode: looked for
