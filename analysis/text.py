@@ -77,10 +77,12 @@ def describe(e: dict) -> str:
         return f"exited ({signal_name(int(e.get('exit_status', -1)))}) pid {e.get('pid', 0)} {e.get('comm', '')}".rstrip()
     if kind in ("io", "nfs"):
         n = int(e.get("count", 1) or 1)
-        nf = 1 + int(e.get("more_files", 0) or 0)
-        what = f"{n} {op}s of {e.get('path') or '?'}" if n > 1 else f"{op} {e.get('path') or '?'}"
-        if kind == "io" and nf > 1:
-            what = f"{n} {op}s of {nf} files such as {e.get('path') or '?'}"
+        nf = 1 + int(e.get("more_files", 0) or 0) if kind == "io" else 1
+        path = e.get("path") or "?"
+        if nf > 1:
+            what = f"{n} {op}s of {nf} files such as {path}"
+        else:
+            what = f"{n} {op}s of {path}" if n > 1 else f"{op} {path}"
         fs = e.get("server") or e.get("fs")
         if fs:
             what += f" ({fs})"

@@ -683,7 +683,7 @@ def cpu_sampler(seconds=5.0, roots=8, workers=8, trainer_threads=32) -> dict:
                 time.sleep(0.25)
             return {"cpu_s_per_s": (time.process_time() - c0) / (time.monotonic() - t0),
                     "rows_per_poll": rows / max(polls, 1), "polls": polls,
-                    "thread_reads_per_s": getattr(s, "thread_reads", 0) / (time.monotonic() - t0)}
+                    "thread_reads_per_s": s.thread_reads / (time.monotonic() - t0)}
         full, base = loop(pids), loop([])
     finally:
         for p in procs:

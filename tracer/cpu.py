@@ -25,10 +25,12 @@ main threads, and a helper thread while the main thread waits on it (a futex) or
 thread pool fetching over the network (``CpuSampler._wait``).
 
 Cost (bench/tracer_bench.py ``cpu_sampler``): while GPUs idle, two small reads per sleeping
-process per period (stat and syscall, about 10 us each); 72 processes (8 GPUs, 8 workers
-each, all asleep) at the 250 ms default measured 0.94-1.01% of a core on this 2-core machine
-(0.62-0.67% with the stat read alone). The period bounds what can be judged: an interval
-needs two samples inside it, half its length apart.
+process per period (stat and syscall, about 10 us each), plus the thread scans of a process
+whose main thread waits on one of its threads; 72 processes (8 GPUs, 8 workers each, all
+asleep), each trainer with 32 sleeping threads and its main thread waiting on one, at the
+250 ms default measured 1.71-1.84% of a core on this 2-core machine, against 1.35-1.46% for
+the code without thread scans in the same run. The period bounds what can be judged: an
+interval needs two samples inside it, half its length apart.
 """
 
 from __future__ import annotations

@@ -155,12 +155,8 @@ class EpisodeBuilder:
                 # the episode began before the socket had an inode (an accepted socket before
                 # accept() returned, or its first records raced the graft): learned now
                 ep["ino"] = ino
-            if not ep["pid"] and "owner_pid" in r and int(r["owner_pid"][i]):
-                self._own(ep, r, i)
-            if not ep["pid"] and ep["ino"]:
-                ep["asked"] = self.owners.scans
-                ep["pid"] = self.owners.owner(ep["ino"])
-                ep["keep"] = self._keep(ep["pid"])
+            if not ep["pid"]:
+                self._resolve(ep, r, i)
         return self
 
     @staticmethod
@@ -181,19 +177,19 @@ class EpisodeBuilder:
                                "srtt_ns": srtt_ns, "ino": ino, "asked": self.owners.scans, "pid": 0,
                                "comm": "",
                                "state": TCP_STATES.get(int(r["state"][i]), str(int(r["state"][i])))}
-        if "owner_pid" in r and int(r["owner_pid"][i]):
-            self._own(ep, r, i)
-        else:
-            ep["pid"] = self.owners.owner(ino)
-            ep["keep"] = self._keep(ep["pid"])
+        self._resolve(ep, r, i)
         return ep
 
-    def _own(self, ep, r, i):
-        """The owner the kernel noted at connect() or accept() (bpf/tcp.bpf.c): known even
-        when the socket left every fd table (closed, its process exited) before /proc could
-        be searched for it."""
-        ep["pid"] = int(r["owner_pid"][i])
-        ep["comm"] = str(r["owner_comm"][i])
+    def _resolve(self, ep, r, i):
+        """The episode's owner: the one the kernel noted at connect() or accept() (bpf/tcp.bpf.c),
+        known even when the socket left every fd table (closed, its process exited) before
+        /proc could be searched for it; else the process holding the socket's inode."""
+        if "owner_pid" in r and int(r["owner_pid"][i]):
+            ep["pid"] = int(r["owner_pid"][i])
+            ep["comm"] = str(r["owner_comm"][i])
+        elif ep["ino"]:
+            ep["asked"] = self.owners.scans
+            ep["pid"] = self.owners.owner(ep["ino"])
         ep["keep"] = self._keep(ep["pid"])
 
     def _keep(self, pid) -> bool:
