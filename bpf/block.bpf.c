@@ -253,8 +253,11 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	struct blk_start *s = blk_start.lookup(&k);
 	if (!s)
 		return 0;
-	blk_done(s, args->error);
+	/* free the slot before the (slower) report: a request issued at this sector on
+	 * another CPU meanwhile takes a fresh slot instead of having its own deleted here */
+	struct blk_start c = *s;
 	blk_start.delete(&k);
+	blk_done(&c, args->error);
 	return 0;
 }
 #endif
