@@ -53,6 +53,7 @@ def _wait_line(proc, needle: str, timeout_s: float) -> str:
 
 def score(windows: list, verdicts: list) -> dict:
     """Match each window to the verdict overlapping it most and score it (see module doc)."""
+    from stallscope.sim.scenarios import FOLDER_CAUSES
     out = {"windows": 0, "top1": 0, "false_blames": 0, "unexplained_when_explainable": 0,
            "missed": 0, "by_cause": {}, "details": []}
     other_pids = {w["other_pid"] for w in windows if w.get("other_pid")}
@@ -95,7 +96,7 @@ def score(windows: list, verdicts: list) -> dict:
                 out["unexplained_when_explainable"] += 1
         elif cause == "cpu":
             ok = c.get("pid") in w["pids"] and c.get("op") == "runq"
-        elif cause == "small_files":     # any of the folder's files, or the folder
+        elif cause in FOLDER_CAUSES:     # any of the folder's files, or the folder
             p = c.get("path") or ""
             ok = c.get("pid") in w["pids"] and (p == w["path"] or os.path.dirname(p) == w["path"])
         else:

@@ -43,7 +43,8 @@
  * folder are one storm) and each starts at most one threshold after the
  * previous one ended (an op above the threshold on that filesystem, an open
  * included, is reported alone and keeps the chain going; so does a counted
- * open). `segs` counts the files a part's ops went to besides the one its path
+ * open). Opens under the threshold add up beside that storm, in their own
+ * (open_storm_add). `segs` counts the files a part's ops went to besides the one its path
  * names (by inode address: 0 for one file; a later part, its moves to another
  * file), so a storm's parts sum to its files less one. A storm is reported in parts: a part is emitted
  * when its summed latency reaches the threshold (ts_ns = first start, dur_ns =
@@ -55,7 +56,7 @@
  * ring poll (10-50 ms) after the thread went quiet. Parts of one storm are
  * consecutive and carry the same tid, op and path, so the analysis chains
  * them. A storm that never reaches the threshold is only in the histograms.
- * open/stat (no stable file to chain on) do not form storms.
+ * stat (no file at hand to chain on) does not form storms.
  *
  * Cost below the floor (page-cache hits, the common case): one array slot
  * write on entry; on exit one lookup, a histogram increment and one extra
@@ -294,6 +295,66 @@ static __always_inline u64 fs_ident(void *file, u64 *inode)
 	return sb ? (u64)sb : (u64)file;
 }
 
+/* Opens of one thread on one filesystem under the threshold (a metadata-bound
+ * filesystem: cold NFS lookups, each open a few ms, the reads then fast) add up
+ * in their own accumulator, beside the thread's storm of reads or writes (which
+ * they keep going and never end: an image folder's open, read, close). Chained
+ * as storms are (same filesystem, each op at most one threshold after the last);
+ * a part is emitted when its summed latency reaches the threshold, naming the
+ * file of its last op (the path walk of that part) and counting its files as
+ * storms do (segs: the files besides that one). The tail under the threshold is
+ * not reported (only in the histograms): at most one threshold per storm. */
+struct ss_open_acc { u64 ident; u64 first; u64 end; u64 sum; u32 count; u16 files; u16 last; };
+BPF_TABLE("lru_hash", u32, struct ss_open_acc, open_storms, SS_STORMS);
+
+static __always_inline void open_storm_add(u64 id, u32 op, void *file, u64 ident, u64 inode,
+					   u64 ts, u64 now, u64 dur)
+{
+	u32 tid = (u32)id;
+	u16 fh = (u16)(inode >> 6) ^ (u16)(inode >> 22);
+	struct ss_open_acc *a = open_storms.lookup(&tid);
+	if (!a) {
+		struct ss_open_acc z = {};
+		open_storms.update(&tid, &z);
+		a = open_storms.lookup(&tid);
+		if (!a)
+			return;
+	}
+	if (!a->count || a->ident != ident || ts - a->end > SS_MIN_NS) {
+		a->ident = ident;
+		a->first = ts;
+		a->sum = 0;
+		a->count = 0;
+		a->files = 1;
+	} else if (fh != a->last && a->files < 0xffff) {
+		a->files++;
+	}
+	a->last = fh;
+	a->end = now;
+	a->count++;
+	a->sum += dur;
+	if (a->sum < SS_MIN_NS && a->count < SS_STORM_MAX_OPS)
+		return;
+	int zero = 0;
+	struct ss_storm *s = storm_scratch.lookup(&zero);
+	if (!s)
+		return;
+	vfs_fill(&s->e, id, op, SS_F_AGGREGATE);
+	ss_fill_file(&s->e, file);
+	s->e.ts_ns = a->first;
+	s->e.dur_ns = now - a->first;
+	s->e.ret = 0;
+	s->e.key = a->sum;
+	s->e.aux = a->count;
+	s->e.segs = a->files - 1;
+	a->count = 0;                 /* the next op starts the next part */
+	struct ss_event *e = ss_reserve();
+	if (e) {
+		copy_event(e, &s->e);
+		ss_submit(e);
+	}
+}
+
 /* Everything past the fast path: an op at or above the threshold (one record)
  * or a counted storm op (below: dur < threshold). One path walk per program. */
 static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h, u64 ts,
@@ -306,16 +367,21 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 			f->agg_end = now;
 		return 0;
 	}
-	if (below && (kind == K_OPEN || kind == K_STAT)) {
-		/* no storm of its own (alternating with reads, it would end theirs), but a
-		 * storm on the opened file's filesystem goes on after it: open, read, close
-		 * of many small files */
-		if (kind == K_OPEN && ret >= 0 && f->agg_file) {
-			void *of = ss_fd_to_file(ret);
-			u64 oi;
-			if (of && fs_ident(of, &oi) == f->agg_file)
-				f->agg_end = now;
-		}
+	if (below && kind == K_STAT)
+		return 0;                 /* no file at hand to chain on */
+	if (below && kind == K_OPEN) {
+		if (ret < 0)
+			return 0;
+		void *of = ss_fd_to_file(ret);
+		if (!of || !file_wanted(of, K_OPEN))
+			return 0;
+		u64 oi;
+		u64 oid = fs_ident(of, &oi);
+		/* a storm of reads or writes on the opened file's filesystem goes on after it:
+		 * open, read, close of many small files */
+		if (f->agg_file == oid)
+			f->agg_end = now;
+		open_storm_add(id, op, of, oid, oi, ts, now, dur);
 		return 0;
 	}
 	void *file = 0;

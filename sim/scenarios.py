@@ -12,6 +12,8 @@ idle phase of a chosen length caused by one thing, as a training process meets i
   storm         many small reads of one shard, each below the tracer's threshold
   small_files   a short-lived dataloader worker opens and reads many small files of one
                 folder (an image-folder dataset), each read below the threshold
+  cold_opens    the same worker on a filesystem whose metadata is slow (cold NFS lookups):
+                each open stalls below the threshold, the reads come at once
   mmap          page faults on a memory-mapped, stalled dataset file
   copy          a checkpoint copied with shutil.copyfile (copy_file_range / sendfile)
   metadata      stat() of a file on a filesystem whose metadata is slow
@@ -50,11 +52,13 @@ import sys
 import threading
 import time
 
-CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "mmap", "copy",
+CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "cold_opens", "mmap", "copy",
           "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "nothing")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
 UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait",
             "thread_stream": "net_wait", "nothing": None}
+#: causes whose window names a folder of small files rather than one file
+FOLDER_CAUSES = ("small_files", "cold_opens")
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
 MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
 BUSY_S = (0.5, 0.9)        # busy phase before each idle window
@@ -75,8 +79,8 @@ def make_plan(n: int, seed: int = 1, causes=CAUSES, min_ms: int = 300, max_ms: i
 
 
 def file_name(w: dict, other: bool = False) -> str:
-    """A window's file (for small_files: its folder)."""
-    return f"w{w['idx']:03d}-{w['cause']}{'-other' if other else ''}" + ("" if w["cause"] == "small_files" else ".bin")
+    """A window's file (for small_files and cold_opens: its folder)."""
+    return f"w{w['idx']:03d}-{w['cause']}{'-other' if other else ''}" + ("" if w["cause"] in FOLDER_CAUSES else ".bin")
 
 
 def small_files(n: int) -> list:
@@ -106,10 +110,10 @@ def prepare(fs, plan: list) -> None:
                 n = max(2, int(d / (STORM_OP_MS + 0.5)))
                 fs.make_file(name, n * 4096)
                 fs.set_delay(STORM_OP_MS, path=name)
-            elif c == "small_files":
+            elif c in FOLDER_CAUSES:      # every op of each file stalls, or its open only
                 for f in small_files(max(2, int(d / (STORM_OP_MS + 0.5)))):
                     fs.make_file(f"{name}/{f}", 4096)
-                    fs.set_delay(STORM_OP_MS, path=f"{name}/{f}")
+                    fs.set_delay(STORM_OP_MS, path=f"{name}/{f}", op="open" if c == "cold_opens" else None)
             elif c == "mmap":
                 fs.make_file(name, MMAP_PAGES << 20)
                 fs.set_delay(d / MMAP_PAGES, path=name)
@@ -186,7 +190,7 @@ def stall(cause: str, path: str, dur_ms: float, scratch: str) -> None:
         _write_close(path)
     elif cause == "storm":
         _storm(path)
-    elif cause == "small_files":
+    elif cause in FOLDER_CAUSES:
         _small_files(path)
     elif cause == "mmap":
         _mmap(path)
@@ -287,7 +291,7 @@ def trainer_main(argv=None) -> None:
                 din.flush()
             start = time.time_ns()
             pids = [me]
-            if cause in ("worker_read", "small_files"):
+            if cause in ("worker_read", *FOLDER_CAUSES):
                 pid = os.fork()
                 if pid == 0:                       # the short-lived worker
                     try:

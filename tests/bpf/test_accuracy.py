@@ -54,14 +54,14 @@ def _check(res, cause):
         assert all(w.get("other_done") for w in others), others
         mine = traced_rows(res["rec"], res["distractor_pid"])
         names = {os.path.basename(w["other_path"]) for w in others}
-        # a file, or for small_files a folder: the file's or its folder's name
+        # a file, or for small_files and cold_opens a folder: the file's or its folder's name
         seen = {n for r in mine if r["path"]
                 for n in (os.path.basename(r["path"]), os.path.basename(os.path.dirname(r["path"])))}
         assert names <= seen, (names, mine)        # the distractor's stall was traced, not blamed
 
 
 @pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files",
-                                   "mmap", "copy", "metadata"])
+                                   "cold_opens", "mmap", "copy", "metadata"])
 def test_culprit_is_the_trainers_stall_not_the_distractors(cause):
     check(run(0, 0, plan=plan_of(cause), log=lambda m: None, keep=True), cause)
 
