@@ -442,6 +442,8 @@ class Agent:
         if got and any(len(t.get("ts_ns", ())) for t in got.values()):
             self.pending.append(got)
             now = time.monotonic()
+            if self.cpu is not None and (got["gpu"]["util"] >= PARTIAL_THRESHOLD).any():
+                self.cpu.rearm()            # a GPU computed: its next idle spell scans afresh
             for x in np.unique(got["gpu"]["gpu"][got["gpu"]["util"] < PARTIAL_THRESHOLD]).tolist():
                 if now - self._gpu_idle_at.get(int(x), -1e18) > CPU_AFTER_IDLE_S:
                     self._newly_idle = True

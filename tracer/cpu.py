@@ -279,7 +279,8 @@ class CpuSampler:
         ``thread_scan_s`` (one sample period: a helper thread starts its receive a moment
         after the main thread starts waiting), doubling with each such scan in a row up to 16
         times that (a trainer waiting on its pin-memory thread, never on the network, costs a
-        scan every 4 s); the thread last found waiting is read first on every pass. Only a blocking receive or a
+        scan every 4 s; ``rearm`` ends the backoff when a GPU computes again); the thread
+        last found waiting is read first on every pass. Only a blocking receive or a
         poll of that one socket counts: a thread polling many sockets or an epoll (NCCL's
         proxy, Gloo's loop, an asyncio loop) waits there whether or not anyone waits on it.
         ``threads``: the process's (from its stat): one alone has no helper to read."""
@@ -312,6 +313,12 @@ class CpuSampler:
                 return self._in_thread(pid, t, got)
         self._scanned[pid] = (now, misses + 1)
         return None
+
+    def rearm(self) -> None:
+        """A GPU computed since the last poll: the backoff of thread scans that found nothing
+        ends, so the next idle spell's first poll scans again (one scan per spell at most;
+        kept across spells, a scan 4 s off missed a 2.2 s window of a thread pool's fetch)."""
+        self._scanned.clear()
 
     def _in_thread(self, pid: int, tid: int, got: tuple) -> tuple:
         try:

@@ -237,6 +237,35 @@ def test_a_helper_thread_waiting_on_a_tcp_peer_for_the_main_thread_is_found():
         assert slow.thread_reads == first + 1            # only the thread found last time
 
 
+def test_a_scan_that_found_nothing_waits_until_a_gpu_computed_again():
+    """The main thread waits on a future whose thread sleeps (no network): a scan of its
+    threads finds nothing and the next poll does not scan again; once a GPU computed
+    (``rearm``), the next idle spell's first poll does."""
+    import sys
+    code = ("import concurrent.futures, time\n"
+            "with concurrent.futures.ThreadPoolExecutor(1) as ex:\n"
+            "    ex.submit(time.sleep, 60).result()\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(os.listdir(f"/proc/{p.pid}/task")) < 2:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        sampler = CpuSampler(thread_scan_s=60.0)
+        sampler.poll([p.pid])
+        first = sampler.thread_reads
+        assert first >= 1
+        sampler.poll([p.pid])
+        assert sampler.thread_reads == first            # backing off
+        sampler.rearm()
+        sampler.poll([p.pid])
+        assert sampler.thread_reads == 2 * first        # scanned again
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_an_inode_the_tables_do_not_list_is_not_looked_for_again_at_once(tmp_path):
     """A process asleep on a UNIX socket: its inode is in no TCP table. One fresh read says
     so; the next passes do not parse the namespace's tables again for ``negative_s``, while
