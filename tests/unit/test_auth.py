@@ -2,6 +2,7 @@
 the allow-list admits and refuses, refusals are counted and logged once per peer, the
 stream is encrypted on the wire, plaintext is refused off loopback, and `stallscope keys`."""
 
+import contextlib
 import json
 import os
 import select
@@ -20,6 +21,15 @@ from stallscope.options import security_options
 from stallscope.wire import auth
 
 PAYLOAD = b"stallscope-plaintext-marker-" * 4
+
+
+def offer(sock, payload=PAYLOAD):
+    """Send as the tracer does (NOBLOCK), for a client the server will refuse: libzmq drops
+    a refused connection's pipe and does not reconnect, so once the handshake failed before
+    the send there is nowhere to queue, and a blocking send waits for ever (it hung a CI run
+    for 25 minutes on a loaded machine)."""
+    with contextlib.suppress(zmq.Again):
+        sock.send(payload, zmq.NOBLOCK)
 
 
 def wait_until(pred, timeout=10.0, what="condition"):
@@ -81,6 +91,7 @@ class Peers:
     def socket(self, kind):
         s = self.ctx.socket(kind)
         s.linger = 0
+        s.sndtimeo = 10_000     # a send with no pipe fails the test instead of hanging it
         self.ctx.track(s)
         return s
 
@@ -140,7 +151,7 @@ def test_allowed_key_delivers_dealer_router_both_ways(peers):
 def test_plaintext_client_refused_by_secure_server(peers):
     p = peers()
     c = p.client(who=None)
-    c.send(PAYLOAD)
+    offer(c)
     wait_until(lambda: p.server_sec.counters()["auth.failed_handshakes"] >= 1, what="plaintext refusal")
     assert p.server.poll(200) == 0
     (endpoint, reason), = p.server_sec.handshake_failures
@@ -222,7 +233,7 @@ def test_unknown_key_refused_counted_and_logged_once_per_peer(peers, kind):
     attempts = 3
     for i in range(attempts):                # a stranger retrying, as a restarted tracer would
         c = p.client(client_type, who="other")
-        c.send(PAYLOAD)
+        offer(c)
         wait_until(lambda: sum(p.server_sec.rejected.values()) >= i + 1, what=f"refusal {i + 1}")
     assert p.server.poll(300) == 0, "a refused tracer's message arrived"
     assert p.server_sec.rejected_peers == 1
@@ -242,7 +253,7 @@ def test_unknown_key_refused_counted_and_logged_once_per_peer(peers, kind):
 def test_client_learns_why_it_was_refused_once(peers):
     p = peers()
     logs = []
-    p.client(who="other", log=logs.append).send(PAYLOAD)
+    offer(p.client(who="other", log=logs.append))
     wait_until(lambda: any("refused this node's key" in m for m in logs), what="client-side reason")
     assert p.secs[-1].counters()["auth.failed_handshakes"] >= 1
     assert len(logs) == 1
@@ -253,7 +264,7 @@ def test_wrong_server_key_never_delivers(peers, kd, tmp_path):
     auth.create_keypair(str(tmp_path / "impostor"), "collector")
     logs = []
     c = p.client(who="node", server_key=str(tmp_path / "impostor" / "collector.key"), log=logs.append)
-    c.send(PAYLOAD)
+    offer(c)
     client_sec = p.secs[-1]
     # libzmq retries the connection; every try fails the same way, and is only counted
     wait_until(lambda: client_sec.counters()["auth.failed_handshakes"] >= 3, what="three failed tries")
@@ -268,7 +279,7 @@ def test_wrong_server_key_never_delivers(peers, kd, tmp_path):
 def test_allow_list_changes_apply_without_restart(peers, kd):
     p = peers()
     c = p.client(who="other")
-    c.send(PAYLOAD)
+    offer(c)
     wait_until(lambda: p.server_sec.rejected_peers == 1, what="first refusal")
     auth.allow_key(str(kd / "other" / "tracer.key"), str(kd / "keys" / "allowed"), name="node8")
     c2 = p.client(who="other")
@@ -278,7 +289,7 @@ def test_allow_list_changes_apply_without_restart(peers, kd):
     os.unlink(kd / "keys" / "allowed" / "node8.key")        # revoke
     assert p.server_sec.reload() == 1
     c3 = p.client(who="other")
-    c3.send(PAYLOAD)
+    offer(c3)
     wait_until(lambda: sum(p.server_sec.rejected.values()) >= 2, what="refusal after revoking")
     assert p.server.poll(200) == 0
 
