@@ -469,7 +469,8 @@ class Agent:
                 roots |= self._pids_by_gpu.get(x, set())
         if not roots:
             return
-        got = self.cpu.poll(roots, self.sched.owner_pids if self.sched is not None else None)
+        got = self.cpu.poll(roots, self.sched.owner_pids if self.sched is not None else None,
+                            self.sched.owners_generation() if self.sched is not None else None)
         if got:
             self.pending.append(got)
 

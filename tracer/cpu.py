@@ -14,10 +14,13 @@ computes nothing is read), and their descendants from the kernel's
 ``/proc/<pid>/task/<tid>/children`` lists (re-read every ``children_s``).
 
 The same pass also notes, in the "wait" table, each of those processes whose main thread is
-asleep in a receive on a TCP socket (``/proc/<pid>/syscall``: read, readv, recv*, or poll and
-ppoll on that one socket, as Python's socket timeouts wait; the fd's inode looked up in the
-process's ``net/tcp`` for the peer): a DataLoader worker streaming its samples over HTTP or
-from an object store, a trainer waiting on a rendezvous store. Nothing blocked in a probe's
+asleep in a receive on a TCP socket (``/proc/<pid>/syscall``: read, readv, recv*; or poll and
+ppoll on that one socket, as Python's socket timeouts wait, or on it and wakeup channels, as
+libcurl's loop does; or, for a main thread, an epoll whose set, read from its ``fdinfo``,
+holds that one connection besides such channels, as an asyncio client's; the socket's inode
+looked up in the process's ``net/tcp`` for the peer): a DataLoader worker streaming its
+samples over HTTP or from an object store, the ``curl`` a WebDataset ``pipe:`` shard reads
+from (the worker's child), a trainer waiting on a rendezvous store. Nothing blocked in a probe's
 sense, so without these rows such an interval is bare "unexplained" (``verdict.net_wait``).
 A wait whose far end another of those processes holds (a loopback connection to a logging or
 tracking service the trainer started) is not a wait on the network and is left out. Only
@@ -76,6 +79,11 @@ _POLL = {"x86_64": {7: "poll", 271: "ppoll"}, "aarch64": {73: "ppoll"}}
 #: waits on another thread of the process (a lock, a condition, a queue: futex) or on time (a
 #: sleep loop that polls for a result): where a helper thread may be the one on the network
 _INNER = {"x86_64": {202, 35, 230}, "aarch64": {98, 101, 115}}
+#: epoll waits (epoll_wait, epoll_pwait, epoll_pwait2), counted for a main thread only
+_EPOLL = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
+#: the most fds of a poll (or files of an epoll set) read for a wait on one TCP peer: a loop
+#: over more (NCCL's proxy, a server) waits there whether or not anyone waits on it
+MAX_POLL_FDS = 8
 #: threads of one process read per scan (a PyTorch trainer has an OpenMP pool per core)
 MAX_THREADS = 256
 #: a process whose thread scans keep finding nothing is scanned 2**k times less often, k <= this
@@ -116,11 +124,11 @@ class TcpPeers:
             ns = os.stat(f"{self.proc}/{pid}/ns/net").st_ino
         except OSError:
             ns = 0
-        got = self._by_ns.get(ns, (-1e18, {}, {}))
+        got = self._by_ns.get(ns, (-1e18, {}, {}, set()))
         now = time.monotonic()
-        if ino not in got[1] and now - got[0] >= self.refresh_s \
+        if ino not in got[1] and ino not in got[3] and now - got[0] >= self.refresh_s \
                 and now - self._missed.get(ino, -1e18) >= self.negative_s:
-            socks, ends = {}, {}
+            socks, ends, listening = {}, {}, set()
             for name in ("tcp", "tcp6"):
                 try:
                     with open(f"{self.proc}/{pid}/net/{name}") as f:
@@ -130,10 +138,12 @@ class TcpPeers:
                             if len(x) > 9 and x[3] == "01":        # ESTABLISHED
                                 socks[int(x[9])] = (x[1], x[2])
                                 ends[(x[1], x[2])] = int(x[9])
+                            elif len(x) > 9 and x[3] == "0A":      # LISTEN
+                                listening.add(int(x[9]))
                 except (OSError, ValueError):
                     continue
             self.reads += 1
-            got = self._by_ns[ns] = (now, socks, ends)
+            got = self._by_ns[ns] = (now, socks, ends, listening)
             if ino not in socks:
                 if len(self._missed) > 4096:
                     self._missed.clear()
@@ -145,10 +155,27 @@ class TcpPeers:
         got = self._tables(pid, ino)[1].get(ino)
         return _peer(got[1]) if got else None
 
+    def one_peer(self, pid: int, inos):
+        """(inode, ``ip:port``) of the one established TCP connection among the sockets
+        ``inos`` of process ``pid`` (a receive's socket, or a poll's set with its wakeup
+        channels), or None when there is none, more than one, or a listening socket among
+        them (a server waiting for its clients)."""
+        found = None
+        for ino in inos:
+            tables = self._tables(pid, ino)
+            if ino in tables[3]:
+                return None
+            got = tables[1].get(ino)
+            if got is not None:
+                if found is not None:
+                    return None
+                found = (ino, _peer(got[1]))
+        return found
+
     def other_end(self, pid: int, ino: int):
         """The inode of the socket at the other end of ``ino``'s connection when that end is
         in the same namespace (a loopback connection), else None."""
-        _at, socks, ends = self._tables(pid, ino)
+        _at, socks, ends, _listening = self._tables(pid, ino)
         got = socks.get(ino)
         return ends.get((got[1], got[0])) if got else None
 
@@ -157,11 +184,11 @@ def read_wait(pid: int, proc: str = "/proc", peers: "TcpPeers | None" = None, ma
     """(call, peer) when process ``pid``'s main thread is asleep receiving on a TCP socket
     (``call``: the syscall; ``peer``: ``ip:port``), else None (running, not in a receive, or
     on a pipe, a UNIX socket, a file; a poll of several fds)."""
-    got = _wait_socket(pid, proc, machine)
+    got = _wait_socket(pid, proc, machine, epoll=True)
     if got is None:
         return None
-    peer = (peers or TcpPeers(proc)).peer(pid, got[1])
-    return (got[0], peer) if peer else None
+    one = (peers or TcpPeers(proc)).one_peer(pid, got[1])
+    return (got[0], one[1]) if one else None
 
 
 def _syscall(pid: int, proc: str = "/proc", tid: int = 0):
@@ -177,33 +204,53 @@ def _syscall(pid: int, proc: str = "/proc", tid: int = 0):
         return None
 
 
-def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0, x=None):
-    """(call, socket inode) when process ``pid``'s main thread (or thread ``tid``; ``x``: its
-    syscall fields if already read) is asleep in a receive (or a poll of one fd) on a socket,
-    else None."""
+def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0, x=None,
+                 epoll: bool = False):
+    """(call, socket inodes) when process ``pid``'s main thread (or thread ``tid``; ``x``: its
+    syscall fields if already read) is asleep in a receive on a socket (one inode), or in a
+    poll of at most MAX_POLL_FDS fds some of which are sockets (their inodes: the caller
+    keeps the wait only if exactly one is an established TCP connection; the rest are the
+    wakeup channels an event loop adds, as libcurl's socketpair), or, with ``epoll``, in an
+    epoll wait whose set holds at most MAX_POLL_FDS files (every inode the set watches, from
+    its ``fdinfo``: an asyncio loop's self-pipe and its one connection), else None."""
     machine = machine or platform.machine()
     x = x if x is not None else _syscall(pid, proc, tid)
     if x is None:
         return None
     nr = int(x[0])
     call = _RECV.get(machine, {}).get(nr)
+    base = f"{proc}/{pid}/task/{tid}" if tid else f"{proc}/{pid}"
     try:
         if call:
-            fd = int(x[1], 16)
-        elif _POLL.get(machine, {}).get(nr) and int(x[2], 16) == 1:
+            fds = [int(x[1], 16)]
+        elif _POLL.get(machine, {}).get(nr) and 1 <= int(x[2], 16) <= MAX_POLL_FDS:
             call = _POLL[machine][nr]
-            mem = f"{proc}/{pid}/task/{tid}/mem" if tid else f"{proc}/{pid}/mem"
-            with open(mem, "rb", buffering=0) as m:      # struct pollfd: int fd first
+            n = int(x[2], 16)
+            with open(f"{base}/mem", "rb", buffering=0) as m:     # struct pollfd: int fd, short, short
                 m.seek(int(x[1], 16))
-                fd = struct.unpack("=i", m.read(4))[0]
+                raw = m.read(8 * n)
+            fds = [struct.unpack_from("=i", raw, 8 * i)[0] for i in range(n)]
+        elif epoll and nr in _EPOLL.get(machine, ()):
+            with open(f"{proc}/{pid}/fdinfo/{int(x[1], 16)}", "rb") as f:
+                watched = [line for line in f.read().split(b"\n") if line.startswith(b"tfd:")]
+            if not watched or len(watched) > MAX_POLL_FDS:
+                return None
+            return "epoll_wait", tuple(int(line.split(b"ino:")[1].split()[0], 16) for line in watched)
         else:
             return None
-        link = os.readlink(f"{proc}/{pid}/fd/{fd}")
+        inos = []
+        for fd in fds:
+            if fd < 0:
+                continue
+            try:
+                link = os.readlink(f"{proc}/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inos.append(int(link[8:-1]))
     except (OSError, ValueError, IndexError, struct.error):
         return None
-    if not link.startswith("socket:["):
-        return None
-    return call, int(link[8:-1])
+    return (call, tuple(inos)) if inos else None
 
 
 def children_of(pids, proc: str = "/proc") -> set:
@@ -249,11 +296,16 @@ class CpuSampler:
         self._kids: set = set()
         self._kids_of: frozenset = frozenset()
         self._kids_at = -1e18
+        self._kids_gen = None
         self.have_children = None      # whether the kernel has the children lists (once known)
         self.peers = TcpPeers(proc)
         self._family_end: dict = {}     # far-end socket inode -> whether a member holds it
 
-    def owners(self, roots, all_owners=None) -> set:
+    def owners(self, roots, all_owners=None, generation=None) -> set:
+        """``roots`` and their descendants: re-read when the roots change, every
+        ``children_s``, and when ``generation`` (the sched family's owners generation, which
+        moves when an owner forks or exits) differs from the last pass's: a process a worker
+        starts for one shard (``pipe:curl``) is read from the next pass, not seconds later."""
         roots = {int(p) for p in roots if int(p) > 0}
         if self.have_children is None and roots:
             r = next(iter(roots))
@@ -262,8 +314,10 @@ class CpuSampler:
         if self.have_children is False:
             return roots | ({int(p) for p in all_owners()} if all_owners is not None else set())
         now = time.monotonic()
-        if frozenset(roots) != self._kids_of or now - self._kids_at >= self.children_s:
+        if frozenset(roots) != self._kids_of or now - self._kids_at >= self.children_s \
+                or (generation is not None and generation != self._kids_gen):
             self._kids, self._kids_of, self._kids_at = children_of(roots, self.proc), frozenset(roots), now
+            self._kids_gen = generation
         return roots | self._kids
 
     def _wait(self, pid: int, members: set, threads: int = 2):
@@ -280,12 +334,15 @@ class CpuSampler:
         after the main thread starts waiting), doubling with each such scan in a row up to 16
         times that (a trainer waiting on its pin-memory thread, never on the network, costs a
         scan every 4 s; ``rearm`` ends the backoff when a GPU computes again); the thread
-        last found waiting is read first on every pass. Only a blocking receive or a
-        poll of that one socket counts: a thread polling many sockets or an epoll (NCCL's
-        proxy, Gloo's loop, an asyncio loop) waits there whether or not anyone waits on it.
+        last found waiting is read first on every pass. Only a receive, or a poll (or, for
+        the main thread, an epoll) of at most MAX_POLL_FDS files of which exactly one is an
+        established TCP connection and none a listening socket, counts: a loop over many
+        sockets (NCCL's proxy), a server, and a helper thread's epoll (Gloo's loop, a
+        TCPStore's: a main thread waiting on its pin-memory thread would blame them) wait
+        there whether or not anyone waits on them.
         ``threads``: the process's (from its stat): one alone has no helper to read."""
         x = _syscall(pid, self.proc)
-        got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, x=x), members)
+        got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, x=x, epoll=True), members)
         if got is not None or threads < 2 or x is None or int(x[0]) not in _INNER.get(self.machine, ()):
             return got
         tid = self._net_tid.get(pid)      # kept after a miss: a pool's thread fetches again
@@ -329,14 +386,16 @@ class CpuSampler:
         return f"{got[0]} in thread {name}", got[1]
 
     def _peer_of(self, pid: int, got, members: set):
-        """(call, peer) for a (call, socket inode) wait of ``pid``, or None when the socket is
-        no established TCP connection or its far end is a member's."""
+        """(call, peer) for a (call, socket inodes) wait of ``pid``, or None unless exactly one
+        of the sockets is an established TCP connection (``TcpPeers.one_peer``) whose far end
+        is no member's."""
         if got is None:
             return None
-        peer = self.peers.peer(pid, got[1])
-        if peer is None:
+        one = self.peers.one_peer(pid, got[1])
+        if one is None:
             return None
-        far = self.peers.other_end(pid, got[1])
+        ino, peer = one
+        far = self.peers.other_end(pid, ino)
         if far is not None:
             if far not in self._family_end:
                 if len(self._family_end) > 4096:
@@ -346,9 +405,9 @@ class CpuSampler:
                 return None
         return got[0], peer
 
-    def poll(self, roots, all_owners=None):
+    def poll(self, roots, all_owners=None, generation=None):
         pids, comms, vals, waits = [], [], [], []
-        members = self.owners(roots, all_owners)
+        members = self.owners(roots, all_owners, generation)
         for d in (self._net_tid, self._scanned):
             for gone in [p for p in d if p not in members]:
                 del d[gone]

@@ -405,6 +405,16 @@ class Runtime:
     def owner_pids(self) -> set:
         return {int(k.value) for k in self.owners.keys()}
 
+    def owners_generation(self) -> int:
+        """The owners set's generation: it moves on when an owner forks a process (a worker,
+        the ``curl`` a shard is read from) or a thread, when one exits, and when user space
+        adds owners. One map lookup: the CPU sampler re-reads its descendants when it moved."""
+        try:
+            g = self.ogen[self.ogen.Key(0)]
+        except KeyError:
+            return 0
+        return int(g.kernel) + int(g.user)
+
     # -------------------------------------------------------------- stacks
     def stack(self, sid: int) -> list:
         sid = int(sid)
