@@ -20,7 +20,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(python3-bpfcc bpfcc-tools bpftool python3-venv python3-dev gcc make iproute2 procps kmod)
 if [ -z "${STALLSCOPE_SETUP_MINIMAL:-}" ]; then
-    pkgs+=(fuse3 nftables qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio chromium systemd)
+    pkgs+=(fuse3 nftables qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio chromium systemd curl)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -732,10 +732,16 @@ def _node_part(name: str, nd: _Node, base: _Base, p: dict, phase, keep=None, sta
             basis = _BASIS[int(al.basis[i])]
         klass, process = (None, None) if chain is None else (chain.klass, None)
         if chain is None and gi >= 0:
-            klass, process = lifecycle(base.proc, own.roots[gi], own.members[gi], s, e, int(idle.res[i]),
-                                       bool(idle.open[i])) or \
-                cpu_bound(nd.table("cpu"), own.members[gi], s, e, comm_of) or \
-                net_wait(nd.table("wait"), nd.table("cpu"), own.members[gi], s, e, comm_of) or (None, None)
+            life = lifecycle(base.proc, own.roots[gi], own.members[gi], s, e, int(idle.res[i]), bool(idle.open[i]))
+            if life is not None and life[0] != "workers_start":
+                klass, process = life
+            else:
+                # children starting in it (workers_start) is a hint: one of the GPU's processes
+                # waiting on the network through it (the curl a worker just started for a
+                # shard) says more; one computing (a worker's own start-up) says less
+                got = cpu_bound(nd.table("cpu"), own.members[gi], s, e, comm_of) if life is None else None
+                klass, process = got or net_wait(nd.table("wait"), nd.table("cpu"), own.members[gi], s, e,
+                                                 comm_of) or life or (None, None)
         return Verdict(
             node=name, gpu=gpu, gpu_uuid=nd.uuids.get(gpu, ""),
             idle_start_ns=s, idle_end_ns=e, resolution_ns=int(idle.res[i]),

@@ -53,7 +53,7 @@ def _wait_line(proc, needle: str, timeout_s: float) -> str:
 
 def score(windows: list, verdicts: list) -> dict:
     """Match each window to the verdict overlapping it most and score it (see module doc)."""
-    from stallscope.sim.scenarios import FOLDER_CAUSES
+    from stallscope.sim.scenarios import FOLDER_CAUSES, NET_CAUSES
     out = {"windows": 0, "top1": 0, "false_blames": 0, "unexplained_when_explainable": 0,
            "missed": 0, "by_cause": {}, "details": []}
     other_pids = {w["other_pid"] for w in windows if w.get("other_pid")}
@@ -82,7 +82,7 @@ def score(windows: list, verdicts: list) -> dict:
                 or (c is not None and c.get("pid") in w["pids"] and c.get("op") == "runq"))
             if not ok and best is not None and c is None:
                 out["unexplained_when_explainable"] += 1
-        elif cause in ("stream", "thread_stream"):
+        elif cause in NET_CAUSES:
             # nothing blocked: "unexplained", classed net_wait, naming the worker that waited
             ok = best is not None and c is None and best.get("class") == "net_wait" \
                 and (best.get("process") or {}).get("pid") in w["pids"][-1:]

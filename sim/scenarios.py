@@ -29,6 +29,12 @@ idle phase of a chosen length caused by one thing, as a training process meets i
   thread_stream the training process fetches the next shard from that server in a thread
                 pool (boto3's transfers, a streaming dataset's downloaders) and waits on the
                 future: net_wait naming the training process (its helper thread waited)
+  pipe_stream   the persistent worker reads each shard from a ``curl`` it starts, through a
+                pipe (WebDataset's ``pipe:curl -s URL`` shards; ``aws s3 cp URL -`` alike):
+                net_wait naming curl (a poll of its socket and libcurl's wakeup socketpair)
+  async_stream  the persistent worker fetches each sample with asyncio streams (an aiohttp
+                style loop: an epoll of the loop's self-pipe and the connection): net_wait
+                naming the worker
   nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
@@ -53,10 +59,14 @@ import threading
 import time
 
 CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "cold_opens", "mmap", "copy",
-          "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "nothing")
+          "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "pipe_stream",
+          "async_stream", "nothing")
+#: causes where a process of the GPU waits on the slow dataset server (the last of a
+#: window's ``pids`` is the one that waited on the socket)
+NET_CAUSES = ("stream", "thread_stream", "pipe_stream", "async_stream")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
-UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", "stream": "net_wait",
-            "thread_stream": "net_wait", "nothing": None}
+UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", **{c: "net_wait" for c in NET_CAUSES},
+            "nothing": None}
 #: causes whose window names a folder of small files rather than one file
 FOLDER_CAUSES = ("small_files", "cold_opens")
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
@@ -271,12 +281,15 @@ def trainer_main(argv=None) -> None:
     dout = os.fdopen(a.distractor_out, "r") if a.distractor_out >= 0 else None
     me = os.getpid()
     worker = _Worker(_spin) if any(w["cause"] == "worker_compute" for w in plan) else None
-    server = DatasetServer() if any(w["cause"] in ("stream", "thread_stream") for w in plan) else None
+    server = DatasetServer() if any(w["cause"] in NET_CAUSES for w in plan) else None
     pool = None
     if any(w["cause"] == "thread_stream" for w in plan):
         import concurrent.futures
         pool = concurrent.futures.ThreadPoolExecutor(2, initializer=_set_comm, initargs=("shard-fetch",))
-    fetcher = _Worker(server.fetch) if server is not None else None
+    used = {w["cause"] for w in plan}
+    fetcher = _Worker(server.fetch) if server is not None and "stream" in used else None
+    piper = _Worker(server.fetch_curl) if server is not None and "pipe_stream" in used else None
+    looper = _Worker(server.fetch_async) if server is not None and "async_stream" in used else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
         for w in plan:
@@ -328,6 +341,13 @@ def trainer_main(argv=None) -> None:
             elif cause == "thread_stream":
                 assert pool is not None and server is not None
                 pool.submit(server.fetch, d / 1000).result()
+            elif cause == "pipe_stream":
+                assert piper is not None
+                pids += [piper.pid, piper.compute(d / 1000)]      # the worker, then its curl
+            elif cause == "async_stream":
+                assert looper is not None
+                looper.compute(d / 1000)
+                pids.append(looper.pid)
             else:
                 stall(cause, path, d, a.scratch)
             end = time.time_ns()
@@ -341,7 +361,7 @@ def trainer_main(argv=None) -> None:
             log.flush()
         with gpu.busy():
             _spin(0.8)
-    for wk in (worker, fetcher):
+    for wk in (worker, fetcher, piper, looper):
         if wk is not None:
             wk.close()
     if pool is not None:
@@ -366,8 +386,9 @@ def _close_inherited() -> None:
 
 class _Worker:
     """A persistent dataloader worker (forked once, as with persistent_workers=True): on each
-    request it runs ``task`` (computes, fetches) for the seconds asked, then answers; the
-    trainer waits on the pipe."""
+    request it runs ``task`` (computes, fetches) for the seconds asked, then answers with
+    what the task returned (an int: the pid of a process it ran, or None); the trainer waits
+    on the pipe."""
 
     def __init__(self, task):
         req_r, self._req = os.pipe()
@@ -381,8 +402,8 @@ class _Worker:
                 os.close(self._done)
                 with os.fdopen(req_r, "r") as req, os.fdopen(done_w, "w") as done:
                     for line in req:
-                        task(float(line))
-                        done.write("done\n")
+                        got = task(float(line))
+                        done.write(f"done {got or 0}\n")
                         done.flush()
             finally:
                 os._exit(0)
@@ -390,10 +411,13 @@ class _Worker:
         os.close(done_w)
         _PARENT_FDS.update((self._req, self._done))
 
-    def compute(self, seconds: float) -> None:
+    def compute(self, seconds: float) -> int:
+        """Run the task for ``seconds``; what it returned (0 for None)."""
         os.write(self._req, f"{seconds}\n".encode())
-        if os.read(self._done, 5) != b"done\n":
+        got = os.read(self._done, 64).split()       # one short line, written at once
+        if len(got) != 2 or got[0] != b"done":
             raise RuntimeError("the worker did not answer")
+        return int(got[1])
 
     def close(self) -> None:
         _PARENT_FDS.difference_update((self._req, self._done))
@@ -458,6 +482,35 @@ class DatasetServer:
                 raise RuntimeError(f"dataset server answered {r.status}")
         finally:
             c.close()
+
+    def fetch_curl(self, seconds: float) -> int:
+        """The sample through a pipe from a ``curl`` started for it (WebDataset's ``pipe:``
+        URLs): read to the end, as a tar shard is; the pid of that curl."""
+        import subprocess
+        p = subprocess.Popen(["curl", "-sf", "--max-time", "60",
+                              f"http://127.0.0.1:{self.port}/sample?ms={seconds * 1000:.0f}"],
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert p.stdout is not None
+        n = len(p.stdout.read())
+        if p.wait() != 0 or n != 65536:
+            raise RuntimeError(f"curl exited {p.returncode} after {n} bytes")
+        return p.pid
+
+    def fetch_async(self, seconds: float) -> None:
+        """The sample with asyncio streams (an aiohttp-style client: the loop waits in epoll
+        on its self-pipe and the connection)."""
+        import asyncio
+
+        async def get() -> bytes:
+            r, w = await asyncio.open_connection("127.0.0.1", self.port)
+            w.write(f"GET /sample?ms={seconds * 1000:.0f} HTTP/1.0\r\n\r\n".encode())
+            await w.drain()
+            body = (await r.read()).partition(b"\r\n\r\n")[2]
+            w.close()
+            return body
+        n = len(asyncio.run(get()))
+        if n != 65536:
+            raise RuntimeError(f"dataset server sent {n} bytes")
 
     def close(self) -> None:
         try:

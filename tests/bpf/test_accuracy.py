@@ -95,13 +95,15 @@ def test_cpu_work_is_classed_cpu_bound_naming_who_computed(cause):
     check(res, cause)
 
 
-@pytest.mark.parametrize("cause,call", [("stream", "poll"), ("thread_stream", "poll in thread shard-fetch")])
+@pytest.mark.parametrize("cause,call", [("stream", "poll"), ("thread_stream", "poll in thread shard-fetch"),
+                                        ("pipe_stream", "poll"), ("async_stream", "epoll_wait")])
 def test_streaming_from_a_slow_server_is_classed_net_wait(cause, call):
     """Nothing blocked in a probe's sense: a persistent worker fetches each sample over HTTP
     from a slow dataset server (another process, on loopback) while the trainer waits on its
-    pipe, or the trainer's own thread pool fetches while it waits on the future.
-    "unexplained", classed net_wait, naming the worker (the trainer) and the server's
-    address."""
+    pipe, or the trainer's own thread pool fetches while it waits on the future, or the
+    worker reads the sample from a curl it started (WebDataset's ``pipe:curl``), or fetches
+    it in an asyncio loop. "unexplained", classed net_wait, naming the process that waited
+    on the socket (the worker, the trainer, curl) and the server's address."""
     res = run(0, 0, plan=plan_of(cause, distractor=False), log=lambda m: None, keep=True)
     who = {w["pids"][-1] for w in res["truth"]}
     waits = [(int(p), str(peer)) for b in load_batches(res["rec"]) if b.tables.get("wait")

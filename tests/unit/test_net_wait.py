@@ -18,7 +18,7 @@ from stallscope.analysis.verdict import net_wait
 from stallscope.export.prometheus import verdict_labels
 from stallscope.tracer.cpu import CpuSampler, TcpPeers, _peer, read_wait
 from tests.unit.test_blame import MS, T0, table
-from tests.unit.test_cpu_bound import TRAINER, WORKER, WORKER2, _cpu_rows, _world
+from tests.unit.test_cpu_bound import TRAINER, WORKER, WORKER2, S, _cpu_rows, _world
 
 PEER = "10.0.0.5:443"
 
@@ -285,3 +285,101 @@ def test_an_inode_the_tables_do_not_list_is_not_looked_for_again_at_once(tmp_pat
         assert peers.peer(pid, 999) is None
     assert peers.reads == 2                                         # not again for negative_s
     assert peers.peer(pid, 998) is None and peers.reads == 3        # another inode: looked for
+
+
+LOOPS = """
+import asyncio, os, select, socket, sys, threading
+port, mode = int(sys.argv[1]), sys.argv[2]
+c = socket.create_connection(("127.0.0.1", port))
+a, b = socket.socketpair()            # a wakeup channel, as libcurl and asyncio keep one
+if mode == "curl":                    # libcurl's multi loop: its socket and the socketpair
+    print("connected", flush=True)
+    p = select.poll()
+    p.register(c, select.POLLIN)
+    p.register(a, select.POLLIN)
+    p.poll()
+elif mode == "asyncio":               # an asyncio client: epoll over its self-pipe and the socket
+    async def main():
+        r, _w = await asyncio.open_connection(sock=c)
+        print("connected", flush=True)
+        await r.read(10)
+    asyncio.run(main())
+elif mode == "two":                   # a poll of two TCP connections: no single peer
+    d = socket.create_connection(("127.0.0.1", port))
+    print("connected", flush=True)
+    p = select.poll()
+    p.register(c, select.POLLIN)
+    p.register(d, select.POLLIN)
+    p.poll()
+elif mode == "server":                # a server polling its listening socket and one client
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    print("connected", flush=True)
+    p = select.poll()
+    p.register(c, select.POLLIN)
+    p.register(srv, select.POLLIN)
+    p.poll()
+else:                                 # an epoll loop in a helper thread (Gloo's, a TCPStore's)
+    def loop():
+        e = select.epoll()
+        e.register(c, select.EPOLLIN)
+        e.register(a, select.EPOLLIN)
+        e.poll()
+    threading.Thread(target=loop, daemon=True).start()
+    print("connected", flush=True)
+    ev = threading.Event()
+    ev.wait()                         # the main thread waits on a futex
+"""
+
+
+def test_event_loops_waiting_on_one_tcp_peer_are_found():
+    """Real processes: a poll of one TCP socket and a wakeup socketpair (libcurl's loop, as
+    a ``pipe:curl`` shard reader's curl waits) and an asyncio client's epoll (its self-pipe
+    and the connection) are waits on the server. A poll of two TCP connections, a poll that
+    holds a listening socket (a server), and an epoll in a helper thread while the main
+    thread waits on a futex (Gloo's loop, a TCPStore's: there whether or not anyone waits)
+    are not."""
+    import time
+    modes = ("curl", "asyncio", "two", "server", "helper_epoll")
+    with _clients(LOOPS, modes[:2]) as (port, procs, _r), _clients(LOOPS, modes[2:]) as (_p2, others, _r2):
+        sampler = CpuSampler(thread_scan_s=0.0)
+        deadline = time.monotonic() + 10
+        found: dict = {}
+        names = {p.pid: m for m, p in {**procs, **others}.items()}
+        while time.monotonic() < deadline and set(found) != {"curl", "asyncio"}:
+            got = sampler.poll(list(names))
+            for pid, call, peer in zip(*(got.get("wait", {}).get(c, []) for c in ("pid", "call", "peer"))):
+                found[names[int(pid)]] = (call, peer)
+            time.sleep(0.05)
+        time.sleep(0.3)                                  # the others had time to reach their wait
+        got = sampler.poll(list(names))
+        for pid, call, peer in zip(*(got.get("wait", {}).get(c, []) for c in ("pid", "call", "peer"))):
+            found[names[int(pid)]] = (call, peer)
+        assert found == {"curl": ("poll", f"127.0.0.1:{port}"), "asyncio": ("epoll_wait", f"127.0.0.1:{port}")}, found
+        assert read_wait(procs["asyncio"].pid) == ("epoll_wait", f"127.0.0.1:{port}")
+        for m in ("two", "server", "helper_epoll"):
+            assert read_wait(others[m].pid) is None, m
+
+
+def test_a_child_started_in_the_interval_that_waited_on_the_network_is_named_for_its_wait():
+    """A worker starts a curl for a shard (WebDataset's ``pipe:curl``) as the GPU goes idle,
+    and curl waits on the server through the interval: net_wait naming curl, not the
+    workers_start hint. The same start-up without the wait stays workers_start, and one that
+    computes too (a worker's own start-up) stays workers_start."""
+    curl = 4321
+
+    def world(waits, busy=None):
+        b = _net_world(waits)[0]
+        proc = b.tables["proc"]
+        rows = [{k: proc[k][i] for k in proc} for i in range(len(proc["pid"]))]
+        rows.append({**rows[1], "pid": curl, "ppid": WORKER, "comm": "curl", "start_ns": T0 + 3 * S + 20 * MS})
+        b.tables["proc"] = table("proc", rows)
+        b.tables["cpu"] = table("cpu", [{k: b.tables["cpu"][k][i] for k in b.tables["cpu"]}
+                                        for i in range(len(b.tables["cpu"]["pid"]))]
+                                + _cpu_rows(curl, busy or [0.0] * 20))
+        return [b]
+    v = analyze(world(_waits(curl, range(6, 11)))).verdicts[0]
+    assert (v.klass, v.process["pid"], v.process["comm"]) == ("net_wait", curl, "curl"), (v.klass, v.process)
+    assert analyze(world([])).verdicts[0].klass == "workers_start"
+    assert analyze(world([], busy=[0.0] * 6 + [0.9] * 4 + [0.0] * 10)).verdicts[0].klass == "workers_start"
