@@ -35,6 +35,8 @@ idle phase of a chosen length caused by one thing, as a training process meets i
   async_stream  the persistent worker fetches each sample with asyncio streams (an aiohttp
                 style loop: an epoll of the loop's self-pipe and the connection): net_wait
                 naming the worker
+  loop_stream   the same through an asyncio loop in a thread of the worker, waiting on the
+                future (fsspec: s3fs, gcsfs, HF datasets' streaming): net_wait naming the worker
   nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
@@ -60,10 +62,10 @@ import time
 
 CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "cold_opens", "mmap", "copy",
           "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "pipe_stream",
-          "async_stream", "nothing")
+          "async_stream", "loop_stream", "nothing")
 #: causes where a process of the GPU waits on the slow dataset server (the last of a
 #: window's ``pids`` is the one that waited on the socket)
-NET_CAUSES = ("stream", "thread_stream", "pipe_stream", "async_stream")
+NET_CAUSES = ("stream", "thread_stream", "pipe_stream", "async_stream", "loop_stream")
 #: causes with nothing to trace: the verdict is "unexplained", with this class
 UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", **{c: "net_wait" for c in NET_CAUSES},
             "nothing": None}
@@ -290,6 +292,7 @@ def trainer_main(argv=None) -> None:
     fetcher = _Worker(server.fetch) if server is not None and "stream" in used else None
     piper = _Worker(server.fetch_curl) if server is not None and "pipe_stream" in used else None
     looper = _Worker(server.fetch_async) if server is not None and "async_stream" in used else None
+    threader = _Worker(server.fetch_loop) if server is not None and "loop_stream" in used else None
     with open(a.log, "a") as log:
         log.write(json.dumps({"kind": "start", "pid": me}) + "\n")
         for w in plan:
@@ -344,10 +347,11 @@ def trainer_main(argv=None) -> None:
             elif cause == "pipe_stream":
                 assert piper is not None
                 pids += [piper.pid, piper.compute(d / 1000)]      # the worker, then its curl
-            elif cause == "async_stream":
-                assert looper is not None
-                looper.compute(d / 1000)
-                pids.append(looper.pid)
+            elif cause in ("async_stream", "loop_stream"):
+                wk = looper if cause == "async_stream" else threader
+                assert wk is not None
+                wk.compute(d / 1000)
+                pids.append(wk.pid)
             else:
                 stall(cause, path, d, a.scratch)
             end = time.time_ns()
@@ -361,7 +365,7 @@ def trainer_main(argv=None) -> None:
             log.flush()
         with gpu.busy():
             _spin(0.8)
-    for wk in (worker, fetcher, piper, looper):
+    for wk in (worker, fetcher, piper, looper, threader):
         if wk is not None:
             wk.close()
     if pool is not None:
@@ -424,6 +428,10 @@ class _Worker:
         os.close(self._req)
         os.close(self._done)
         os.waitpid(self.pid, 0)
+
+
+#: the asyncio loop thread of a worker that fetches as fsspec does (started on first use)
+_LOOP = None
 
 
 class DatasetServer:
@@ -496,21 +504,33 @@ class DatasetServer:
             raise RuntimeError(f"curl exited {p.returncode} after {n} bytes")
         return p.pid
 
-    def fetch_async(self, seconds: float) -> None:
-        """The sample with asyncio streams (an aiohttp-style client: the loop waits in epoll
-        on its self-pipe and the connection)."""
+    async def _get(self, seconds: float) -> None:
+        """The sample with asyncio streams (an aiohttp-style client)."""
         import asyncio
-
-        async def get() -> bytes:
-            r, w = await asyncio.open_connection("127.0.0.1", self.port)
-            w.write(f"GET /sample?ms={seconds * 1000:.0f} HTTP/1.0\r\n\r\n".encode())
-            await w.drain()
-            body = (await r.read()).partition(b"\r\n\r\n")[2]
-            w.close()
-            return body
-        n = len(asyncio.run(get()))
+        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+        w.write(f"GET /sample?ms={seconds * 1000:.0f} HTTP/1.0\r\n\r\n".encode())
+        await w.drain()
+        n = len((await r.read()).partition(b"\r\n\r\n")[2])
+        w.close()
         if n != 65536:
             raise RuntimeError(f"dataset server sent {n} bytes")
+
+    def fetch_async(self, seconds: float) -> None:
+        """The sample in an asyncio loop of this thread (it waits in epoll on the loop's
+        self-pipe and the connection)."""
+        import asyncio
+        asyncio.run(self._get(seconds))
+
+    def fetch_loop(self, seconds: float) -> None:
+        """The sample through an asyncio loop running in a thread of its own, waiting on the
+        future, as fsspec does (s3fs, gcsfs, HF datasets' streaming): the loop's thread
+        waits in epoll, this one on a futex."""
+        import asyncio
+        global _LOOP
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="fsspecIO", daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._get(seconds), _LOOP).result()
 
     def close(self) -> None:
         try:

@@ -69,6 +69,8 @@ SAMPLE_TABLES = frozenset(("gpu", "gpu_proc", "cpu", "wait", "rdma_counter"))
 #: long after
 PARTIAL_THRESHOLD = 50
 CPU_AFTER_IDLE_S = 1.0
+#: CPU samples a third of a period apart after a GPU's idle spell's first (tracer/cpu.py)
+QUICK_CPU_SAMPLES = 2
 
 #: a change of the wall - monotonic offset larger than this between two reads is a step (NTP
 #: slews at most 500 ppm: 0.5 ms per second)
@@ -327,6 +329,7 @@ class Agent:
         deadline = None if duration is None else time.monotonic() + duration
         next_batch = time.monotonic() + self.cfg.batch_ms / 1000
         next_gpu = next_cpu = next_rdma = next_sched = next_http = time.monotonic()
+        quick = 0                       # CPU samples left at a third of the period
         last_flush = time.monotonic()
         try:
             while not stop():
@@ -342,10 +345,14 @@ class Agent:
                     self._guard(self._sample_gpu)
                     next_gpu = now + self.cfg.gpu_poll_ms / 1000
                     if self._newly_idle:            # its first CPU sample now, not a period later
-                        next_cpu, self._newly_idle = now, False
+                        next_cpu, self._newly_idle, quick = now, False, QUICK_CPU_SAMPLES
                 if self.cpu is not None and now >= next_cpu:
                     self._guard(self._sample_cpu)
-                    next_cpu = now + self.cfg.cpu_poll_ms / 1000
+                    # a spell's first samples come a third of a period apart: an interval needs
+                    # two samples half its length apart, and one of 0.55 s seen 0.2 s late had
+                    # two 0.25 s apart (a worker's computing left unnamed)
+                    next_cpu = now + self.cfg.cpu_poll_ms / 1000 / (3 if quick else 1)
+                    quick = max(0, quick - 1)
                 if self.http_tls is not None and now >= next_http:
                     self._guard(self._tick_http)
                     next_http = now + self.cfg.http_tls_poll_ms / 1000

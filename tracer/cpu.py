@@ -16,8 +16,10 @@ computes nothing is read), and their descendants from the kernel's
 The same pass also notes, in the "wait" table, each of those processes whose main thread is
 asleep in a receive on a TCP socket (``/proc/<pid>/syscall``: read, readv, recv*; or poll and
 ppoll on that one socket, as Python's socket timeouts wait, or on it and wakeup channels, as
-libcurl's loop does; or, for a main thread, an epoll whose set, read from its ``fdinfo``,
-holds that one connection besides such channels, as an asyncio client's; the socket's inode
+libcurl's loop does; or an epoll whose set, read from its ``fdinfo``, holds that connection
+besides such channels, as an asyncio client's (a main thread's; in a process no GPU lists,
+a helper thread's too: fsspec's loop thread, Go's netpoller); connections that all go to
+one host count as one; the socket's inode
 looked up in the process's ``net/tcp`` for the peer): a DataLoader worker streaming its
 samples over HTTP or from an object store, the ``curl`` a WebDataset ``pipe:`` shard reads
 from (the worker's child), a trainer waiting on a rendezvous store. Nothing blocked in a probe's
@@ -158,8 +160,9 @@ class TcpPeers:
     def one_peer(self, pid: int, inos):
         """(inode, ``ip:port``) of the one established TCP connection among the sockets
         ``inos`` of process ``pid`` (a receive's socket, or a poll's set with its wakeup
-        channels), or None when there is none, more than one, or a listening socket among
-        them (a server waiting for its clients)."""
+        channels; the first, when several all go to one host: a client's pool of
+        connections to its object store), or None when there is none, connections to more
+        than one host, or a listening socket among them (a server waiting for its clients)."""
         found = None
         for ino in inos:
             tables = self._tables(pid, ino)
@@ -167,10 +170,11 @@ class TcpPeers:
                 return None
             got = tables[1].get(ino)
             if got is not None:
-                if found is not None:
+                if found is not None and got[1].split(":")[0] != found[2]:
                     return None
-                found = (ino, _peer(got[1]))
-        return found
+                if found is None:
+                    found = (ino, _peer(got[1]), got[1].split(":")[0])
+        return found[:2] if found else None
 
     def other_end(self, pid: int, ino: int):
         """The inode of the socket at the other end of ``ino``'s connection when that end is
@@ -320,7 +324,7 @@ class CpuSampler:
             self._kids_gen = generation
         return roots | self._kids
 
-    def _wait(self, pid: int, members: set, threads: int = 2):
+    def _wait(self, pid: int, members: set, threads: int = 2, root: bool = True):
         """(call, peer) of ``pid``'s wait on a TCP peer, unless that peer is another process
         of the same GPU (a loopback connection whose far end a member holds: a logging or
         tracking service the trainer started, waiting on the trainer), else None.
@@ -335,19 +339,23 @@ class CpuSampler:
         times that (a trainer waiting on its pin-memory thread, never on the network, costs a
         scan every 4 s; ``rearm`` ends the backoff when a GPU computes again); the thread
         last found waiting is read first on every pass. Only a receive, or a poll (or, for
-        the main thread, an epoll) of at most MAX_POLL_FDS files of which exactly one is an
-        established TCP connection and none a listening socket, counts: a loop over many
-        sockets (NCCL's proxy), a server, and a helper thread's epoll (Gloo's loop, a
-        TCPStore's: a main thread waiting on its pin-memory thread would blame them) wait
-        there whether or not anyone waits on them.
-        ``threads``: the process's (from its stat): one alone has no helper to read."""
+        the main thread, an epoll) of at most MAX_POLL_FDS files whose established TCP
+        connections all go to one host, none a listening socket, counts: a loop over many
+        peers (NCCL's proxy), a server, and a GPU process's helper thread in epoll (Gloo's
+        loop, a TCPStore's: a main thread waiting on its pin-memory thread would blame
+        them) wait there whether or not anyone waits on them.
+        ``threads``: the process's (from its stat): one alone has no helper to read.
+        ``root``: whether NVML lists it on a GPU; a helper thread's epoll counts only in a
+        process that is not (a DataLoader worker's fsspec loop thread, a Go tool such as
+        s5cmd that a worker reads a shard from): collective libraries' loops (Gloo's, a
+        TCPStore's) run in the GPU's own processes."""
         x = _syscall(pid, self.proc)
         got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, x=x, epoll=True), members)
         if got is not None or threads < 2 or x is None or int(x[0]) not in _INNER.get(self.machine, ()):
             return got
         tid = self._net_tid.get(pid)      # kept after a miss: a pool's thread fetches again
         if tid is not None:
-            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=tid), members)
+            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=tid, epoll=not root), members)
             self.thread_reads += 1
             if got is not None:
                 return self._in_thread(pid, tid, got)
@@ -363,7 +371,7 @@ class CpuSampler:
             if t == pid or t == tid:
                 continue
             self.thread_reads += 1
-            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=t), members)
+            got = self._peer_of(pid, _wait_socket(pid, self.proc, self.machine, tid=t, epoll=not root), members)
             if got is not None:
                 self._net_tid[pid] = t
                 self._scanned.pop(pid, None)
@@ -407,6 +415,7 @@ class CpuSampler:
 
     def poll(self, roots, all_owners=None, generation=None):
         pids, comms, vals, waits = [], [], [], []
+        roots = {int(p) for p in roots}
         members = self.owners(roots, all_owners, generation)
         for d in (self._net_tid, self._scanned):
             for gone in [p for p in d if p not in members]:
@@ -417,7 +426,7 @@ class CpuSampler:
                 pids.append(pid)
                 comms.append(got[0])
                 vals.append(got[1])
-                w = self._wait(pid, members, got[3]) if got[2] == b"S" else None      # asleep, interruptibly
+                w = self._wait(pid, members, got[3], pid in roots) if got[2] == b"S" else None  # asleep
                 if w is not None:
                     waits.append((pid, *w))
         if not pids:

@@ -96,13 +96,14 @@ def test_cpu_work_is_classed_cpu_bound_naming_who_computed(cause):
 
 
 @pytest.mark.parametrize("cause,call", [("stream", "poll"), ("thread_stream", "poll in thread shard-fetch"),
-                                        ("pipe_stream", "poll"), ("async_stream", "epoll_wait")])
+                                        ("pipe_stream", "poll"), ("async_stream", "epoll_wait"),
+                                        ("loop_stream", "epoll_wait in thread pt_data_worker")])
 def test_streaming_from_a_slow_server_is_classed_net_wait(cause, call):
     """Nothing blocked in a probe's sense: a persistent worker fetches each sample over HTTP
     from a slow dataset server (another process, on loopback) while the trainer waits on its
     pipe, or the trainer's own thread pool fetches while it waits on the future, or the
     worker reads the sample from a curl it started (WebDataset's ``pipe:curl``), or fetches
-    it in an asyncio loop. "unexplained", classed net_wait, naming the process that waited
+    it in an asyncio loop, its own or one in a thread (fsspec's). "unexplained", classed net_wait, naming the process that waited
     on the socket (the worker, the trainer, curl) and the server's address."""
     res = run(0, 0, plan=plan_of(cause, distractor=False), log=lambda m: None, keep=True)
     who = {w["pids"][-1] for w in res["truth"]}

@@ -304,8 +304,11 @@ elif mode == "asyncio":               # an asyncio client: epoll over its self-p
         print("connected", flush=True)
         await r.read(10)
     asyncio.run(main())
-elif mode == "two":                   # a poll of two TCP connections: no single peer
-    d = socket.create_connection(("127.0.0.1", port))
+elif mode in ("two", "pool"):         # a poll of two TCP connections: to two hosts, or one
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.listen()
+    d = socket.create_connection(other.getsockname() if mode == "two" else ("127.0.0.1", port))
     print("connected", flush=True)
     p = select.poll()
     p.register(c, select.POLLIN)
@@ -335,30 +338,41 @@ else:                                 # an epoll loop in a helper thread (Gloo's
 
 def test_event_loops_waiting_on_one_tcp_peer_are_found():
     """Real processes: a poll of one TCP socket and a wakeup socketpair (libcurl's loop, as
-    a ``pipe:curl`` shard reader's curl waits) and an asyncio client's epoll (its self-pipe
-    and the connection) are waits on the server. A poll of two TCP connections, a poll that
-    holds a listening socket (a server), and an epoll in a helper thread while the main
-    thread waits on a futex (Gloo's loop, a TCPStore's: there whether or not anyone waits)
-    are not."""
+    a ``pipe:curl`` shard reader's curl waits), an asyncio client's epoll (its self-pipe
+    and the connection), and a poll of two connections to one server (a client's pool) are
+    waits on the server. A poll of connections to two hosts and a poll that holds a
+    listening socket (a server) are not. An epoll in a helper thread while the main thread
+    waits on a futex is not in a process a GPU lists (Gloo's loop, a TCPStore's: there
+    whether or not anyone waits), and is in one that descends from it (a worker's fsspec
+    loop thread, a Go tool's netpoller)."""
     import time
-    modes = ("curl", "asyncio", "two", "server", "helper_epoll")
-    with _clients(LOOPS, modes[:2]) as (port, procs, _r), _clients(LOOPS, modes[2:]) as (_p2, others, _r2):
-        sampler = CpuSampler(thread_scan_s=0.0)
+    modes = ("curl", "asyncio", "pool", "helper_epoll", "two", "server")
+    waiting = modes[:4]
+
+    def seen(sampler, roots, names, want):
         deadline = time.monotonic() + 10
         found: dict = {}
-        names = {p.pid: m for m, p in {**procs, **others}.items()}
-        while time.monotonic() < deadline and set(found) != {"curl", "asyncio"}:
-            got = sampler.poll(list(names))
+        while time.monotonic() < deadline and set(found) != set(want):
+            got = sampler.poll(roots) or {}
             for pid, call, peer in zip(*(got.get("wait", {}).get(c, []) for c in ("pid", "call", "peer"))):
-                found[names[int(pid)]] = (call, peer)
+                if int(pid) in names:
+                    found[names[int(pid)]] = (call, peer)
             time.sleep(0.05)
-        time.sleep(0.3)                                  # the others had time to reach their wait
-        got = sampler.poll(list(names))
-        for pid, call, peer in zip(*(got.get("wait", {}).get(c, []) for c in ("pid", "call", "peer"))):
-            found[names[int(pid)]] = (call, peer)
-        assert found == {"curl": ("poll", f"127.0.0.1:{port}"), "asyncio": ("epoll_wait", f"127.0.0.1:{port}")}, found
-        assert read_wait(procs["asyncio"].pid) == ("epoll_wait", f"127.0.0.1:{port}")
-        for m in ("two", "server", "helper_epoll"):
+        return found
+
+    with _clients(LOOPS, waiting) as (port, procs, _r), _clients(LOOPS, modes[4:]) as (_p2, others, _r2):
+        names = {p.pid: m for m, p in {**procs, **others}.items()}
+        time.sleep(0.3)                                  # every process had time to reach its wait
+        server = f"127.0.0.1:{port}"
+        as_roots = seen(CpuSampler(thread_scan_s=0.0), list(names), names, waiting[:3])
+        assert as_roots == {"curl": ("poll", server), "asyncio": ("epoll_wait", server),
+                            "pool": ("poll", server)}, as_roots
+        helper = procs["helper_epoll"].pid
+        sampler = CpuSampler(thread_scan_s=0.0)
+        assert sampler._wait(helper, {helper}, threads=2, root=True) is None
+        assert sampler._wait(helper, {helper}, threads=2, root=False) == ("epoll_wait in thread python", server)
+        assert read_wait(procs["asyncio"].pid) == ("epoll_wait", server)
+        for m in ("two", "server"):
             assert read_wait(others[m].pid) is None, m
 
 
