@@ -14,6 +14,9 @@ idle phase of a chosen length caused by one thing, as a training process meets i
                 folder (an image-folder dataset), each read below the threshold
   cold_opens    the same worker on a filesystem whose metadata is slow (cold NFS lookups):
                 each open stalls below the threshold, the reads come at once
+  pool_files    the training process's thread pool (POOL_THREADS threads) reads such a
+                folder's files in parallel while the main thread waits on the futures (a
+                dataset's __getitem__ fetching a sample's many parts at once)
   mmap          page faults on a memory-mapped, stalled dataset file
   copy          a checkpoint copied with shutil.copyfile (copy_file_range / sendfile)
   metadata      stat() of a file on a filesystem whose metadata is slow
@@ -60,7 +63,8 @@ import sys
 import threading
 import time
 
-CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "cold_opens", "mmap", "copy",
+CAUSES = ("worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files", "cold_opens", "pool_files",
+          "mmap", "copy",
           "metadata", "cpu", "compute", "worker_compute", "stream", "thread_stream", "pipe_stream",
           "async_stream", "loop_stream", "nothing")
 #: causes where a process of the GPU waits on the slow dataset server (the last of a
@@ -70,7 +74,9 @@ NET_CAUSES = ("stream", "thread_stream", "pipe_stream", "async_stream", "loop_st
 UNTRACED = {"compute": "cpu_bound", "worker_compute": "cpu_bound", **{c: "net_wait" for c in NET_CAUSES},
             "nothing": None}
 #: causes whose window names a folder of small files rather than one file
-FOLDER_CAUSES = ("small_files", "cold_opens")
+FOLDER_CAUSES = ("small_files", "cold_opens", "pool_files")
+#: threads of the pool_files cause's pool
+POOL_THREADS = 4
 STORM_OP_MS = 7.0          # each storm read stalls this long (under the 10 ms default threshold)
 MMAP_PAGES = 8             # pages touched per mmap window, 1 MiB apart (one fault each)
 BUSY_S = (0.5, 0.9)        # busy phase before each idle window
@@ -123,7 +129,8 @@ def prepare(fs, plan: list) -> None:
                 fs.make_file(name, n * 4096)
                 fs.set_delay(STORM_OP_MS, path=name)
             elif c in FOLDER_CAUSES:      # every op of each file stalls, or its open only
-                for f in small_files(max(2, int(d / (STORM_OP_MS + 0.5)))):
+                per = POOL_THREADS if c == "pool_files" else 1
+                for f in small_files(max(2, int(per * d / (STORM_OP_MS + 0.5)))):
                     fs.make_file(f"{name}/{f}", 4096)
                     fs.set_delay(STORM_OP_MS, path=f"{name}/{f}", op="open" if c == "cold_opens" else None)
             elif c == "mmap":
@@ -162,10 +169,21 @@ def _write_close(path: str) -> None:
         f.write(b"\x5a" * (64 << 10))
 
 
+def _read_small(path: str) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.read(4096)
+
+
 def _small_files(folder: str) -> None:
     for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb", buffering=0) as f:
-            f.read(4096)
+        _read_small(os.path.join(folder, name))
+
+
+def _pool_files(folder: str) -> None:
+    import concurrent.futures
+    names = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+    with concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="sample-parts") as ex:
+        list(ex.map(_read_small, names))
 
 
 def _mmap(path: str) -> None:
@@ -202,6 +220,8 @@ def stall(cause: str, path: str, dur_ms: float, scratch: str) -> None:
         _write_close(path)
     elif cause == "storm":
         _storm(path)
+    elif cause == "pool_files":
+        _pool_files(path)
     elif cause in FOLDER_CAUSES:
         _small_files(path)
     elif cause == "mmap":
@@ -307,7 +327,7 @@ def trainer_main(argv=None) -> None:
                 din.flush()
             start = time.time_ns()
             pids = [me]
-            if cause in ("worker_read", *FOLDER_CAUSES):
+            if cause in ("worker_read", "small_files", "cold_opens"):
                 pid = os.fork()
                 if pid == 0:                       # the short-lived worker
                     try:

@@ -61,7 +61,7 @@ def _check(res, cause):
 
 
 @pytest.mark.parametrize("cause", ["worker_read", "thread_read", "write_fsync", "upload", "storm", "small_files",
-                                   "cold_opens", "mmap", "copy", "metadata"])
+                                   "cold_opens", "pool_files", "mmap", "copy", "metadata"])
 def test_culprit_is_the_trainers_stall_not_the_distractors(cause):
     check(run(0, 0, plan=plan_of(cause), log=lambda m: None, keep=True), cause)
 
