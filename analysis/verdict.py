@@ -362,6 +362,10 @@ def lifecycle(proc: dict, roots, members, start_ns: int, end_ns: int, res_ns: in
 #: short of CPU gets part of a core and waits for the rest (its runq time, when not enough
 #: to blame, is not counted here)
 CPU_BOUND_SHARE = 0.5
+#: for ``cpu_bound``: the least part of the interval a process's samples inside it must span.
+#: A third, not a half: the agent sees an idle spell 0.1-0.3 s late (its NVML poll and sample
+#: periods), so a window of 0.55 s had samples spanning 0.2 s, and computing went unnamed
+CPU_SPAN = 1 / 3
 #: classes of an unexplained interval that its GPU's own processes account for
 UNEXPLAINED_CLASSES = (*LIFECYCLE, "cpu_bound", "net_wait")
 #: for ``net_wait``: the least share of a process's samples inside the interval that found it
@@ -381,7 +385,7 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
 
     From the ``cpu`` table's running totals per pid (tracer/cpu.py): a member's share is its
     CPU time between its first and last sample inside the interval (5% slack at each edge)
-    over the time between them, which must be at least half of the interval: samples
+    over the time between them, which must be at least CPU_SPAN of the interval: samples
     outside it would mix in the busy phases around it (a process waiting on a busy GPU
     often spins: CUDA's default synchronization). ``process``: the busiest member's pid, comm, ``cpu_ns`` and
     ``share``, with ``busy``: every member at ``share`` or more, busiest first (up to 8;
@@ -403,7 +407,7 @@ def cpu_bound(cpu: dict, members, start_ns: int, end_ns: int, comm_of=None,
         o = k[np.argsort(ts[k], kind="stable")]
         t, v = ts[o], tot[o]
         span = int(t[-1] - t[0])
-        if span < length / 2:
+        if span < length * CPU_SPAN:
             continue
         used = float(v[-1] - v[0])
         found.append((used / span, int(p), int(used * length / span), int(rows_at[o[-1]])))

@@ -193,7 +193,8 @@ class Agent:
         self.cpu = None                 # CPU time of the GPUs' processes (tracer/cpu.py), with a GPU
         self._gpu_idle_at: dict = {}    # gpu -> monotonic time of the last poll that found it mostly idle
         self._pids_by_gpu: dict = {}    # gpu -> the processes NVML listed on it at its last poll
-        self._newly_idle = False        # a poll found a GPU mostly idle that was not a second ago
+        self._newly_idle = False        # a poll found a GPU gone idle (after a busy sample, or a second)
+        self._gpu_busy: dict = {}       # gpu -> whether its last sample was busy
         self.seq = 0
         self.pending = []
         self.tick_errors = 0
@@ -349,8 +350,8 @@ class Agent:
                 if self.cpu is not None and now >= next_cpu:
                     self._guard(self._sample_cpu)
                     # a spell's first samples come a third of a period apart: an interval needs
-                    # two samples half its length apart, and one of 0.55 s seen 0.2 s late had
-                    # two 0.25 s apart (a worker's computing left unnamed)
+                    # two samples a third of its length apart, and one of 0.55 s seen 0.2 s late
+                    # had two 0.25 s apart (a worker's computing left unnamed)
                     next_cpu = now + self.cfg.cpu_poll_ms / 1000 / (3 if quick else 1)
                     quick = max(0, quick - 1)
                 if self.http_tls is not None and now >= next_http:
@@ -451,10 +452,22 @@ class Agent:
             now = time.monotonic()
             if self.cpu is not None and (got["gpu"]["util"] >= PARTIAL_THRESHOLD).any():
                 self.cpu.rearm()            # a GPU computed: its next idle spell scans afresh
-            for x in np.unique(got["gpu"]["gpu"][got["gpu"]["util"] < PARTIAL_THRESHOLD]).tolist():
-                if now - self._gpu_idle_at.get(int(x), -1e18) > CPU_AFTER_IDLE_S:
+            gg = got["gpu"]
+            order = np.argsort(gg["ts_ns"], kind="stable")
+            for x in np.unique(gg["gpu"]).tolist():
+                busy = gg["util"][order][gg["gpu"][order] == x] >= PARTIAL_THRESHOLD
+                if busy.all():
+                    self._gpu_busy[int(x)] = True
+                    continue
+                # newly idle: after a busy sample (this poll's or the last one's), or after a
+                # second without an idle sample; a busy phase shorter than that second (a
+                # training step between two waits) must not leave the next wait without its
+                # quick first samples
+                was = np.concatenate(([self._gpu_busy.get(int(x), False)], busy))
+                if (was[:-1] & ~was[1:]).any() or now - self._gpu_idle_at.get(int(x), -1e18) > CPU_AFTER_IDLE_S:
                     self._newly_idle = True
                 self._gpu_idle_at[int(x)] = now
+                self._gpu_busy[int(x)] = bool(busy[-1])
         if got:
             gp = got["gpu_proc"]
             self._pids_by_gpu = {}

@@ -35,7 +35,7 @@ whose main thread waits on one of its threads; 72 processes (8 GPUs, 8 workers e
 asleep), each trainer with 32 sleeping threads and its main thread waiting on one, at the
 250 ms default measured 1.71-1.84% of a core on this 2-core machine, against 1.35-1.46% for
 the code without thread scans in the same run. The period bounds what can be judged: an
-interval needs two samples inside it, half its length apart.
+interval needs two samples inside it, a third of its length apart (``verdict.CPU_SPAN``).
 """
 
 from __future__ import annotations

@@ -54,3 +54,36 @@ def test_build_batch_concatenates_and_ships_lineage_and_losses(tmp_path):
     assert b2.seq == 2 and b2.counters["filesink.dropped_batches"] == 1
     assert b2.counters["tcp.retransmits"] == 0 and b2.meta["final"] is True
     assert "proc" not in b2.tables                    # lineage is shipped once
+
+
+def test_a_gpu_idle_again_after_a_short_busy_phase_is_newly_idle(tmp_path):
+    """The CPU sampler's quick first samples start when a GPU goes idle: after a busy
+    sample (this poll's or the last one's), even when its last idle spell ended less than a
+    second ago (a training step between two waits); not while it stays idle."""
+    proc_tree(tmp_path, [(1, 0, "init")])
+    agent = Agent(AgentConfig(proc_root=str(tmp_path), node="n1"), [], log=lambda m: None)
+    polls = []
+
+    class Gpu:
+        def poll(self):
+            return polls.pop(0)
+    agent.gpu = Gpu()
+    agent.started_ns = time.time_ns()     # set by start(), which loads probes
+    t = [agent.started_ns]
+
+    def poll(*utils):
+        rows = []
+        for u in utils:
+            t[0] += 100_000_000
+            rows.append((t[0], u))
+        polls.append({"gpu": {"ts_ns": np.array([r[0] for r in rows], np.uint64), "gpu": np.zeros(len(rows), np.int64),
+                              "util": np.array([r[1] for r in rows], np.int64)},
+                      "gpu_proc": {"gpu": np.zeros(0, np.int64), "pid": np.zeros(0, np.int64)}})
+        agent._newly_idle = False
+        agent._sample_gpu()
+        return agent._newly_idle
+    assert poll(95, 0)                    # goes idle within a poll
+    assert not poll(0, 0)                 # stays idle
+    assert not poll(95, 95)               # computes for 0.2 s
+    assert poll(0, 0)                     # idle again, 0.2 s after the last idle poll
+    assert poll(95, 95) is False and poll(95, 0)

@@ -117,8 +117,9 @@ def test_cpu_bound_rule_edges():
     assert cpu_bound(cpu, [8], T0 + 500 * MS, T0 + 1500 * MS) is None           # not a member
     # samples inside cover only a quarter of the interval: no judgement
     assert cpu_bound(cpu, [7], T0 + 1500 * MS, T0 + 3500 * MS) is None
-    # half of it covered: judged on that half
+    # half of it covered: judged on that half; a third too
     assert cpu_bound(cpu, [7], T0 + 1000 * MS, T0 + 3000 * MS)[0] == "cpu_bound"
+    assert cpu_bound(cpu, [7], T0 + 1400 * MS, T0 + 2900 * MS)[0] == "cpu_bound"
     # busy around a short sleep: samples outside the interval are not mixed in
     cpu = table("cpu", _cpu_rows(7, [1.0] * 4 + [0.0] * 2 + [1.0] * 4))
     assert cpu_bound(cpu, [7], T0 + 2000 * MS, T0 + 3000 * MS) is None
