@@ -548,6 +548,8 @@ class Agent:
             if p.family in self.shedders:
                 counters.update(self.shedders[p.family].counters(p))
         counters["tick_errors"] = self.tick_errors
+        if self.sched is not None:
+            counters["sched.duplicate_groups"] = self.sched.duplicates
         counters["clock.steps"] = self.clock_steps
         counters["proc.cached"] = len(self.procs)
         counters["proc.forgotten"] = self.procs.forgotten

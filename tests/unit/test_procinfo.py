@@ -398,3 +398,19 @@ def test_socket_owners_forget_sockets_closed_two_scans_ago(tmp_path):
         assert so.owner(1000 + 100 * gen) == 10 + gen
         assert so.owner(1000 + 100 * (gen - 1)) == 10 + gen - 1     # the previous scan's still named
     assert len(so.map) <= 200
+
+
+def test_a_group_emitted_twice_is_kept_once_and_counted(tmp_path):
+    """A group closed at the same moment by its thread and by ss_flush on another CPU reaches
+    user space twice (seen on the 6.12 guest): the repeat (same thread, op and start) is
+    dropped and counted; another group of that thread is not."""
+    blocked = ENUMS["SS_OP_BLOCKED"]
+
+    def rec(ts):
+        return _rec(type=T_SCHED, op=blocked, pid=42, tid=43, ts_ns=ts, dur_ns=60_000_000, ret=40_000_000,
+                    aux=3, key=5, state=1, comm=b"reader")
+    rt = _runtime(tmp_path)
+    first = rt.resolve(split(np.concatenate([rec(100), rec(100)]), 0, {T_SCHED: "tracepoint"})["_sched"])
+    assert len(first["sched"]["tid"]) == 1 and rt.duplicates == 1
+    again = rt.resolve(split(np.concatenate([rec(100), rec(900_000_000)]), 0, {T_SCHED: "tracepoint"})["_sched"])
+    assert list(again["sched"]["ts_ns"]) == [900_000_000] and rt.duplicates == 2    # across drains too
