@@ -452,10 +452,10 @@ class Agent:
             now = time.monotonic()
             if self.cpu is not None and (got["gpu"]["util"] >= PARTIAL_THRESHOLD).any():
                 self.cpu.rearm()            # a GPU computed: its next idle spell scans afresh
-            gg = got["gpu"]
-            order = np.argsort(gg["ts_ns"], kind="stable")
-            for x in np.unique(gg["gpu"]).tolist():
-                busy = gg["util"][order][gg["gpu"][order] == x] >= PARTIAL_THRESHOLD
+            order = np.argsort(got["gpu"]["ts_ns"], kind="stable")
+            gpu, util = got["gpu"]["gpu"][order], got["gpu"]["util"][order]
+            for x in np.unique(gpu).tolist():
+                busy = util[gpu == x] >= PARTIAL_THRESHOLD
                 if busy.all():
                     self._gpu_busy[int(x)] = True
                     continue

@@ -152,11 +152,6 @@ class TcpPeers:
                 self._missed[ino] = now
         return got
 
-    def peer(self, pid: int, ino: int):
-        """``ip:port`` of the far end of TCP socket ``ino`` of process ``pid``, or None."""
-        got = self._tables(pid, ino)[1].get(ino)
-        return _peer(got[1]) if got else None
-
     def one_peer(self, pid: int, inos):
         """(inode, ``ip:port``) of the one established TCP connection among the sockets
         ``inos`` of process ``pid`` (a receive's socket, or a poll's set with its wakeup
@@ -169,11 +164,13 @@ class TcpPeers:
             if ino in tables[3]:
                 return None
             got = tables[1].get(ino)
-            if got is not None:
-                if found is not None and got[1].split(":")[0] != found[2]:
-                    return None
-                if found is None:
-                    found = (ino, _peer(got[1]), got[1].split(":")[0])
+            if got is None:
+                continue
+            host = got[1].split(":")[0]
+            if found is None:
+                found = (ino, _peer(got[1]), host)
+            elif host != found[2]:
+                return None
         return found[:2] if found else None
 
     def other_end(self, pid: int, ino: int):
@@ -187,7 +184,7 @@ class TcpPeers:
 def read_wait(pid: int, proc: str = "/proc", peers: "TcpPeers | None" = None, machine: str = ""):
     """(call, peer) when process ``pid``'s main thread is asleep receiving on a TCP socket
     (``call``: the syscall; ``peer``: ``ip:port``), else None (running, not in a receive, or
-    on a pipe, a UNIX socket, a file; a poll of several fds)."""
+    on a pipe, a UNIX socket, a file; a poll or epoll over connections to several hosts)."""
     got = _wait_socket(pid, proc, machine, epoll=True)
     if got is None:
         return None
@@ -213,8 +210,9 @@ def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0,
     """(call, socket inodes) when process ``pid``'s main thread (or thread ``tid``; ``x``: its
     syscall fields if already read) is asleep in a receive on a socket (one inode), or in a
     poll of at most MAX_POLL_FDS fds some of which are sockets (their inodes: the caller
-    keeps the wait only if exactly one is an established TCP connection; the rest are the
-    wakeup channels an event loop adds, as libcurl's socketpair), or, with ``epoll``, in an
+    keeps the wait only if its established TCP connections all go to one host,
+    ``TcpPeers.one_peer``; the rest are the wakeup channels an event loop adds, as libcurl's
+    socketpair), or, with ``epoll``, in an
     epoll wait whose set holds at most MAX_POLL_FDS files (every inode the set watches, from
     its ``fdinfo``: an asyncio loop's self-pipe and its one connection), else None."""
     machine = machine or platform.machine()
@@ -394,9 +392,9 @@ class CpuSampler:
         return f"{got[0]} in thread {name}", got[1]
 
     def _peer_of(self, pid: int, got, members: set):
-        """(call, peer) for a (call, socket inodes) wait of ``pid``, or None unless exactly one
-        of the sockets is an established TCP connection (``TcpPeers.one_peer``) whose far end
-        is no member's."""
+        """(call, peer) for a (call, socket inodes) wait of ``pid``, or None unless the
+        sockets' established TCP connections all go to one host (``TcpPeers.one_peer``) and
+        the far end of the one named is no member's."""
         if got is None:
             return None
         one = self.peers.one_peer(pid, got[1])

@@ -279,12 +279,12 @@ def test_an_inode_the_tables_do_not_list_is_not_looked_for_again_at_once(tmp_pat
     (tmp_path / str(pid) / "net" / "tcp").write_text(head + row)
     (tmp_path / str(pid) / "net" / "tcp6").write_text(head)
     peers = TcpPeers(proc=str(tmp_path), refresh_s=0.0, negative_s=60.0)
-    assert peers.peer(pid, 777) == "10.0.0.5:443" and peers.reads == 1
-    assert peers.peer(pid, 999) is None and peers.reads == 2        # a miss: read again once
+    assert peers.one_peer(pid, (777,)) == (777, "10.0.0.5:443") and peers.reads == 1
+    assert peers.one_peer(pid, (999,)) is None and peers.reads == 2        # a miss: read again once
     for _ in range(5):
-        assert peers.peer(pid, 999) is None
-    assert peers.reads == 2                                         # not again for negative_s
-    assert peers.peer(pid, 998) is None and peers.reads == 3        # another inode: looked for
+        assert peers.one_peer(pid, (999,)) is None
+    assert peers.reads == 2                                                # not again for negative_s
+    assert peers.one_peer(pid, (998,)) is None and peers.reads == 3        # another inode: looked for
 
 
 LOOPS = """
