@@ -367,7 +367,7 @@ def _row_codes(col, rows: np.ndarray) -> tuple:
     strings), numbers by their rank."""
     codes = getattr(col, "codes", None)
     if codes is not None:
-        return np.asarray(codes, dtype=np.int64)[rows], max(len(col.cats), 1)
+        return np.asarray(codes)[rows].astype(np.int64), max(len(col.cats), 1)
     a = np.asarray(col)[rows]
     if a.dtype == object:
         seen: dict = {}

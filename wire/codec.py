@@ -244,12 +244,72 @@ def _gpu_index(k) -> bool:
 
 
 def _column(kind: str, name: str, k: str, c, n: int, strings: list, strarr) -> np.ndarray:
-    """One decoded column of n rows; raises CodecError."""
+    """One decoded column of n rows; raises CodecError. A well-formed column's form is
+    checked by one lookup (``_SPECS``); anything else goes through :func:`_column_form`,
+    which names what is wrong."""
+    spec = None
+    if type(c) is list and len(c) in (3, 5) and type(c[0]) is str and type(c[1]) is int \
+            and type(c[2]) is bytes:
+        spec = _SPECS.get((c[0], k))
+        if spec is not None and ((spec[0] == "d") != (len(c) == 5) or len(c[2]) != n * spec[1].itemsize):
+            spec = None
+    mode, dt = spec or _column_form(kind, name, k, c, n)
+    a = np.frombuffer(c[2], dtype=dt)
+    if mode == "":
+        return a.astype(np.int64 if k == "i" else np.uint64)
+    if mode == "s":
+        if n and int(a.max()) >= len(strings):
+            raise CodecError(f"malformed batch: tables.{kind}.cols.{name} indexes past the string table")
+        return Cat.make(strarr, a)     # the batch's string table as cats (codes as sent: u1-u8)
+    if mode == "d":
+        vdt = _CODES.get(c[3]) if isinstance(c[3], str) else None
+        if vdt is None or not isinstance(c[4], bytes) or len(c[4]) % _DTYPES[vdt].itemsize:
+            raise CodecError(f"malformed batch: tables.{kind}.cols.{name} bad dictionary")
+        vals = np.frombuffer(c[4], dtype=_DTYPES[vdt])
+        if n and int(a.max()) >= len(vals):
+            raise CodecError(f"malformed batch: tables.{kind}.cols.{name} indexes past its dictionary")
+        # the (small) dictionary widened once, then gathered: one pass over the rows
+        return vals.astype(np.int64 if k == "i" else np.uint64)[a]
+    base = c[1]
+    if not _I64_MIN <= base <= _U64_MAX:
+        raise CodecError(f"malformed batch: tables.{kind}.cols.{name} base {base} out of range")
+    # zigzag back to two's-complement deltas, summed modulo 2**64 (as the encoder's
+    # int64 differences were taken): any input gives numbers, never an overflow.
+    # In place in one new array (decode is a tenth of the collector's CPU).
+    d = a.astype(np.uint64)
+    neg = d & np.uint64(1)
+    np.negative(neg, out=neg)               # 0 or 2**64-1
+    d >>= np.uint64(1)
+    d ^= neg
+    d[:1] += np.uint64(base & _U64_MAX)     # (an array op: wraps silently, as the deltas do)
+    np.cumsum(d, out=d)
+    return d.view(np.int64) if k == "i" else d
+
+
+def _specs() -> dict:
+    """(wire code, schema kind) -> (mode, dtype) for every well-formed pairing of a
+    column's code with its schema kind: what :func:`_column_form` accepts."""
+    out = {}
+    for code, dt_name in _CODES.items():
+        for mode in ("", "z", "s", "d"):
+            for k in ("s", "u", "i"):
+                if (mode == "s") != (k == "s") or (mode in ("s", "d") and code[0] != "u"):
+                    continue
+                out[(mode + code, k)] = (mode, _DTYPES[dt_name])
+    return out
+
+
+_SPECS = _specs()
+
+
+def _column_form(kind: str, name: str, k: str, c, n: int) -> tuple:
+    """(mode, dtype) of a column whose form the fast check refused, or the CodecError that
+    says what is wrong with it."""
     where = f"tables.{kind}.cols.{name}"
     if not (isinstance(c, list) and len(c) in (3, 5) and isinstance(c[0], str)
             and _is_int(c[1]) and isinstance(c[2], bytes)):
         raise CodecError(f"malformed batch: {where} missing or not [code, base, bytes]")
-    code, base, raw = c[:3]
+    code, raw = c[0], c[2]
     mode = ""
     if code[:1] in ("z", "s", "d"):
         mode, code = code[0], code[1:]
@@ -267,35 +327,7 @@ def _column(kind: str, name: str, k: str, c, n: int, strings: list, strarr) -> n
     if len(raw) != n * dt.itemsize:
         raise CodecError(f"truncated batch: {where} has {len(raw)} bytes, "
                          f"expected {n * dt.itemsize}")
-    a = np.frombuffer(raw, dtype=dt)
-    if mode == "s":
-        if n and int(a.max()) >= len(strings):
-            raise CodecError(f"malformed batch: {where} indexes past the string table")
-        return Cat.make(strarr, a.astype(np.intp))     # the batch's string table as cats
-    if mode == "d":
-        vdt = _CODES.get(c[3]) if isinstance(c[3], str) else None
-        if vdt is None or not isinstance(c[4], bytes) or len(c[4]) % _DTYPES[vdt].itemsize:
-            raise CodecError(f"malformed batch: {where} bad dictionary")
-        vals = np.frombuffer(c[4], dtype=_DTYPES[vdt])
-        if n and int(a.max()) >= len(vals):
-            raise CodecError(f"malformed batch: {where} indexes past its dictionary")
-        # the (small) dictionary widened once, then gathered: one pass over the rows
-        return vals.astype(np.int64 if k == "i" else np.uint64)[a]
-    if mode == "z":
-        if not _I64_MIN <= base <= _U64_MAX:
-            raise CodecError(f"malformed batch: {where} base {base} out of range")
-        # zigzag back to two's-complement deltas, summed modulo 2**64 (as the encoder's
-        # int64 differences were taken): any input gives numbers, never an overflow.
-        # In place in one new array (decode is a tenth of the collector's CPU).
-        d = a.astype(np.uint64)
-        neg = d & np.uint64(1)
-        np.negative(neg, out=neg)               # 0 or 2**64-1
-        d >>= np.uint64(1)
-        d ^= neg
-        d[:1] += np.uint64(base & _U64_MAX)     # (an array op: wraps silently, as the deltas do)
-        np.cumsum(d, out=d)
-        return d.view(np.int64) if k == "i" else d
-    return a.astype(np.int64) if k == "i" else a.astype(np.uint64)
+    return mode, dt     # (bytes or list subclasses: well-formed after all)
 
 
 def decode_obj(env) -> Batch:

@@ -301,7 +301,7 @@ class GrowingTable:
         self._pending: list = []    # appended tables not yet in the buffers
         self._pending_n = 0
         self._bufs: dict = {}       # column -> ndarray, len >= n
-        self._codes: dict = {}      # text column -> intp codes buffer (absent: plain object column)
+        self._codes: dict = {}      # text column -> int32 codes buffer (absent: plain object column)
         self._strings: list = []    # code -> string
         self._index = _Index(self._strings)
         self._strarr: np.ndarray | None = None    # self._strings as an object array (rebuilt when it grew)
@@ -364,7 +364,7 @@ class GrowingTable:
                 self._room(self._bufs, c, np.dtype(object), need)
                 cats_ok = all(getattr(v, "codes", None) is not None for v in vals)
                 if cats_ok and (c in self._codes or n0 == 0):
-                    self._room(self._codes, c, np.dtype(np.intp), need)
+                    self._room(self._codes, c, np.dtype(np.int32), need)
                 else:
                     self._codes.pop(c, None)
             else:
