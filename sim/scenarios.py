@@ -39,7 +39,9 @@ idle phase of a chosen length caused by one thing, as a training process meets i
                 style loop: an epoll of the loop's self-pipe and the connection): net_wait
                 naming the worker
   loop_stream   the same through an asyncio loop in a thread of the worker, waiting on the
-                future (fsspec: s3fs, gcsfs, HF datasets' streaming): net_wait naming the worker
+                future (fsspec: s3fs, gcsfs, HF datasets' streaming), two requests at once to
+                two addresses of the server's port (S3's endpoint answers each connection
+                with another address): net_wait naming the worker
   nothing       the process just waits (no IO): the verdict must be "unexplained", unclassed
 
 With ``distractor`` set, an unrelated process (not a descendant of the trainer) does the same
@@ -457,8 +459,10 @@ _LOOP = None
 class DatasetServer:
     """A slow HTTP dataset server on loopback, in a process of its own (forked twice, so it is
     no descendant of the trainer, as a remote server is not): ``GET /sample?ms=N`` answers a
-    64 KiB sample after N ms. :meth:`fetch` is the client side, as a streaming dataset's
-    worker does it (http.client with a timeout: Python waits in poll() on the socket)."""
+    64 KiB sample after N ms, at 127.0.0.1 and 127.0.0.2 on one port (one service behind
+    two addresses, as DNS answers an object store's endpoint). :meth:`fetch` is the client
+    side, as a streaming dataset's worker does it (http.client with a timeout: Python waits
+    in poll() on the socket)."""
 
     def __init__(self):
         r, w = os.pipe()
@@ -496,6 +500,8 @@ class DatasetServer:
                 pass
 
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        second = http.server.ThreadingHTTPServer(("127.0.0.2", srv.server_address[1]), Handler)
+        threading.Thread(target=second.serve_forever, daemon=True).start()
         os.write(w, f"{os.getpid()} {srv.server_address[1]}\n".encode())
         os.close(w)
         srv.serve_forever()
@@ -524,10 +530,10 @@ class DatasetServer:
             raise RuntimeError(f"curl exited {p.returncode} after {n} bytes")
         return p.pid
 
-    async def _get(self, seconds: float) -> None:
+    async def _get(self, seconds: float, host: str = "127.0.0.1") -> None:
         """The sample with asyncio streams (an aiohttp-style client)."""
         import asyncio
-        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+        r, w = await asyncio.open_connection(host, self.port)
         w.write(f"GET /sample?ms={seconds * 1000:.0f} HTTP/1.0\r\n\r\n".encode())
         await w.drain()
         n = len((await r.read()).partition(b"\r\n\r\n")[2])
@@ -544,13 +550,18 @@ class DatasetServer:
     def fetch_loop(self, seconds: float) -> None:
         """The sample through an asyncio loop running in a thread of its own, waiting on the
         future, as fsspec does (s3fs, gcsfs, HF datasets' streaming): the loop's thread
-        waits in epoll, this one on a futex."""
+        waits in epoll, this one on a futex. Two requests at once, one to each address of
+        the server (s3fs's concurrent range requests, which DNS sends to different
+        addresses of the endpoint)."""
         import asyncio
         global _LOOP
         if _LOOP is None:
             _LOOP = asyncio.new_event_loop()
             threading.Thread(target=_LOOP.run_forever, name="fsspecIO", daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self._get(seconds), _LOOP).result()
+
+        async def both():
+            await asyncio.gather(self._get(seconds), self._get(seconds, "127.0.0.2"))
+        asyncio.run_coroutine_threadsafe(both(), _LOOP).result()
 
     def close(self) -> None:
         try:

@@ -19,7 +19,8 @@ ppoll on that one socket, as Python's socket timeouts wait, or on it and wakeup 
 libcurl's loop does; or an epoll whose set, read from its ``fdinfo``, holds that connection
 besides such channels, as an asyncio client's (a main thread's; in a process no GPU lists,
 a helper thread's too: fsspec's loop thread, Go's netpoller); connections that all go to
-one host count as one; the socket's inode
+one host, or all to one port of several hosts (an object store's endpoint, answered by DNS
+with several addresses), count as one; the socket's inode
 looked up in the process's ``net/tcp`` for the peer): a DataLoader worker streaming its
 samples over HTTP or from an object store, the ``curl`` a WebDataset ``pipe:`` shard reads
 from (the worker's child), a trainer waiting on a rendezvous store. Nothing blocked in a probe's
@@ -83,9 +84,13 @@ _POLL = {"x86_64": {7: "poll", 271: "ppoll"}, "aarch64": {73: "ppoll"}}
 _INNER = {"x86_64": {202, 35, 230}, "aarch64": {98, 101, 115}}
 #: epoll waits (epoll_wait, epoll_pwait, epoll_pwait2), counted for a main thread only
 _EPOLL = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
-#: the most fds of a poll (or files of an epoll set) read for a wait on one TCP peer: a loop
-#: over more (NCCL's proxy, a server) waits there whether or not anyone waits on it
+#: the most fds of a poll read for a wait on one TCP peer (each is a readlink): a loop over
+#: more (NCCL's proxy, a server) waits there whether or not anyone waits on it
 MAX_POLL_FDS = 8
+#: the most files of an epoll set read for one (its fdinfo names each one's inode: no
+#: readlink): a client's pool of connections to its object store (boto3's and aiobotocore's
+#: default pool is 10) with the loop's own channels
+MAX_EPOLL_FILES = 64
 #: threads of one process read per scan (a PyTorch trainer has an OpenMP pool per core)
 MAX_THREADS = 256
 #: a process whose thread scans keep finding nothing is scanned 2**k times less often, k <= this
@@ -155,10 +160,15 @@ class TcpPeers:
     def one_peer(self, pid: int, inos):
         """(inode, ``ip:port``) of the one established TCP connection among the sockets
         ``inos`` of process ``pid`` (a receive's socket, or a poll's set with its wakeup
-        channels; the first, when several all go to one host: a client's pool of
-        connections to its object store), or None when there is none, connections to more
-        than one host, or a listening socket among them (a server waiting for its clients)."""
-        found = None
+        channels), or None when there is none, a listening socket among them (a server
+        waiting for its clients), or connections to more than one service. Several
+        connections count as one wait when they all go to one host (a client's pool of
+        connections to its object store: the first is named) or all to one port of
+        several hosts (one service behind several addresses: an object store's endpoint
+        that DNS answers with a different address per connection, as S3's does; named
+        ``ip:port (+k more hosts)``). Connections to different ports of different hosts
+        (a collective's peers, a crawler) are not one wait."""
+        found, hosts, ports = None, set(), set()
         for ino in inos:
             tables = self._tables(pid, ino)
             if ino in tables[3]:
@@ -166,12 +176,17 @@ class TcpPeers:
             got = tables[1].get(ino)
             if got is None:
                 continue
-            host = got[1].split(":")[0]
+            host, _, port = got[1].rpartition(":")
+            hosts.add(host)
+            ports.add(port)
             if found is None:
-                found = (ino, _peer(got[1]), host)
-            elif host != found[2]:
-                return None
-        return found[:2] if found else None
+                found = (ino, _peer(got[1]))
+        if found is None or (len(hosts) > 1 and len(ports) > 1):
+            return None
+        if len(hosts) > 1:
+            k = len(hosts) - 1
+            return found[0], f"{found[1]} (+{k} more host{'s' if k > 1 else ''})"
+        return found
 
     def other_end(self, pid: int, ino: int):
         """The inode of the socket at the other end of ``ino``'s connection when that end is
@@ -184,7 +199,8 @@ class TcpPeers:
 def read_wait(pid: int, proc: str = "/proc", peers: "TcpPeers | None" = None, machine: str = ""):
     """(call, peer) when process ``pid``'s main thread is asleep receiving on a TCP socket
     (``call``: the syscall; ``peer``: ``ip:port``), else None (running, not in a receive, or
-    on a pipe, a UNIX socket, a file; a poll or epoll over connections to several hosts)."""
+    on a pipe, a UNIX socket, a file; a poll or epoll over connections to several services:
+    ``TcpPeers.one_peer``)."""
     got = _wait_socket(pid, proc, machine, epoll=True)
     if got is None:
         return None
@@ -210,11 +226,11 @@ def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0,
     """(call, socket inodes) when process ``pid``'s main thread (or thread ``tid``; ``x``: its
     syscall fields if already read) is asleep in a receive on a socket (one inode), or in a
     poll of at most MAX_POLL_FDS fds some of which are sockets (their inodes: the caller
-    keeps the wait only if its established TCP connections all go to one host,
+    keeps the wait only if its established TCP connections all go to one service,
     ``TcpPeers.one_peer``; the rest are the wakeup channels an event loop adds, as libcurl's
     socketpair), or, with ``epoll``, in an
-    epoll wait whose set holds at most MAX_POLL_FDS files (every inode the set watches, from
-    its ``fdinfo``: an asyncio loop's self-pipe and its one connection), else None."""
+    epoll wait whose set holds at most MAX_EPOLL_FILES files (every inode the set watches,
+    from its ``fdinfo``: an asyncio loop's self-pipe and its connections), else None."""
     machine = machine or platform.machine()
     x = x if x is not None else _syscall(pid, proc, tid)
     if x is None:
@@ -235,7 +251,7 @@ def _wait_socket(pid: int, proc: str = "/proc", machine: str = "", tid: int = 0,
         elif epoll and nr in _EPOLL.get(machine, ()):
             with open(f"{proc}/{pid}/fdinfo/{int(x[1], 16)}", "rb") as f:
                 watched = [line for line in f.read().split(b"\n") if line.startswith(b"tfd:")]
-            if not watched or len(watched) > MAX_POLL_FDS:
+            if not watched or len(watched) > MAX_EPOLL_FILES:
                 return None
             return "epoll_wait", tuple(int(line.split(b"ino:")[1].split()[0], 16) for line in watched)
         else:
@@ -336,10 +352,11 @@ class CpuSampler:
         after the main thread starts waiting), doubling with each such scan in a row up to 16
         times that (a trainer waiting on its pin-memory thread, never on the network, costs a
         scan every 4 s; ``rearm`` ends the backoff when a GPU computes again); the thread
-        last found waiting is read first on every pass. Only a receive, or a poll (or, for
-        the main thread, an epoll) of at most MAX_POLL_FDS files whose established TCP
-        connections all go to one host, none a listening socket, counts: a loop over many
-        peers (NCCL's proxy), a server, and a GPU process's helper thread in epoll (Gloo's
+        last found waiting is read first on every pass. Only a receive, a poll of at most
+        MAX_POLL_FDS fds or (for the main thread) an epoll of at most MAX_EPOLL_FILES files,
+        whose established TCP connections all go to one service (``TcpPeers.one_peer``: one
+        host, or one port of several hosts), none a listening socket, counts: a loop over
+        many peers (NCCL's proxy), a server, and a GPU process's helper thread in epoll (Gloo's
         loop, a TCPStore's: a main thread waiting on its pin-memory thread would blame
         them) wait there whether or not anyone waits on them.
         ``threads``: the process's (from its stat): one alone has no helper to read.
@@ -393,7 +410,7 @@ class CpuSampler:
 
     def _peer_of(self, pid: int, got, members: set):
         """(call, peer) for a (call, socket inodes) wait of ``pid``, or None unless the
-        sockets' established TCP connections all go to one host (``TcpPeers.one_peer``) and
+        sockets' established TCP connections all go to one service (``TcpPeers.one_peer``) and
         the far end of the one named is no member's."""
         if got is None:
             return None

@@ -314,6 +314,23 @@ elif mode in ("two", "pool"):         # a poll of two TCP connections: to two ho
     p.register(c, select.POLLIN)
     p.register(d, select.POLLIN)
     p.poll()
+elif mode == "service":               # a poll of connections to one port of two hosts (one
+    other = socket.socket()           # service behind two addresses, as S3's endpoint answers)
+    other.bind(("127.0.0.2", port))
+    other.listen()
+    d = socket.create_connection(("127.0.0.2", port))
+    print("connected", flush=True)
+    p = select.poll()
+    p.register(c, select.POLLIN)
+    p.register(d, select.POLLIN)
+    p.poll()
+elif mode == "big_pool":              # an epoll over a pool of 12 connections to one server
+    e = select.epoll()                # and a wakeup channel (aiobotocore's pool holds 10)
+    pool = [c] + [socket.create_connection(("127.0.0.1", port)) for _ in range(11)]
+    for s in pool + [a]:
+        e.register(s, select.EPOLLIN)
+    print("connected", flush=True)
+    e.poll()
 elif mode == "server":                # a server polling its listening socket and one client
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -340,14 +357,16 @@ def test_event_loops_waiting_on_one_tcp_peer_are_found():
     """Real processes: a poll of one TCP socket and a wakeup socketpair (libcurl's loop, as
     a ``pipe:curl`` shard reader's curl waits), an asyncio client's epoll (its self-pipe
     and the connection), and a poll of two connections to one server (a client's pool) are
-    waits on the server. A poll of connections to two hosts and a poll that holds a
-    listening socket (a server) are not. An epoll in a helper thread while the main thread
+    waits on the server, and so are a poll of connections to one port of two hosts (one
+    service behind two addresses) and an epoll over a pool of 12 connections. A poll of
+    connections to two hosts on two ports and a poll that holds a listening socket (a
+    server) are not. An epoll in a helper thread while the main thread
     waits on a futex is not in a process a GPU lists (Gloo's loop, a TCPStore's: there
     whether or not anyone waits), and is in one that descends from it (a worker's fsspec
     loop thread, a Go tool's netpoller)."""
     import time
-    modes = ("curl", "asyncio", "pool", "helper_epoll", "two", "server")
-    waiting = modes[:4]
+    modes = ("curl", "asyncio", "pool", "service", "big_pool", "helper_epoll", "two", "server")
+    waiting = modes[:6]
 
     def seen(sampler, roots, names, want):
         deadline = time.monotonic() + 10
@@ -360,13 +379,14 @@ def test_event_loops_waiting_on_one_tcp_peer_are_found():
             time.sleep(0.05)
         return found
 
-    with _clients(LOOPS, waiting) as (port, procs, _r), _clients(LOOPS, modes[4:]) as (_p2, others, _r2):
+    with _clients(LOOPS, waiting) as (port, procs, _r), _clients(LOOPS, modes[6:]) as (_p2, others, _r2):
         names = {p.pid: m for m, p in {**procs, **others}.items()}
         time.sleep(0.3)                                  # every process had time to reach its wait
         server = f"127.0.0.1:{port}"
-        as_roots = seen(CpuSampler(thread_scan_s=0.0), list(names), names, waiting[:3])
+        as_roots = seen(CpuSampler(thread_scan_s=0.0), list(names), names, waiting[:5])
         assert as_roots == {"curl": ("poll", server), "asyncio": ("epoll_wait", server),
-                            "pool": ("poll", server)}, as_roots
+                            "pool": ("poll", server), "service": ("poll", f"{server} (+1 more host)"),
+                            "big_pool": ("epoll_wait", server)}, as_roots
         helper = procs["helper_epoll"].pid
         sampler = CpuSampler(thread_scan_s=0.0)
         assert sampler._wait(helper, {helper}, threads=2, root=True) is None
