@@ -404,8 +404,10 @@ class GrowingTable:
 
 
 def rows(kind: str, table: dict, node: str = ""):
-    """Yield each row of a table as a JSON-ready dict (DESIGN.md field names)."""
+    """Yield each row of a table as a JSON-ready dict (DESIGN.md field names); optional
+    columns the table lacks (an older tracer's, a hand-made table) filled as ``complete`` does."""
     cols = list(TABLES[kind])
+    table = complete(kind, table)
     arrays = [table[c] for c in cols]
     for vals in zip(*arrays):
         d = {"type": kind}
