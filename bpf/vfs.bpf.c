@@ -42,8 +42,9 @@
  * super_block, or ring fd / aio context for waits: many small files of one
  * folder are one storm) and each starts at most one threshold after the
  * previous one ended (an op above the threshold on that filesystem, an open
- * included, is reported alone and keeps the chain going; so does a counted
- * open). Opens under the threshold add up beside that storm, in their own
+ * included, is reported alone and keeps the chain going; so do a counted
+ * open and a close: each only while the storm is within that reach, so a
+ * storm gone quiet is never revived by the next open; storm_keep). Opens under the threshold add up beside that storm, in their own
  * (open_storm_add). `segs` counts the files a part's ops went to besides the one its path
  * names (by inode address: 0 for one file; a later part, its moves to another
  * file), so a storm's parts sum to its files less one. A storm is reported in parts: a part is emitted
@@ -355,6 +356,17 @@ static __always_inline void open_storm_add(u64 id, u32 op, void *file, u64 ident
 	}
 }
 
+/* An op that is not one of the storm's own (an open, a close, an op at or above the
+ * threshold) on the storm's filesystem keeps it going, but only while it is still within
+ * reach (the op starts at most one threshold after the storm's last op ended, as a storm
+ * op must): a storm gone quiet stays ended, or the next op would join it and a part would
+ * span the whole quiet time. */
+static __always_inline void storm_keep(struct ss_inflight *f, u64 ident, u64 ts, u64 now)
+{
+	if (f->agg_file && f->agg_file == ident && ts - f->agg_end <= SS_MIN_NS)
+		f->agg_end = now;
+}
+
 /* Everything past the fast path: an op at or above the threshold (one record)
  * or a counted storm op (below: dur < threshold). One path walk per program. */
 static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h, u64 ts,
@@ -363,8 +375,8 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	if (below && kind == K_CLOSE) {
 		/* as an open: a storm on its filesystem goes on after it */
 		u64 ci;
-		if (f->agg_file && fs_ident((void *)h, &ci) == f->agg_file)
-			f->agg_end = now;
+		if (f->agg_file)
+			storm_keep(f, fs_ident((void *)h, &ci), ts, now);
 		return 0;
 	}
 	if (below && kind == K_STAT)
@@ -379,8 +391,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 		u64 oid = fs_ident(of, &oi);
 		/* a storm of reads or writes on the opened file's filesystem goes on after it:
 		 * open, read, close of many small files */
-		if (f->agg_file == oid)
-			f->agg_end = now;
+		storm_keep(f, oid, ts, now);
 		open_storm_add(id, op, of, oid, oi, ts, now, dur);
 		return 0;
 	}
@@ -430,8 +441,7 @@ static __always_inline int vfs_slow(struct ss_inflight *f, u64 id, u32 op, u64 h
 	if (!below) {
 		/* reported alone, but a storm on this filesystem goes on after it (a slow
 		 * open between small reads included) */
-		if (f->agg_file == ident)
-			f->agg_end = now;
+		storm_keep(f, ident, ts, now);
 	} else {
 		if (!storm_add(f, tid, op, ident, which, ts, now, dur, ret > 0 ? ret : 0))
 			return 0;

@@ -144,6 +144,41 @@ def test_storm_over_many_small_files_of_one_folder(slow_ops):
         assert not [e for e in opens if e["count"] > 1], opens
 
 
+_LATER = r"""
+import os, sys, time
+def read(name):
+    fd = os.open(os.path.join(sys.argv[1], name), os.O_RDONLY)
+    os.pread(fd, 4096, 0)
+    os.close(fd)
+read("slow-a.bin")              # a storm of one read (7 ms): under the threshold, not reported
+time.sleep(1.0)
+read("slow-b.bin")              # a second later: a new storm, not the first one revived
+read("slow-c.bin")
+"""
+
+
+def test_a_storm_gone_quiet_is_not_revived_by_a_later_open():
+    """A storm that ended (its thread went a second without a file op) stays ended: the
+    counted open that comes before the next read must not keep it going. Before, an open or
+    close or an op above the threshold on the same filesystem refreshed a storm however long
+    it had been quiet, so the next read joined it and a part spanned the whole gap (a getdents
+    storm of 3 ops spanning 117 s was blamed for 17 windows of the accuracy benchmark)."""
+    import subprocess
+    with SlowFS(delay_ms=7, slow_prefix="slow", ops=("read", "open")) as fs:
+        for name in ("slow-a.bin", "slow-b.bin", "slow-c.bin"):
+            fs.make_file(name, 4096)
+        with Trace("--min-latency-ms", "10") as t:
+            p = subprocess.run([sys.executable, "-c", _LATER, fs.path("")], check=True)
+        t.stop()
+        root = fs.path("")
+    assert t.rc == 0 and p.returncode == 0, t.stderr
+    reads = [e for e in t.events if e["type"] == "io" and e["op"] == "pread" and e["path"].startswith(root)]
+    got = [(e["count"], round(e["dur_ns"] / 1e6), os.path.basename(e["path"])) for e in reads]
+    assert reads, got                                      # b and c: one part of 2 reads
+    assert all(e["dur_ns"] < 500_000_000 for e in reads), got
+    assert sum(e["count"] for e in reads) == 2, got         # a's storm of one is not reported
+
+
 def test_storm_tail_of_a_quiet_thread_is_flushed(tmp_path):
     """A storm whose thread makes no further file op (here it exits): its last part, below
     the threshold, still arrives, through the tracer's sweep of the kernel's storm map."""
