@@ -44,7 +44,8 @@
  * previous one ended (an op above the threshold on that filesystem, an open
  * included, is reported alone and keeps the chain going; so do a counted
  * open and a close: each only while the storm is within that reach, so a
- * storm gone quiet is never revived by the next open; storm_keep). Opens under the threshold add up beside that storm, in their own
+ * storm gone quiet is never revived by the next open; storm_keep). Opens
+ * under the threshold add up beside that storm, in their own
  * (open_storm_add). `segs` counts the files a part's ops went to besides the one its path
  * names (by inode address: 0 for one file; a later part, its moves to another
  * file), so a storm's parts sum to its files less one. A storm is reported in parts: a part is emitted

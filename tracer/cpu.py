@@ -35,8 +35,9 @@ process per period (stat and syscall, about 10 us each), plus the thread scans o
 whose main thread waits on one of its threads; 72 processes (8 GPUs, 8 workers each, all
 asleep), each trainer with 32 sleeping threads and its main thread waiting on one, at the
 250 ms default measured 1.46-1.86% of a core on this 2-core machine (two runs, 2026-11-30;
-session 14 measured 1.71-1.84% against 1.35-1.46% for the code without thread scans). The period bounds what can be judged: an
-interval needs two samples inside it, a third of its length apart (``verdict.CPU_SPAN``).
+session 14 measured 1.71-1.84% against 1.35-1.46% for the code without thread scans). The
+period bounds what can be judged: an interval needs two samples inside it, a third of its
+length apart (``verdict.CPU_SPAN``).
 """
 
 from __future__ import annotations
