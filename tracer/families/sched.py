@@ -462,9 +462,8 @@ class Runtime:
         key = np.asarray(raw["key"], dtype=np.uint64).view(np.int64)
         sums = np.asarray(raw["sum_ns"], dtype=np.int64)
         keep = np.ones(n, dtype=bool)
-        tid, ts = np.asarray(raw["tid"]).tolist(), np.asarray(raw["ts_ns"]).tolist()
-        for i in range(n):
-            k = (int(tid[i]), int(op[i]), int(ts[i]))
+        for i, k in enumerate(zip(np.asarray(raw["tid"]).tolist(), op.tolist(),
+                                  np.asarray(raw["ts_ns"]).tolist())):
             if k in self._seen:
                 keep[i] = False
                 self.duplicates += 1
